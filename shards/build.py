@@ -1,0 +1,128 @@
+"""Convert a raw text-based person search dataset into WebDataset shards.
+
+    python -m shards.build --dataset cuhk-pedes --root /data/CUHK-PEDES --out s3://bucket/cuhk-pedes
+
+One sample per image: the original image bytes (``jpg``/``png``/...) and a ``json`` record with all captions, the
+original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
+from .writer import DatasetWriter
+
+
+def split_stats(records: list[RawRecord]) -> dict:
+    return {
+        "images": len(records),
+        "captions": sum(len(r.captions) for r in records),
+        "ids": len({r.pid for r in records}),
+    }
+
+
+def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
+            skip_bad: bool = False, workers: int = 8, log=sys.stderr) -> dict:
+    """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
+    fmt = FORMATS[dataset]
+    file = os.path.join(root, fmt.annotation_file)
+    records, skipped = read_annotations(dataset, root, skip_bad=skip_bad)
+
+    # Check every image before writing anything: a bad image found half-way would leave a partial dataset.
+    def check(rec):
+        try:
+            load_image(root, rec, file)
+            return None
+        except BadRecord as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(pool.map(check, records))
+    good = []
+    for rec, problem in zip(records, problems):
+        if problem is None:
+            good.append(rec)
+        elif skip_bad:
+            skipped.append(problem)
+        else:
+            raise problem
+    for s in skipped:
+        print(f"skipped: {s}", file=log)
+    if skipped:
+        print(f"skipped {len(skipped)} bad record(s)", file=log)
+
+    by_split: dict[str, list[RawRecord]] = defaultdict(list)
+    for rec in good:
+        by_split[rec.split].append(rec)
+    if not by_split.get("train"):
+        raise BadRecord(file, None, "no usable train records")
+    train_pids = sorted({r.pid for r in by_split["train"]})
+    train_id = {pid: i for i, pid in enumerate(train_pids)}  # contiguous 0..N-1 for the ID classifier
+
+    def samples(split: str):
+        for i, rec in enumerate(by_split[split]):
+            data, ext = load_image(root, rec, file)
+            yield {
+                "__key__": f"{split}-{i:08d}",
+                ext: data,
+                "json": {
+                    "pid": rec.pid,
+                    "train_id": train_id.get(rec.pid, -1) if split == "train" else -1,
+                    "captions": rec.captions,
+                    "path": rec.path,
+                },
+            }
+
+    with DatasetWriter(out, dataset=dataset, shard_size=shard_size, min_shards=min_shards) as writer:
+        for split in fmt.splits:
+            if by_split.get(split):
+                writer.write_split(split, samples(split), len(by_split[split]), stats=split_stats(by_split[split]))
+        return writer.publish(extra={
+            "num_train_ids": len(train_pids),
+            "source": os.path.abspath(root),
+            "num_skipped": len(skipped),
+            "skipped": [s.as_dict() for s in skipped],
+        })
+
+
+def summarize(manifest: dict) -> str:
+    lines = [f"{manifest['dataset']}: {manifest.get('num_train_ids', '?')} train ids, "
+             f"{manifest.get('num_skipped', 0)} skipped record(s)"]
+    lines.append(f"  {'split':<8}{'images':>9}{'captions':>10}{'ids':>7}{'shards':>8}{'MiB':>9}")
+    for split, info in manifest["splits"].items():
+        mib = sum(s["bytes"] for s in info["shards"]) / 2**20
+        lines.append(f"  {split:<8}{info['images']:>9}{info['captions']:>10}{info['ids']:>7}"
+                     f"{len(info['shards']):>8}{mib:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shards.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", required=True, choices=sorted(FORMATS))
+    ap.add_argument("--root", required=True, help="directory holding the annotation JSON and imgs/")
+    ap.add_argument("--out", required=True, help="output directory or fsspec URL (e.g. s3://bucket/prefix)")
+    ap.add_argument("--shard-size", type=int, default=1000, help="max samples (images) per shard")
+    ap.add_argument("--min-shards", type=int, default=8,
+                    help="at least this many shards per split, so every rank x loader worker gets work")
+    ap.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in the manifest) instead of "
+                                                            "stopping")
+    ap.add_argument("--workers", type=int, default=8, help="threads that check images")
+    args = ap.parse_args(argv)
+    try:
+        manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
+                           args.workers)
+    except BadRecord as e:
+        print(f"error: {e}\nnothing was published to {args.out}", file=sys.stderr)
+        return 2
+    print(summarize(manifest))
+    print(f"published {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
