@@ -27,8 +27,9 @@ def split_stats(records: list[RawRecord]) -> dict:
 
 
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
-            skip_bad: bool = False, workers: int = 8, log=sys.stderr) -> dict:
+            skip_bad: bool = False, workers: int = 8, log=None) -> dict:
     """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
+    log = log or sys.stderr
     fmt = FORMATS[dataset]
     file = os.path.join(root, fmt.annotation_file)
     records, skipped = read_annotations(dataset, root, skip_bad=skip_bad)
@@ -56,9 +57,21 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
     if skipped:
         print(f"skipped {len(skipped)} bad record(s)", file=log)
 
+    # One sample per image: records naming the same image (some annotation files list an image once per caption
+    # pair) are merged; the gallery must hold each image once.
     by_split: dict[str, list[RawRecord]] = defaultdict(list)
+    by_path: dict[str, RawRecord] = {}
     for rec in good:
-        by_split[rec.split].append(rec)
+        first = by_path.get(rec.path)
+        if first is None:
+            merged = RawRecord(rec.index, rec.split, rec.pid, rec.path, list(rec.captions))
+            by_path[rec.path] = merged
+            by_split[rec.split].append(merged)
+        elif (first.split, first.pid) != (rec.split, rec.pid):
+            raise BadRecord(file, rec.index, f"image listed again with split/id {rec.split}/{rec.pid}, but record "
+                                             f"#{first.index} gives {first.split}/{first.pid}", rec.path)
+        else:
+            first.captions.extend(c for c in rec.captions if c not in first.captions)
     if not by_split.get("train"):
         raise BadRecord(file, None, "no usable train records")
     train_pids = sorted({r.pid for r in by_split["train"]})

@@ -61,8 +61,8 @@ def plan_shards(num_samples: int, shard_size: int, min_shards: int) -> list[int]
 class Progress:
     """Rate-limited progress line on stderr: records/s and shards written."""
 
-    def __init__(self, label: str, total: int, every_s: float = 2.0, stream=sys.stderr):
-        self.label, self.total, self.every_s, self.stream = label, total, every_s, stream
+    def __init__(self, label: str, total: int, every_s: float = 2.0, stream=None):
+        self.label, self.total, self.every_s, self.stream = label, total, every_s, stream or sys.stderr
         self.start = self.last = time.monotonic()
         self.done = 0
         self.shards = 0
@@ -119,11 +119,15 @@ class DatasetWriter:
                 pass
         self.written.clear()
 
-    def write_split(self, split: str, samples: Iterable[dict], num_samples: int, stats: dict | None = None):
-        """Write ``num_samples`` samples (dicts with ``__key__`` and encoded fields) as the shards of ``split``."""
+    def write_split(self, split: str, samples: Iterable[dict], num_samples: int, stats: dict | None = None,
+                    shard_counts: list[int] | None = None):
+        """Write ``num_samples`` samples (dicts with ``__key__`` and encoded fields) as the shards of ``split``.
+        ``shard_counts`` overrides the planned samples per shard (they must add up to ``num_samples``)."""
         if split in self.splits:
             raise ValueError(f"split {split!r} written twice")
-        counts = plan_shards(num_samples, self.shard_size, self.min_shards)
+        counts = shard_counts or plan_shards(num_samples, self.shard_size, self.min_shards)
+        if sum(counts) != num_samples:
+            raise ValueError(f"shard_counts add up to {sum(counts)}, not {num_samples}")
         progress = Progress(f"{self.dataset}/{split}", num_samples) if self.progress else None
         it: Iterator[dict] = iter(samples)
         shards = []

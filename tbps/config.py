@@ -1,0 +1,287 @@
+"""One typed configuration for everything: nested dataclasses, YAML presets in tbps/configs/, dotted CLI overrides.
+
+    cfg = load_config("irra_tiny", ["method.sdm_temperature=0.03", "train.num_workers=2"])
+
+Unknown keys and wrong types are errors that name the key. Every tunable a sweep touches is a field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or path."""
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+@dataclass
+class DataConfig:
+    url: str = ""  # dataset URL (local dir, s3://...) holding manifest.json; "" = the built-in SynthPEDES demo set
+    train_split: str = "train"
+    val_split: str = "val"  # checkpoints are selected on this split
+    test_split: str = "test"  # reported once, at the end
+    image_size: list[int] = field(default_factory=lambda: [384, 128])  # (height, width) fed to the image tower
+    batch_size: int = 64  # per Ray worker, per step
+    loader_workers: int = 2  # DataLoader processes per Ray worker
+    shuffle_buffer: int = 1000  # samples held for in-stream shuffling
+    flip: float = 0.5  # horizontal flip probability
+    pad: int = 10  # pad then random crop back to image_size (0 = off)
+    random_erasing: float = 0.5  # probability of random erasing (0 = off)
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    tokenizer: str = ""  # transformers tokenizer dir (local path or s3://); "" = <url>/tokenizer
+    text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
+    seed: int = 0  # data order; epochs reshuffle deterministically from it
+
+
+@dataclass
+class LossTerm:
+    name: str = "sdm"  # one of tbps.losses.LOSSES
+    weight: float = 1.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = "irra"  # clip | irra | ivt | pcc
+    losses: list[LossTerm] = field(default_factory=lambda: [LossTerm("sdm", 1.0), LossTerm("mlm", 1.0),
+                                                            LossTerm("id", 1.0)])
+    temperature: float = 0.02  # SDM / ITC / CMR temperature tau (logits = cos / tau)
+    learnable_temperature: bool = False  # CLIP-style learnable logit scale, initialised from temperature
+    mask_ratio: float = 0.15  # IRRA: fraction of caption tokens masked for IRR; IVT: max token drop ratio (BMM)
+    cross_layers: int = 4  # IRRA: transformer layers of the cross-modal encoder
+    cross_heads: int = 8  # IRRA: heads of its cross-attention
+    mla_word_max: int = 3  # IVT: most attribute clauses in the word-level text
+    num_parts: int = 8  # PCC: learnable part tokens shared by both modalities
+    decoder_layers: int = 2  # PCC: layers of the shared part decoder
+    margin: float = 0.2  # PCC: base margin of the commonality-based margin ranking loss
+    commonality: bool = True  # PCC: scale each part's margin by its distinctiveness (False = fixed margin)
+    part_weight: float = 0.5  # PCC: weight of part similarity in retrieval (similarity = global + w * parts)
+    gather: bool = True  # contrastive losses see features gathered from all ranks (global negatives)
+
+
+@dataclass
+class ModelConfig:
+    image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
+    image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
+    patch_stride: int = 0  # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
+    text_tower: str = "clip"  # clip | bert (transformers architectures)
+    text_pretrained: str = ""  # local dir or s3:// URL of a transformers checkpoint ("" = random init)
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    embed_dim: int = 512  # joint embedding size (IRRA/CLIP/PCC projection)
+    shared_width: int = 768  # IVT shared tower width
+    shared_layers: int = 12
+    shared_heads: int = 12
+    drop_path: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-5
+    new_module_lr_mult: float = 5.0  # heads / cross-modal encoder / classifier learn faster (IRRA)
+    bias_lr_mult: float = 1.0  # IVT: 2
+    weight_decay: float = 4e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-3
+    momentum: float = 0.9  # sgd
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.1  # lr starts at lr * this and rises linearly
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # max grad norm (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "tbps"  # re-running with the same name resumes from its latest checkpoint
+    storage_path: str = "./runs"  # local path or s3:// URL for checkpoints and results
+    epochs: int = 60
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    grad_accum: int = 1
+    eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 1  # worker failures survived (restart from the last checkpoint)
+    log_every: int = 20  # steps between progress lines
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch (debug/bench knob)
+    ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray
+    ray_num_cpus: int = 0  # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    query_chunk: int = 1024  # queries ranked at a time (bounds memory)
+
+
+@dataclass
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types (messages name the key)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_path(name_or_path: str) -> str:
+    if os.path.exists(name_or_path):
+        return name_or_path
+    candidate = os.path.join(PRESET_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.exists(candidate):
+        return candidate
+    names = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor a preset ({', '.join(names)})")
+
+
+def read_yaml_tree(path: str) -> dict:
+    """Read a config YAML; ``base: NAME`` inherits from another preset/file first."""
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = tree.pop("base", None)
+    if base:
+        tree = _deep_merge(read_yaml_tree(preset_path(base)), tree)
+    return tree
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. method.temperature=0.03)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a preset name or YAML path (None = defaults) and apply ``key=value`` overrides."""
+    tree = read_yaml_tree(preset_path(config)) if config else {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(Config, tree)
+
+
+_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.I)
+_URL_CREDS = re.compile(r"(://)([^/@:]+):([^/@]+)@")
+
+
+def redact(tree):
+    """Copy of a config tree with anything that looks like a credential replaced by '***'."""
+    if isinstance(tree, dict):
+        return {k: ("***" if _SECRET.search(str(k)) and v not in ("", None) else redact(v)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return _URL_CREDS.sub(r"\1***:***@", tree)
+    return tree
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)

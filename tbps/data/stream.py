@@ -1,0 +1,289 @@
+"""Streaming pipeline: published shards (manifest.json) -> per-rank, per-loader-worker batches.
+
+Stages, in order: shard list of the split -> deterministic shuffle keyed to (seed, epoch) -> balanced assignment to
+(rank, loader worker) -> tar streaming (fsspec for remote URLs) -> in-worker sample shuffle buffer -> decode and
+augment -> caption choice -> batch -> tokenise (+ MLM masking) per batch.
+
+Every rank yields exactly the same number of batches per epoch, computed from the manifest alone (no communication),
+so uneven shards can never leave one rank waiting on another in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.storage import MANIFEST, join, read_json
+from shards.writer import MANIFEST_FORMAT
+
+from . import remote
+from .text import mask_tokens, mla_texts, tokenize
+from .transforms import build_transform
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+
+
+@dataclass
+class DataNeeds:
+    """What a method asks of the pipeline beyond one image and one tokenised caption."""
+
+    views: int = 1  # augmented views per image (IVT: 3)
+    mlm_ratio: float = 0.0  # > 0: add BERT-style masked captions (IRRA's IRR)
+    mla: bool = False  # IVT: sentence / phrase / word texts per caption
+    mla_word_max: int = 3
+
+
+def load_manifest(url: str) -> dict:
+    """Read and check ``<url>/manifest.json``; readers trust only the shards it lists."""
+    path = join(url, MANIFEST)
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST} at {url}: not a published tbps dataset (convert it with "
+                                "python -m shards.build / shards.synth; an interrupted conversion publishes none)"
+                                ) from None
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read {path}: {e}") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {MANIFEST_FORMAT})")
+    return manifest
+
+
+def split_shards(manifest: dict, split: str, url: str = "") -> list[dict]:
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} not in dataset {url or manifest.get('dataset')} "
+                       f"(has {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]["shards"]
+
+
+def assign_shards(shards: list[dict], world_size: int, num_workers: int, epoch: int, seed: int
+                  ) -> list[list[list[dict]]]:
+    """Deterministic, balanced assignment ``[rank][worker] -> shards`` for one epoch.
+
+    Shards are shuffled with (seed, epoch), then each goes (largest first, ties in shuffled order) to the
+    (rank, worker) slot holding the fewest samples. Every rank computes the same answer.
+    """
+    order = list(range(len(shards)))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    order.sort(key=lambda i: -shards[i]["samples"])  # stable: ties keep the shuffled order
+    slots = world_size * num_workers
+    load = [0] * slots
+    out: list[list[list[dict]]] = [[[] for _ in range(num_workers)] for _ in range(world_size)]
+    for i in order:
+        # fill ranks evenly first, then workers within a rank: slot s = worker * world_size + rank
+        s = min(range(slots), key=lambda k: (load[k], k))
+        load[s] += shards[i]["samples"]
+        out[s % world_size][s // world_size].append(shards[i])
+    return out
+
+
+def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int) -> int:
+    """Full batches every rank can produce: min over ranks of sum over its workers of floor(samples / batch)."""
+    return min(sum(sum(s["samples"] for s in worker) // batch_size for worker in rank) for rank in assignment)
+
+
+def _seed_int(*parts) -> int:
+    """A stable 63-bit seed from parts (Python's hash() of strings changes per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _decode_image(sample: dict) -> Image.Image:
+    for k in IMAGE_KEYS:
+        if k in sample:
+            with Image.open(io.BytesIO(sample[k])) as im:
+                return im.convert("RGB")
+    raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
+
+
+class ShardStream(IterableDataset):
+    """Batches of one split for one rank; each DataLoader worker streams its own shards."""
+
+    def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, needs: DataNeeds | None = None,
+                 rank: int = 0, world_size: int = 1, train: bool = True):
+        self.url, self.split, self.cfg, self.tokenizer = url, split, cfg, tokenizer
+        self.shards = split_shards(manifest, split, url)
+        self.needs = needs or DataNeeds()
+        self.rank, self.world_size, self.train = rank, world_size, train
+        self.num_workers = max(1, cfg.loader_workers)
+        self.epoch = 0
+        self.transform = build_transform(cfg, train=train)
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def assignment(self):
+        return assign_shards(self.shards, self.world_size, self.num_workers, self.epoch, self.cfg.seed)
+
+    def num_batches(self) -> int:
+        return batches_per_epoch(self.assignment(), self.cfg.batch_size)
+
+    # -- per sample (runs in the loader worker)
+    def _sample(self, sample: dict, rng: random.Random) -> dict:
+        meta = json.loads(sample["json"])
+        img = _decode_image(sample)
+        views = [self.transform(img) for _ in range(self.needs.views)]
+        caption = rng.choice(meta["captions"])
+        out = {"image": views[0] if len(views) == 1 else torch.stack(views), "caption": caption,
+               "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"]}
+        if self.needs.mla:
+            out["mla"] = mla_texts(caption, rng, self.needs.mla_word_max)
+        return out
+
+    # -- per batch (runs in the loader worker)
+    def _collate(self, samples: list[dict], gen: torch.Generator) -> dict:
+        length = self.cfg.text_length
+        ids, mask = tokenize(self.tokenizer, [s["caption"] for s in samples], length)
+        batch = {
+            "images": torch.stack([s["image"] for s in samples]),
+            "text_ids": ids,
+            "text_mask": mask,
+            "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
+            "train_ids": torch.tensor([s["train_id"] for s in samples], dtype=torch.long),
+            "keys": [s["key"] for s in samples],
+        }
+        if self.needs.mlm_ratio > 0:
+            batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(
+                ids, mask, self.special_ids, self.needs.mlm_ratio, self.tokenizer.mask_token_id,
+                len(self.tokenizer), gen)
+        if self.needs.mla:
+            # levels stacked [B, 3, L]: sentence, phrase, word
+            level_ids, level_mask = zip(*(tokenize(self.tokenizer, [s["mla"][k] for s in samples], length)
+                                          for k in range(3)))
+            batch["mla_ids"] = torch.stack(level_ids, dim=1)
+            batch["mla_mask"] = torch.stack(level_mask, dim=1)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        if info and info.num_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream built for {self.num_workers} loader workers, run with {info.num_workers}")
+        remote.register_fsspec_gopen()
+        mine = self.assignment()[self.rank][worker] if info or self.num_workers == 1 else \
+            [s for w in self.assignment()[self.rank] for s in w]
+        seed = _seed_int(self.cfg.seed, self.epoch, self.rank, worker)
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed + 1)  # augmentation draws in this worker
+        urls = [join(self.url, s["name"]) for s in mine]
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+        if self.train and self.cfg.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
+        stages += [wds.map(lambda s: self._sample(s, rng)),
+                   wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
+                               partial=not self.train)]
+        yield from wds.DataPipeline(*stages)
+
+
+class TrainLoader:
+    """An epoch of exactly ``len(self)`` batches on this rank (the same on every rank)."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+        workers = stream.cfg.loader_workers
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                                 worker_init_fn=_worker_init if workers > 0 else None)
+        if len(self) == 0:
+            total = sum(s["samples"] for s in stream.shards)
+            raise ValueError(
+                f"split {stream.split!r} of {stream.url} ({total} samples in {len(stream.shards)} shards) gives no "
+                f"full batch of {stream.cfg.batch_size} on each of {stream.world_size} rank(s) x "
+                f"{stream.num_workers} loader worker(s): lower data.batch_size or data.loader_workers, or write "
+                "more shards")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.stream.num_batches()
+
+    def __iter__(self):
+        n = len(self)
+        count = 0
+        for batch in itertools.islice(iter(self.loader), n):
+            count += 1
+            yield batch
+        if count != n:  # cannot happen with an intact dataset; fail loudly instead of hanging other ranks
+            raise RuntimeError(f"rank {self.stream.rank} produced {count} of {n} batches in epoch "
+                               f"{self.stream.epoch}; are the shards at {self.stream.url} intact?")
+
+
+def _worker_init(_):
+    remote.register_fsspec_gopen()
+
+
+def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int = 0, world_size: int = 1,
+                       manifest: dict | None = None, url: str | None = None) -> TrainLoader:
+    url = url or cfg.url
+    manifest = manifest or load_manifest(url)
+    return TrainLoader(ShardStream(url, manifest, cfg.train_split, cfg, tokenizer, needs, rank, world_size, True))
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+class EvalStream(IterableDataset):
+    """The gallery (each image once) and the queries (every caption) of a split, for one rank.
+
+    Each item is a batch of images with their captions flattened: ``images``, ``image_pids``, ``image_index``
+    (global position in the split, the tie-break order) and ``text_ids``, ``text_mask``, ``text_pids``,
+    ``text_index`` (unique per caption).
+    """
+
+    def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        self.url, self.cfg, self.tokenizer, self.batch_size = url, cfg, tokenizer, batch_size
+        shards = split_shards(manifest, split, url)
+        offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
+        self.mine = [(s, offsets[i]) for i, s in enumerate(shards) if i % world_size == rank]
+        self.transform = build_transform(cfg, train=False)
+
+    def __iter__(self):
+        remote.register_fsspec_gopen()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for shard, offset in self.mine[worker::workers]:
+            samples = wds.DataPipeline(wds.SimpleShardList([join(self.url, shard["name"])]), wds.tarfile_to_samples())
+            chunk = []
+            for position, sample in enumerate(samples):
+                chunk.append((offset + position, sample))
+                if len(chunk) == self.batch_size:
+                    yield self._batch(chunk)
+                    chunk = []
+            if chunk:
+                yield self._batch(chunk)
+
+    def _batch(self, chunk) -> dict:
+        images, pids, index, captions, cpids, cindex = [], [], [], [], [], []
+        for i, sample in chunk:
+            meta = json.loads(sample["json"])
+            images.append(self.transform(_decode_image(sample)))
+            pids.append(meta["pid"])
+            index.append(i)
+            for j, cap in enumerate(meta["captions"]):
+                captions.append(cap)
+                cpids.append(meta["pid"])
+                cindex.append(i * 1000 + j)
+        ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
+        return {"images": torch.stack(images), "image_pids": torch.tensor(pids), "image_index": torch.tensor(index),
+                "text_ids": ids, "text_mask": mask, "text_pids": torch.tensor(cpids),
+                "text_index": torch.tensor(cindex)}
+
+
+def build_eval_loader(cfg, tokenizer, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,
+                      manifest: dict | None = None, url: str | None = None) -> DataLoader:
+    url = url or cfg.url
+    manifest = manifest or load_manifest(url)
+    stream = EvalStream(url, manifest, split, cfg, tokenizer, batch_size, rank, world_size)
+    workers = min(cfg.loader_workers, len(stream.mine))
+    return DataLoader(stream, batch_size=None, num_workers=workers,
+                      worker_init_fn=_worker_init if workers > 0 else None)

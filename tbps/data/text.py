@@ -1,0 +1,146 @@
+"""Text side of the pipeline: tokenizers from a local path or s3:// URL, BERT-style MLM masking, IVT's MLA levels."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]"}
+
+
+def build_tokenizer(captions: Iterable[str], out_dir: str, min_frequency: int = 1):
+    """Train a small word-level tokenizer on captions and save it as a transformers tokenizer directory.
+
+    This is the offline default (SynthPEDES): no hub download. Real datasets use the CLIP BPE or BERT tokenizer
+    of the chosen text tower, given by path.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS.values()), min_frequency=min_frequency)
+    tok.train_from_iterator(captions, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id),
+                                                                                                ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _local_copy(url: str) -> str:
+    """Directory URLs on object storage are copied once into a local cache keyed by the URL."""
+    if "://" not in url or url.startswith("file://"):
+        return url.replace("file://", "")
+    import fsspec
+
+    cache = os.path.join(os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps")), "remote",
+                         hashlib.sha256(url.encode()).hexdigest()[:16])
+    if not os.path.isdir(cache) or not os.listdir(cache):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        tmp = cache + ".part"
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        os.replace(tmp, cache)
+    return cache
+
+
+def load_tokenizer(path: str):
+    """Load a transformers tokenizer from a local directory or an s3:// (any fsspec) URL; never from a hub."""
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise FileNotFoundError("no tokenizer path given (data.tokenizer)")
+    try:
+        local = _local_copy(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer not found at {path} (data.tokenizer)") from None
+    if not os.path.isdir(local):
+        raise FileNotFoundError(f"tokenizer not found at {path} (data.tokenizer): expected a directory written by "
+                                "save_pretrained")
+    tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    if tok.mask_token_id is None or tok.pad_token_id is None:
+        raise ValueError(f"tokenizer at {path} lacks a mask or pad token; MLM and padding need both")
+    return tok
+
+
+def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int], ratio: float,
+                mask_id: int, vocab_size: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking for IRRA's implicit relation reasoning.
+
+    ``ratio`` of the real (non-special, non-pad) tokens are selected, at least one per caption; of those 80% become
+    [MASK], 10% a random non-special token, 10% stay. Returns (masked_ids, labels) with labels -100 where not selected.
+    """
+    special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
+    real = attention_mask.bool() & ~torch.isin(input_ids, special)
+    u = torch.rand(input_ids.shape, generator=generator)
+    selected = (u < ratio) & real
+    # at least one masked token per caption that has any real token: force the real token with the smallest draw
+    none = ~selected.any(dim=1) & real.any(dim=1)
+    if none.any():
+        first = torch.where(real, u, torch.full_like(u, 2.0)).argmin(dim=1)
+        selected[none, first[none]] = True
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    to_mask = selected & (action < 0.8)
+    to_random = selected & (action >= 0.8) & (action < 0.9)
+    masked[to_mask] = mask_id
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in set(special.tolist())], dtype=input_ids.dtype)
+    picks = allowed[torch.randint(len(allowed), (int(to_random.sum()),), generator=generator)]
+    masked[to_random] = picks
+    return masked, labels
+
+
+# ------------------------------------------------------------------------------------------------- IVT's MLA levels
+def phrase_pieces(caption: str, min_chars: int = 6) -> list[str]:
+    """Split a caption on '.' then ',' into clauses, dropping pieces of 5 characters or fewer."""
+    pieces = []
+    for sentence in caption.split("."):
+        for clause in sentence.split(","):
+            clause = clause.strip()
+            if len(clause) >= min_chars:
+                pieces.append(clause)
+    return pieces
+
+
+def mla_texts(caption: str, rng: random.Random, word_max: int = 3) -> tuple[str, str, str]:
+    """IVT multi-level alignment texts: (sentence, phrase, word).
+
+    sentence: the whole caption. phrase: one sampled clause, either the longest clause or the rest re-joined.
+    word: a random subset (1..word_max) of the short clauses (attribute mentions), joined by ', '.
+    A caption with a single clause uses it for every level.
+    """
+    pieces = phrase_pieces(caption)
+    if len(pieces) <= 1:
+        return caption, caption, caption
+    longest = max(pieces, key=len)
+    rest = ", ".join(p for p in pieces if p is not longest)
+    phrase = rng.choice([longest, rest])
+    short = sorted(pieces, key=len)[: max(1, (len(pieces) + 1) // 2)]
+    k = rng.randint(1, min(word_max, len(short)))
+    word = ", ".join(rng.sample(short, k))
+    return caption, phrase, word
+
+
+_WS = re.compile(r"\s+")
+
+
+def clean_caption(text: str) -> str:
+    return _WS.sub(" ", text).strip()

@@ -1,0 +1,53 @@
+"""The embedded demo: generate (once) a SynthPEDES demo set in a local cache and summarise it.
+
+Issue #4 turns this into ``python -m tbps.train`` with no arguments (train, evaluate, print the metrics table);
+until then the demo stops after the data stage, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shards.build import summarize
+
+
+def demo_dataset(size: str = "demo", seed: int = 0) -> str:
+    """Path of the cached SynthPEDES demo shards (+ tokenizer), generated on first use."""
+    from shards.synth import generate
+    from tbps.data import build_tokenizer, load_manifest
+    from tbps.data.stream import split_shards
+
+    cache = os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps"))
+    out = os.path.join(cache, f"synthpedes-{size}-seed{seed}")
+    manifest_path = os.path.join(out, "manifest.json")
+    tok_dir = os.path.join(out, "tokenizer")
+    if not os.path.exists(manifest_path):
+        print(f"[demo] generating SynthPEDES ({size}) into {out}", file=sys.stderr)
+        generate(out=out, size=size, seed=seed, workers=min(4, os.cpu_count() or 1))
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        import json
+
+        import webdataset as wds
+
+        captions = []
+        for shard in split_shards(load_manifest(out), "train"):
+            for s in wds.DataPipeline(wds.SimpleShardList([os.path.join(out, shard["name"])]),
+                                      wds.tarfile_to_samples()):
+                captions += json.loads(s["json"])["captions"]
+        build_tokenizer(captions, tok_dir)
+    return out
+
+
+def main(argv=None) -> int:
+    from tbps.data import load_manifest
+
+    url = demo_dataset()
+    print(summarize(load_manifest(url)))
+    print(f"dataset: {url}\ntokenizer: {os.path.join(url, 'tokenizer')}")
+    print("training is not wired up yet (issue #4): the demo stops after the data stage.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""tbps.data: rank/worker splitting, equal batch counts, eval stream, tokenizers, SynthPEDES."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import read_split
+from shards.synth import SLOT_NAMES, generate
+from shards.writer import DatasetWriter
+from tbps.config import DataConfig
+from tbps.data import (DataNeeds, assign_shards, batches_per_epoch, build_eval_loader, build_train_loader,
+                       load_manifest, load_tokenizer)
+from tbps.data.text import mla_texts, phrase_pieces
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory, synth_tiny):
+    """The tiny train split re-written into deliberately uneven shards (17, 1, 9, 30, 2, 23, 5, 33 samples)."""
+    import webdataset as wds
+
+    from shards.storage import join
+    from tbps.data.stream import split_shards
+
+    samples = []
+    for shard in split_shards(load_manifest(synth_tiny), "train"):
+        samples += list(wds.DataPipeline(wds.SimpleShardList([join(synth_tiny, shard["name"])]),
+                                         wds.tarfile_to_samples()))
+    out = str(tmp_path_factory.mktemp("uneven"))
+    counts = [17, 1, 9, 30, 2, 23, 5, 33]
+    assert sum(counts) == len(samples) == 120
+    clean = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in samples]
+    with DatasetWriter(out, "uneven", progress=False) as w:
+        w.write_split("train", iter(clean), len(clean), stats={"images": 120}, shard_counts=counts)
+        w.publish()
+    return out
+
+
+def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(uneven, synth_tiny):
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=uneven, image_size=[48, 16], batch_size=4, loader_workers=2, text_length=24,
+                     shuffle_buffer=16)
+    for epoch in range(2):
+        counts, keys = [], []
+        for rank in range(2):
+            loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            counts.append(len(batches))
+            keys.append([k for b in batches for k in b["keys"]])
+            assert all(len(b["keys"]) == 4 for b in batches)
+        assert counts[0] == counts[1] > 0
+        assert not set(keys[0]) & set(keys[1])
+        assert len(set(keys[0])) == len(keys[0])  # no sample twice within a rank's epoch
+
+
+def test_assignment_is_balanced_deterministic_and_epoch_dependent():
+    shards = [{"name": f"s{i}", "samples": n} for i, n in enumerate([17, 1, 9, 30, 2, 23, 5, 33])]
+    a = assign_shards(shards, 2, 2, epoch=0, seed=0)
+    assert a == assign_shards(shards, 2, 2, epoch=0, seed=0)
+    names = sorted(s["name"] for r in a for w in r for s in w)
+    assert names == sorted(s["name"] for s in shards)
+    per_rank = [sum(s["samples"] for w in r for s in w) for r in a]
+    assert abs(per_rank[0] - per_rank[1]) <= 33
+    assert batches_per_epoch(a, 4) == min(sum(sum(s["samples"] for s in w) // 4 for w in r) for r in a)
+    even = [{"name": f"e{i}", "samples": 10} for i in range(16)]
+    orders = {tuple(s["name"] for s in assign_shards(even, 2, 2, epoch=e, seed=0)[0][0]) for e in range(6)}
+    assert len(orders) > 1  # each epoch reshuffles
+
+
+def test_too_small_split_is_a_clear_error(synth_tiny):
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, batch_size=500, loader_workers=1)
+    with pytest.raises(ValueError, match="no full batch of 500"):
+        build_train_loader(cfg, tok)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_manifest(str(tmp_path))
+
+
+def test_train_batch_contents_and_views(synth_tiny):
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, image_size=[64, 32], batch_size=6, loader_workers=0, text_length=40)
+    needs = DataNeeds(views=3, mlm_ratio=0.15, mla=True)
+    batch = next(iter(build_train_loader(cfg, tok, needs)))
+    assert batch["images"].shape == (6, 3, 3, 64, 32)
+    assert batch["text_ids"].shape == batch["mlm_ids"].shape == (6, 40)
+    assert batch["mla_ids"].shape == (6, 3, 40)
+    assert (batch["train_ids"] >= 0).all() and (batch["train_ids"] < 40).all()
+    # the sentence level is the sampled caption itself
+    assert torch.equal(batch["mla_ids"][:, 0], batch["text_ids"])
+
+
+def test_eval_stream_covers_gallery_once_and_every_caption(synth_tiny):
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, image_size=[64, 32], loader_workers=2)
+    manifest = load_manifest(synth_tiny)
+    images, queries = [], []
+    for rank in range(2):
+        for b in build_eval_loader(cfg, tok, "test", batch_size=5, rank=rank, world_size=2):
+            images += b["image_index"].tolist()
+            queries += b["text_index"].tolist()
+    assert sorted(images) == list(range(manifest["splits"]["test"]["images"]))
+    assert len(set(queries)) == len(queries) == manifest["splits"]["test"]["captions"]
+
+
+def test_tokenizer_loads_from_s3(synth_tiny, s3_server, tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(os.path.join(synth_tiny, "tokenizer") + "/", "tbps/tok/", recursive=True)
+    tok = load_tokenizer("s3://tbps/tok")
+    local = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    text = "A person wears a red coat."
+    assert tok(text)["input_ids"] == local(text)["input_ids"]
+    with pytest.raises(FileNotFoundError, match="tokenizer not found at s3://tbps/nothing"):
+        load_tokenizer("s3://tbps/nothing")
+
+
+def test_mla_levels():
+    caption = "A person has long black hair, wears a red coat and carries a bag. They wear white shoes."
+    assert phrase_pieces(caption) == ["A person has long black hair", "wears a red coat and carries a bag",
+                                      "They wear white shoes"]
+    rng = random.Random(0)
+    for _ in range(20):
+        sentence, phrase, word = mla_texts(caption, rng, word_max=2)
+        assert sentence == caption
+        assert phrase in ("wears a red coat and carries a bag", "A person has long black hair, They wear white shoes")
+        parts = word.split(", ")
+        assert 1 <= len(parts) <= 2 and all(p in phrase_pieces(caption) for p in parts)
+    assert mla_texts("tiny. ok", rng) == ("tiny. ok",) * 3
+
+
+# ------------------------------------------------------------------------------------------------ SynthPEDES
+def test_synth_is_deterministic(tmp_path):
+    a = generate(out=str(tmp_path / "a"), size="tiny", seed=3, progress=False)
+    b = generate(out=str(tmp_path / "b"), size="tiny", seed=3, progress=False)
+    c = generate(out=str(tmp_path / "c"), size="tiny", seed=4, progress=False)
+    sha = lambda m: [s["sha256"] for info in m["splits"].values() for s in info["shards"]]
+    assert sha(a) == sha(b)
+    assert sha(a) != sha(c)
+
+
+def test_synth_splits_are_identity_disjoint_and_fine_grained(synth_tiny):
+    splits = {s: read_split(synth_tiny, s) for s in ("train", "val", "test")}
+    pids = {s: {x["pid"] for x in v} for s, v in splits.items()}
+    assert not pids["train"] & pids["val"] and not pids["train"] & pids["test"] and not pids["val"] & pids["test"]
+    assert len(pids["train"]) == 40 and len(pids["test"]) == 12
+    attrs = {}
+    for x in splits["test"]:
+        attrs[x["pid"]] = tuple(x["attributes"][k] for k in SLOT_NAMES)
+        assert len(x["captions"]) == 2 and all(c.endswith(".") for c in x["captions"])
+    assert len(set(attrs.values())) == len(attrs)  # an identity is an attribute combination
+    combos = list(attrs.values())
+    one_apart = sum(1 for i in range(len(combos)) for j in range(i) if
+                    sum(a != b for a, b in zip(combos[i], combos[j])) == 1)
+    assert one_apart >= 1  # some test identities differ by a single attribute
+    train_ids = sorted({x["train_id"] for x in splits["train"]})
+    assert train_ids == list(range(40))
+
+
+def test_synth_raw_layout_builds_with_shards_build(tmp_path):
+    from shards.build import main as build_main
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    generate(raw=raw, size="tiny", seed=1, train=5, val=2, test=2, images_per_id=2, progress=False)
+    records = json.load(open(os.path.join(raw, "reid_raw.json")))
+    assert len(records) == 18 and {r["split"] for r in records} == {"train", "val", "test"}
+    assert build_main(["--dataset", "cuhk-pedes", "--root", raw, "--out", out]) == 0
+    manifest = load_manifest(out)
+    assert manifest["splits"]["train"]["images"] == 10 and manifest["num_train_ids"] == 5

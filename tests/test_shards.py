@@ -1,0 +1,180 @@
+"""shards.build / shards.writer: raw formats -> shards, manifest-last publishing, bad input, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import read_split
+from raw_fixtures import make_records, write_raw
+from shards.build import main as build_main
+from shards.readers import FORMATS
+from shards.writer import DatasetWriter, plan_shards
+
+
+@pytest.mark.parametrize("dataset", sorted(FORMATS))
+def test_conversion_round_trips_each_format(tmp_path, dataset):
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = write_raw(root, dataset)
+    assert build_main(["--dataset", dataset, "--root", root, "--out", out, "--shard-size", "3",
+                       "--min-shards", "2"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    fmt = FORMATS[dataset]
+    assert set(manifest["splits"]) == set(fmt.splits)
+    train_pids = sorted({r["id"] for r in records if r["split"] == "train"})
+    assert manifest["num_train_ids"] == len(train_pids)
+    for split in fmt.splits:
+        mine = [r for r in records if r["split"] == split]
+        info = manifest["splits"][split]
+        assert info["images"] == len(mine)
+        assert info["captions"] == sum(len(r["captions"]) for r in mine)
+        assert info["ids"] == len({r["id"] for r in mine})
+        assert sum(s["samples"] for s in info["shards"]) == len(mine)
+        for s in info["shards"]:  # listed sizes and hashes are the real ones
+            data = open(os.path.join(out, s["name"]), "rb").read()
+            assert len(data) == s["bytes"]
+            import hashlib
+            assert hashlib.sha256(data).hexdigest() == s["sha256"]
+            assert s["name"].startswith(f"{split}-") and s["name"].endswith(".tar")
+        back = {s["path"]: s for s in read_split(out, split)}
+        assert len(back) == len(mine)
+        for r in mine:
+            s = back[r[fmt.path_field]]
+            assert s["captions"] == r["captions"]
+            assert s["pid"] == r["id"]
+            assert s["image"] == open(os.path.join(root, "imgs", r[fmt.path_field]), "rb").read()
+            expected = train_pids.index(r["id"]) if split == "train" else -1
+            assert s["train_id"] == expected
+
+
+def test_duplicate_image_records_are_merged_into_one_gallery_image(tmp_path):
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = make_records("cuhk-pedes")
+    dup = dict(records[0], captions=["another caption of the same image."])
+    write_raw(root, "cuhk-pedes", records + [dup])
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out]) == 0
+    back = {s["path"]: s for s in read_split(out, "train")}
+    assert len(back) == len([r for r in records if r["split"] == "train"])
+    assert back[records[0]["file_path"]]["captions"] == records[0]["captions"] + dup["captions"]
+
+
+def _corrupt(kind: str, root: str):
+    records = make_records("cuhk-pedes")
+    raw_json = None
+    if kind == "bad-json":
+        raw_json = json.dumps(records)[:-40] + "}{"
+    elif kind == "missing-field":
+        del records[3]["captions"]
+    elif kind == "empty-caption":
+        records[3]["captions"][1] = "   "
+    elif kind == "unknown-split":
+        records[3]["split"] = "dev"
+    write_raw(root, "cuhk-pedes", records, raw_json)
+    path = os.path.join(root, "imgs", records[3]["file_path"])
+    if kind == "missing-image":
+        os.remove(path)
+    elif kind == "undecodable-image":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+    return records
+
+
+EXPECTED = {
+    "bad-json": "not valid JSON at line 1",
+    "missing-field": "record #3 (train/p1/img1.jpg): missing field(s) 'captions'",
+    "empty-caption": "record #3 (train/p1/img1.jpg): caption 1 is empty",
+    "unknown-split": "record #3 (train/p1/img1.jpg): unknown split 'dev'",
+    "missing-image": "record #3 (train/p1/img1.jpg): image not found",
+    "undecodable-image": "record #3 (train/p1/img1.jpg): cannot decode image",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_bad_input_names_the_record_and_publishes_nothing(tmp_path, capsys, kind):
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _corrupt(kind, root)
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "reid_raw.json" in err and EXPECTED[kind] in err, err
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tar")] if os.path.exists(out) else True
+
+
+@pytest.mark.parametrize("kind", sorted(set(EXPECTED) - {"bad-json"}))
+def test_skip_bad_skips_and_counts(tmp_path, capsys, kind):
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _corrupt(kind, root)
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out, "--skip-bad"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["num_skipped"] == 1
+    assert manifest["skipped"][0]["record"] == 3
+    assert "skipped: " in capsys.readouterr().err
+    original = make_records("cuhk-pedes")
+    assert manifest["splits"]["train"]["images"] == len([r for r in original if r["split"] == "train"]) - 1
+
+
+def test_rerun_replaces_dataset_cleanly(tmp_path):
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    write_raw(root, "cuhk-pedes")
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out, "--shard-size", "1"]) == 0
+    many = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out, "--shard-size", "100",
+                       "--min-shards", "1"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    listed = sorted(s["name"] for info in manifest["splits"].values() for s in info["shards"])
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == listed
+    assert len(listed) < len(many)
+
+
+def test_interrupted_write_leaves_no_manifest_and_no_shards(tmp_path):
+    out = str(tmp_path / "out")
+
+    def samples():
+        for i in range(5):
+            yield {"__key__": f"train-{i:08d}", "json": {"pid": i}}
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        with DatasetWriter(out, "x", shard_size=2, progress=False) as w:
+            w.write_split("train", samples(), 8)
+            w.publish()
+    assert os.listdir(out) == []
+
+
+def test_plan_shards_balances_and_covers_workers():
+    assert plan_shards(10, 1000, 8) == [2, 2, 1, 1, 1, 1, 1, 1]
+    assert plan_shards(2500, 1000, 1) == [834, 833, 833]
+    assert plan_shards(3, 1000, 8) == [1, 1, 1]
+    assert plan_shards(0, 10, 8) == []
+
+
+def test_conversion_to_s3_and_streaming_back(tmp_path, s3_server):
+    from tbps.config import DataConfig
+    from tbps.data import build_eval_loader, build_tokenizer, build_train_loader
+
+    root = str(tmp_path / "raw")
+    records = write_raw(root, "rstpreid")
+    url = "s3://tbps/datasets/rstp"
+    assert build_main(["--dataset", "rstpreid", "--root", root, "--out", url, "--shard-size", "2",
+                       "--min-shards", "2"]) == 0
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("tbps/datasets/rstp"))
+    assert "manifest.json" in names
+    back = read_split(url, "test")
+    assert sorted(s["path"] for s in back) == sorted(r["img_path"] for r in records if r["split"] == "test")
+
+    tok = build_tokenizer([c for r in records for c in r["captions"]], str(tmp_path / "tok"))
+    cfg = DataConfig(url=url, image_size=[32, 16], batch_size=2, loader_workers=2, text_length=16)
+    keys = []
+    for rank in range(2):
+        loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) > 0
+        keys.append({k for b in batches for k in b["keys"]})
+    assert not keys[0] & keys[1]
+    gallery = sum(len(b["images"]) for b in build_eval_loader(cfg, tok, "test", batch_size=3))
+    assert gallery == len([r for r in records if r["split"] == "test"])

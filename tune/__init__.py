@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over tbps training runs (issue #5)."""
