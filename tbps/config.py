@@ -74,6 +74,7 @@ class MethodConfig:
 @dataclass
 class ModelConfig:
     image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
+    image_overrides: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (depth, embed_dim..)
     image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
     patch_stride: int = 0  # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
     text_tower: str = "clip"  # clip | bert (transformers architectures)
@@ -167,6 +168,10 @@ def _convert(value: Any, tp, key: str):
         return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -174,6 +179,11 @@ def _convert(value: Any, tp, key: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 
 import fsspec
 
@@ -24,6 +26,32 @@ def register_fsspec_gopen() -> None:
     when workers are spawned rather than forked (the registration lives in module state)."""
     for scheme in SCHEMES:
         wds_gopen.gopen_schemes[scheme] = _fsspec_gopen
+
+
+def local_copy(url: str) -> str:
+    """A local path for ``url``: local paths pass through; remote files/directories (s3://, ...) are copied once
+    into a cache keyed by the URL (``$TBPS_CACHE/remote``). Raises FileNotFoundError when the URL does not exist."""
+    if "://" not in url or url.startswith("file://"):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        return path
+    cache = os.path.join(os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps")), "remote",
+                         # keep the file name: readers choose a format by extension (.safetensors, .bin)
+                         hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + url.rstrip("/").rsplit("/", 1)[-1])
+    if os.path.exists(cache):
+        return cache
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url} does not exist")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.part-{os.getpid()}"
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    else:
+        fs.get(path, tmp)
+    os.replace(tmp, cache)
+    return cache
 
 
 register_fsspec_gopen()

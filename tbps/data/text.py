@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
 from typing import Iterable
 
 import torch
+
+from .remote import local_copy
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
@@ -37,24 +38,6 @@ def build_tokenizer(captions: Iterable[str], out_dir: str, min_frequency: int = 
     return fast
 
 
-def _local_copy(url: str) -> str:
-    """Directory URLs on object storage are copied once into a local cache keyed by the URL."""
-    if "://" not in url or url.startswith("file://"):
-        return url.replace("file://", "")
-    import fsspec
-
-    cache = os.path.join(os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps")), "remote",
-                         hashlib.sha256(url.encode()).hexdigest()[:16])
-    if not os.path.isdir(cache) or not os.listdir(cache):
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{url} does not exist")
-        tmp = cache + ".part"
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        os.replace(tmp, cache)
-    return cache
-
-
 def load_tokenizer(path: str):
     """Load a transformers tokenizer from a local directory or an s3:// (any fsspec) URL; never from a hub."""
     from transformers import AutoTokenizer
@@ -62,7 +45,7 @@ def load_tokenizer(path: str):
     if not path:
         raise FileNotFoundError("no tokenizer path given (data.tokenizer)")
     try:
-        local = _local_copy(path)
+        local = local_copy(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"tokenizer not found at {path} (data.tokenizer)") from None
     if not os.path.isdir(local):

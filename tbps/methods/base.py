@@ -1,0 +1,153 @@
+"""What every method shares: the registry, loss weights from config, global-negative contrastive losses,
+parameter groups for the optimizer. A method = one file that subclasses ``Method`` and registers itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tbps import losses as L
+from tbps.config import ConfigError
+from tbps.data.stream import DataNeeds
+from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+@dataclass
+class TextSpec:
+    """What a method needs to know of the tokenizer."""
+
+    vocab_size: int
+    length: int
+    pad_id: int
+    mask_id: int
+    bos_id: int | None = None  # start token ([CLS] / <|startoftext|>)
+    eos_id: int | None = None  # end token ([SEP] / <|endoftext|>)
+
+    @classmethod
+    def from_tokenizer(cls, tok, length: int) -> "TextSpec":
+        bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        return cls(len(tok), length, tok.pad_token_id, tok.mask_token_id, bos, eos)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``supported_losses`` and ``backbone_prefixes`` and implement the encoders,
+    ``similarity`` and ``losses`` (a dict of the unweighted loss parts this batch)."""
+
+    name = "base"
+    supported_losses: tuple[str, ...] = ()
+    backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
+
+    def __init__(self, cfg, text: TextSpec, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.mcfg = cfg.method
+        self.text = text
+        self.num_classes = num_classes
+        weights = {}
+        for term in cfg.method.losses:
+            if term.name not in self.supported_losses:
+                raise ConfigError(f"method.losses: {self.name} has no loss {term.name!r}; valid: "
+                                  f"{', '.join(self.supported_losses)}")
+            weights[term.name] = term.weight
+        if not weights:
+            raise ConfigError(f"method.losses is empty; {self.name} offers {', '.join(self.supported_losses)}")
+        self.loss_weights = weights
+        scale = torch.tensor([math.log(1.0 / cfg.method.temperature)])  # shape [1]: DeepSpeed dislikes 0-dim params
+        if cfg.method.learnable_temperature:
+            self.log_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("log_scale", scale)
+
+    # -- interface
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def similarity(self, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+        """[num_texts, num_images] scores; default: cosine of single embeddings."""
+        return F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).t()
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        parts = self.losses(batch)
+        total = sum(self.loss_weights[k] * v for k, v in parts.items())
+        out = {"loss": total}
+        out.update({f"loss_{k}": v.detach() for k, v in parts.items()})
+        return out
+
+    # -- helpers
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=100.0)[0]
+
+    def wants(self, name: str) -> bool:
+        return name in self.loss_weights
+
+    def contrastive(self, kind: str, v: torch.Tensor, t: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        """sdm / itc / cmpm of image features ``v`` and text features ``t``; with ``method.gather`` and several
+        ranks, local rows are scored against the features of the whole global batch."""
+        gather = self.mcfg.gather and world()[1] > 1
+        V, T = (gather_with_grad(v), gather_with_grad(t)) if gather else (v, t)
+        P = gather_no_grad(pids) if gather else pids
+        if kind == "sdm":
+            return L.sdm_rows(v, T, pids, P, self.logit_scale) + L.sdm_rows(t, V, pids, P, self.logit_scale)
+        if kind == "cmpm":
+            return L.cmpm_rows(v, T, pids, P) + L.cmpm_rows(t, V, pids, P)
+        if kind == "itc":
+            targets = torch.arange(len(v), device=v.device) + (row_offset(len(v)) if gather else 0)
+            return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2
+        raise ValueError(kind)
+
+    def param_groups(self, optim) -> list[dict]:
+        """Optimizer groups: backbone vs new modules (lr x ``new_module_lr_mult``), decay vs no decay, biases at
+        lr x ``bias_lr_mult``. The optimizer factory asks this; nothing matches parameter names elsewhere."""
+        skip = self.no_weight_decay()
+        groups: dict[tuple, dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            backbone = name.startswith(self.backbone_prefixes)
+            bias = name.endswith(".bias")
+            decay = not (p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip))
+            lr = optim.lr * (1.0 if backbone else optim.new_module_lr_mult) * (optim.bias_lr_mult if bias else 1.0)
+            key = (backbone, decay, bias)
+            g = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": optim.weight_decay if decay else 0.0,
+                                        "name": f"{'backbone' if backbone else 'new'}"
+                                                f"{'' if decay else '_no_decay'}{'_bias' if bias else ''}"})
+            g["params"].append(p)
+        return list(groups.values())
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (or suffixes) exempt from weight decay beyond biases and norms."""
+        return {"pos_embed", "cls_token", "log_scale", "embeddings.weight", "type_embed", "part_tokens"}
+
+
+def build_method(cfg, text: TextSpec, num_classes: int) -> Method:
+    from . import clip, irra, ivt, pcc  # noqa: F401  (register)
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, text, num_classes)

@@ -1,0 +1,40 @@
+"""CLIP-style baseline: two towers, global features (CLS / end-of-text), symmetric InfoNCE (ITC)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tbps import losses as L
+
+from .base import Method, register
+from .towers import build_towers
+
+
+@register("clip")
+class CLIP(Method):
+    supported_losses = ("itc", "sdm", "id")
+    backbone_prefixes = ("image_tower.", "text_tower.")
+
+    def __init__(self, cfg, text, num_classes):
+        super().__init__(cfg, text, num_classes)
+        build_towers(self, cfg, text)
+        if self.wants("id"):
+            self.classifier = nn.Linear(cfg.model.embed_dim, num_classes)
+
+    def encode_image(self, images):
+        return self.image_proj(self.image_tower(images)[:, 0])
+
+    def encode_text(self, ids, mask):
+        return self.text_proj(self.text_tower.eot_feature(self.text_tower(ids, mask), mask))
+
+    def losses(self, batch):
+        v = self.encode_image(batch["images"])
+        t = self.encode_text(batch["text_ids"], batch["text_mask"])
+        out = {}
+        for kind in ("itc", "sdm"):
+            if self.wants(kind):
+                out[kind] = self.contrastive(kind, v, t, batch["pids"])
+        if self.wants("id"):
+            out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
+        return out

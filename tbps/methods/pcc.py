@@ -1,0 +1,106 @@
+"""Park, Jeong, Kim, Kwak (arXiv 2501.00318): part-level correspondence. Our reading (docs/methods.md).
+
+- Global embeddings: max pooling over each modality's projected token features (text: real tokens only).
+- A part decoder shared by both modalities: K learnable part tokens (also shared) attend, layer by layer, to one
+  modality's token features. The first layer's output gives the *coarse* parts, the last layer's the *fine* parts.
+- Losses: SDM on the global embeddings and on the coarse embedding (mean of the coarse parts), the
+  commonality-based margin ranking loss (CMR) on the fine parts, and optionally the ID loss.
+- Retrieval: cos(global) + ``method.part_weight`` * mean_k cos(fine part k).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tbps import losses as L
+
+from .base import Method, register
+from .towers import build_towers
+
+
+class PartDecoder(nn.Module):
+    def __init__(self, width: int, heads: int, layers: int, num_parts: int):
+        super().__init__()
+        self.part_tokens = nn.Parameter(torch.randn(1, num_parts, width) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None):
+        x = self.part_tokens.expand(len(tokens), -1, -1)
+        coarse = None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, tokens, memory_key_padding_mask=pad_mask)
+            if i == 0:
+                coarse = self.norm(x)
+        return coarse, self.norm(x)
+
+
+@register("pcc")
+class PCC(Method):
+    supported_losses = ("sdm", "itc", "cmr", "id")
+    backbone_prefixes = ("image_tower.", "text_tower.")
+
+    def __init__(self, cfg, text, num_classes):
+        super().__init__(cfg, text, num_classes)
+        build_towers(self, cfg, text)
+        e = cfg.model.embed_dim
+        heads = max(1, e // 64)
+        self.decoder = PartDecoder(e, heads, cfg.method.decoder_layers, cfg.method.num_parts)
+        if self.wants("id"):
+            self.classifier = nn.Linear(e, num_classes)
+
+    # token features in the joint space
+    def _image(self, images):
+        tokens = self.image_proj(self.image_tower(images))
+        return tokens, tokens.amax(dim=1), None
+
+    def _text(self, ids, mask):
+        tokens = self.text_proj(self.text_tower(ids, mask))
+        pad = ~mask.bool()
+        pooled = tokens.masked_fill(pad[..., None], torch.finfo(tokens.dtype).min).amax(dim=1)
+        return tokens, pooled, pad
+
+    def _embed(self, tokens, pooled, pad):
+        coarse, fine = self.decoder(tokens, pad)
+        return pooled, coarse, fine
+
+    @staticmethod
+    def _pack(glob, fine):
+        """One tensor per item for retrieval: [global | part_1 | ... | part_K], each unit-normalised."""
+        return torch.cat([F.normalize(glob, dim=-1)[:, None], F.normalize(fine, dim=-1)], dim=1).flatten(1)
+
+    def encode_image(self, images):
+        tokens, pooled, pad = self._image(images)
+        glob, _, fine = self._embed(tokens, pooled, pad)
+        return self._pack(glob, fine)
+
+    def encode_text(self, ids, mask):
+        tokens, pooled, pad = self._text(ids, mask)
+        glob, _, fine = self._embed(tokens, pooled, pad)
+        return self._pack(glob, fine)
+
+    def similarity(self, text_emb, image_emb):
+        e = self.cfg.model.embed_dim
+        t = text_emb.view(len(text_emb), -1, e)
+        v = image_emb.view(len(image_emb), -1, e)
+        glob = t[:, 0] @ v[:, 0].t()
+        parts = torch.einsum("ikd,jkd->ij", t[:, 1:], v[:, 1:]) / (t.shape[1] - 1)
+        return glob + self.mcfg.part_weight * parts
+
+    def losses(self, batch):
+        pids = batch["pids"]
+        vg, vc, vf = self._embed(*self._image(batch["images"]))
+        tg, tc, tf = self._embed(*self._text(batch["text_ids"], batch["text_mask"]))
+        out = {}
+        for kind in ("sdm", "itc"):
+            if self.wants(kind):
+                out[kind] = self.contrastive(kind, vg, tg, pids) + self.contrastive(kind, vc.mean(1), tc.mean(1), pids)
+        if self.wants("cmr"):
+            out["cmr"] = L.cmr_loss(vf, tf, pids, self.mcfg.margin, self.mcfg.commonality)
+        if self.wants("id"):
+            out["id"] = L.id_loss(self.classifier(vg), self.classifier(tg), batch["train_ids"])
+        return out

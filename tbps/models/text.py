@@ -1,0 +1,74 @@
+"""Text towers from transformers (CLIP text transformer, BERT), built from config or a local/s3 checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tbps.data.remote import local_copy
+
+from .weights import WeightLoadError
+
+KINDS = ("clip", "bert")
+
+
+def _config(kind: str, vocab_size: int, length: int, width: int, layers: int, heads: int, pad_id: int,
+            bos_id: int | None, eos_id: int | None):
+    from transformers import BertConfig, CLIPTextConfig
+
+    if kind == "clip":
+        return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=length,
+                              pad_token_id=pad_id, projection_dim=width, bos_token_id=bos_id, eos_token_id=eos_id)
+    if kind == "bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          max_position_embeddings=max(length, 512), pad_token_id=pad_id)
+    raise ValueError(f"model.text_tower must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+class TextTower(nn.Module):
+    """Returns token features ``[B, L, width]``; ``eot_feature`` picks the last real token (CLIP's end-of-text)."""
+
+    def __init__(self, kind: str, vocab_size: int, length: int, width: int = 512, layers: int = 12, heads: int = 8,
+                 pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None):
+        super().__init__()
+        from transformers import BertModel, CLIPTextModel
+
+        self.kind = kind
+        cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id)
+        self.model = CLIPTextModel(cfg) if kind == "clip" else BertModel(cfg, add_pooling_layer=False)
+        self.width = width
+        self.vocab_size = vocab_size
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    @staticmethod
+    def eot_feature(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        last = mask.long().sum(dim=1) - 1
+        return tokens[torch.arange(len(tokens), device=tokens.device), last]
+
+    def load_pretrained(self, url: str) -> None:
+        """Replace the randomly initialised model with ``from_pretrained`` of a local/s3 directory (no hub)."""
+        from transformers import BertModel, CLIPTextModel
+
+        cls = CLIPTextModel if self.kind == "clip" else BertModel
+        try:
+            path = local_copy(url)
+        except FileNotFoundError:
+            raise WeightLoadError(f"model.text_pretrained: checkpoint not found at {url}") from None
+        try:
+            kwargs = {"add_pooling_layer": False} if self.kind == "bert" else {}
+            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+        except Exception as e:
+            raise WeightLoadError(f"model.text_pretrained: cannot load {url} as {cls.__name__}: "
+                                  f"{type(e).__name__}: {e}") from None
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if problems:
+            raise WeightLoadError(f"model.text_pretrained: checkpoint {url} does not fit {cls.__name__}: {problems}")
+        if model.config.vocab_size != self.vocab_size:
+            raise WeightLoadError(f"model.text_pretrained: {url} has vocab {model.config.vocab_size}, the tokenizer "
+                                  f"{self.vocab_size}: use the tokenizer saved with the checkpoint")
+        self.model = model
+        self.width = model.config.hidden_size

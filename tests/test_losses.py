@@ -1,0 +1,130 @@
+"""Losses against hand computations from the formulas in REFERENCE.md, plus gradient checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tbps import losses as L
+
+V = [[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]]  # image features (unnormalised)
+T = [[0.8, 0.6], [1.0, 1.0], [-1.0, 0.5]]  # text features
+PIDS = [7, 7, 3]  # items 0 and 1 share an identity
+
+
+def _cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def _kl_rows(rows, cols, pids, score, eps=1e-8):
+    total = 0.0
+    for i, r in enumerate(rows):
+        logits = [score(r, c) for c in cols]
+        z = sum(math.exp(x) for x in logits)
+        p = [math.exp(x) / z for x in logits]
+        y = [1.0 if pids[i] == pids[j] else 0.0 for j in range(len(cols))]
+        q = [v / sum(y) for v in y]
+        total += sum(p[j] * (math.log(p[j]) - math.log(q[j] + eps)) for j in range(len(cols)))
+    return total / len(rows)
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_sdm_matches_hand_computation():
+    s = 1 / 0.02
+    expected = (_kl_rows(V, T, PIDS, lambda a, b: s * _cos(a, b))
+                + _kl_rows(T, V, PIDS, lambda a, b: s * _cos(a, b)))
+    got = L.sdm_loss(_t(V), _t(T), torch.tensor(PIDS), s)
+    assert abs(got.item() - expected) < 1e-6
+
+
+def test_cmpm_matches_hand_computation():
+    def score(a, b):  # a . b / |b|
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(y * y for y in b))
+    expected = _kl_rows(V, T, PIDS, score) + _kl_rows(T, V, PIDS, score)
+    got = L.cmpm_loss(_t(V), _t(T), torch.tensor(PIDS))
+    assert abs(got.item() - expected) < 1e-6
+
+
+def test_itc_matches_hand_computation():
+    s = 10.0
+
+    def ce(rows, cols):
+        out = 0.0
+        for i, r in enumerate(rows):
+            logits = [s * _cos(r, c) for c in cols]
+            out += -logits[i] + math.log(sum(math.exp(x) for x in logits))
+        return out / len(rows)
+    expected = (ce(V, T) + ce(T, V)) / 2
+    assert abs(L.itc_loss(_t(V), _t(T), s).item() - expected) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["sdm", "cmpm", "itc"])
+def test_gradients(name):
+    torch.manual_seed(0)
+    v = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 2, 2])
+    fn = {"sdm": lambda a, b: L.sdm_loss(a, b, pids, 5.0), "cmpm": lambda a, b: L.cmpm_loss(a, b, pids),
+          "itc": lambda a, b: L.itc_loss(a, b, 5.0)}[name]
+    assert torch.autograd.gradcheck(fn, (v, t))
+
+
+def test_sdm_is_zero_only_when_distribution_matches():
+    # perfectly separated identities with a huge scale: p -> q, loss -> 0
+    v = torch.eye(3, dtype=torch.float64)
+    assert L.sdm_loss(v, v.clone(), torch.tensor([0, 1, 2]), 1000.0).item() < 1e-6
+    assert L.sdm_loss(v, v.flip(0), torch.tensor([0, 1, 2]), 1000.0).item() > 10
+
+
+def test_id_and_mlm_losses():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.isclose(L.id_loss(logits, logits, labels), ce)
+    mlm_logits = torch.randn(2, 3, 5)
+    mlm_labels = torch.tensor([[-100, 2, -100], [4, -100, -100]])
+    expected = (torch.nn.functional.cross_entropy(mlm_logits[0, 1:2], mlm_labels[0, 1:2], reduction="sum")
+                + torch.nn.functional.cross_entropy(mlm_logits[1, 0:1], mlm_labels[1, 0:1], reduction="sum")) / 2
+    assert torch.isclose(L.mlm_loss(mlm_logits, mlm_labels), expected)
+
+
+def _parts(common_value):
+    """4 people, 2 ids; part 0 looks the same for everyone (common), part 1 differs per identity (distinctive)."""
+    common = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1) + common_value
+    distinct = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.1], [0.0, 0.0, 1.0], [0.0, 0.1, 1.0]])
+    return torch.stack([common, distinct], dim=1)  # [4, 2, 3]
+
+
+def test_commonality_is_high_for_shared_parts_and_margin_shrinks():
+    parts = _parts(0.0)
+    pids = torch.tensor([0, 0, 1, 1])
+    c = L.part_commonality(parts, pids)
+    assert torch.allclose(c[:, 0], torch.ones(4))  # identical across identities
+    assert (c[:, 1] < 0.2).all()  # distinctive
+    # identical image/text parts: only margins matter, so with commonality the common part costs (almost) nothing
+    with_c = L.cmr_loss(parts, parts.clone(), pids, margin=0.3, commonality=True)
+    fixed = L.cmr_loss(parts, parts.clone(), pids, margin=0.3, commonality=False)
+    assert with_c < fixed
+
+
+def test_cmr_fixed_margin_matches_hand_computation():
+    parts = _parts(0.0)
+    pids = torch.tensor([0, 0, 1, 1])
+    m = 0.3
+    p = torch.nn.functional.normalize(parts, dim=-1)
+    total, n = 0.0, 0
+    for k in range(2):
+        for i in range(4):
+            sims = [float(p[i, k] @ p[j, k]) for j in range(4)]
+            pos = min(sims[j] for j in range(4) if pids[j] == pids[i])
+            neg = max(sims[j] for j in range(4) if pids[j] != pids[i])
+            total += max(0.0, m + neg - pos)
+            n += 1
+    expected = 2 * total / n  # both directions are identical here
+    got = L.cmr_loss(parts, parts.clone(), pids, margin=m, commonality=False)
+    assert abs(got.item() - expected) < 1e-6

@@ -1,0 +1,99 @@
+"""Every registered method on its tiny preset: finite losses, gradients everywhere, and it learns one batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tbps.config import ConfigError, load_config
+from tbps.data import build_train_loader, load_tokenizer
+from tbps.data.text import mask_tokens
+from tbps.methods import METHODS, TextSpec, build_method
+from tbps.optim import build_optimizer
+
+
+def _setup(name, synth_tiny, overrides=()):
+    cfg = load_config(f"{name}_tiny", [f"data.url={synth_tiny}", "data.loader_workers=0", "data.batch_size=12",
+                                       *overrides])
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), num_classes=40)
+    batch = next(iter(build_train_loader(cfg.data, tok, method.data_needs())))
+    return cfg, method, batch
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_forward_backward_and_learns_a_batch(name, synth_tiny):
+    cfg, method, batch = _setup(name, synth_tiny, ["optim.warmup_epochs=0"])
+    out = method(batch)
+    assert set(out) == {"loss"} | {f"loss_{t.name}" for t in cfg.method.losses}
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient (ZeRO needs every one): {missing[:5]}"
+    opt = build_optimizer(method, cfg.optim)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = method(batch)["loss"]
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    final = method(batch)["loss"].item()
+    assert final < 0.6 * first, f"{name}: loss {first:.3f} -> {final:.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_encoders_and_similarity_shapes(name, synth_tiny):
+    cfg, method, batch = _setup(name, synth_tiny)
+    method.eval()
+    images = batch["images"][:, 0] if batch["images"].ndim == 5 else batch["images"]
+    with torch.no_grad():
+        v = method.encode_image(images[:5])
+        t = method.encode_text(batch["text_ids"][:7], batch["text_mask"][:7])
+        sim = method.similarity(t, v)
+    assert sim.shape == (7, 5) and torch.isfinite(sim).all()
+
+
+def test_unknown_loss_and_method_are_config_errors(synth_tiny):
+    with pytest.raises(ConfigError, match="irra has no loss 'cmr'; valid: sdm, itc, mlm, id"):
+        _setup("irra", synth_tiny, ["method.losses=[{name: cmr, weight: 1}]"])
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        _setup("irra", synth_tiny, ["method.name=nope"])
+
+
+def test_param_groups_give_new_modules_higher_lr(synth_tiny):
+    cfg, method, _ = _setup("irra", synth_tiny, ["optim.lr=1e-5", "optim.new_module_lr_mult=5"])
+    groups = {g["name"]: g for g in method.param_groups(cfg.optim)}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-5)
+    assert groups["new"]["lr"] == pytest.approx(5e-5)
+    assert groups["new_no_decay_bias"]["weight_decay"] == 0.0
+    new_names = {id(p) for p in groups["new"]["params"]}
+    assert id(method.cross.mlm_head[0].weight) in new_names and id(method.classifier.weight) in new_names
+
+
+def test_mlm_masking_statistics():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (400, 50))
+    ids[:, 0], ids[:, 40] = 2, 3  # [CLS] ... [SEP]
+    ids[:, 41:] = 0  # padding
+    mask = (ids != 0).long()
+    masked, labels = mask_tokens(ids, mask, special_ids=[0, 1, 2, 3, 4], ratio=0.15, mask_id=4, vocab_size=100,
+                                 generator=g)
+    selected = labels != -100
+    real = mask.bool() & (ids > 4)
+    assert not (selected & ~real).any()  # specials and padding never masked
+    assert abs(selected.sum().item() / real.sum().item() - 0.15) < 0.01
+    assert selected.any(dim=1).all()  # at least one per caption
+    n = selected.sum().item()
+    to_mask = (masked == 4) & selected
+    unchanged = (masked == ids) & selected
+    assert abs(to_mask.sum().item() / n - 0.8) < 0.03
+    assert abs(unchanged.sum().item() / n - 0.1) < 0.03  # (random replacements may also hit the same token)
+    assert torch.equal(labels[selected], ids[selected])
+    assert (masked[selected & ~to_mask] > 4).all()  # random replacements are real tokens
+    # a short caption with ratio ~0 still gets one masked token
+    _, few = mask_tokens(ids[:3], mask[:3], [0, 1, 2, 3, 4], 1e-9, 4, 100, g)
+    assert ((few != -100).sum(dim=1) == 1).all()
