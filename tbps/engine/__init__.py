@@ -1,0 +1,1 @@
+"""Distributed training: the Ray Train worker loop (DeepSpeed), the TorchTrainer launcher, checkpoints."""

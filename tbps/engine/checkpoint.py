@@ -1,0 +1,102 @@
+"""Checkpoint layout and run outputs.
+
+A Ray checkpoint directory holds:
+- ``ds/`` — DeepSpeed's state (model, optimizer and scheduler; one optimizer shard per rank under ZeRO), written by
+  every rank and merged by Ray into one directory on storage;
+- ``model.pt`` — the full fp32 weights (``weights_only``-loadable), for evaluation/search without DeepSpeed;
+- ``config.yaml`` — the resolved config (credentials redacted), so any result can be re-run;
+- ``meta.json`` — epoch, global step, best val score so far, the metrics of this epoch.
+
+Run outputs beside Ray's checkpoints, under ``<storage_path>/<run_name>/``: ``best/`` (model.pt + config.yaml +
+meta.json of the best val epoch), ``metrics.json`` (history, best val, final test) and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import fsspec
+import torch
+
+from shards.storage import filesystem, is_local, join
+
+DS_TAG = "ds"
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The complete fp32 state dict on every rank (ZeRO-3 gathers partitioned parameters; all ranks must call)."""
+    module = engine.module
+
+    def copy():
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return copy()
+    return copy()
+
+
+def write_model_dir(path: str, state: dict, config_yaml: str, meta: dict) -> None:
+    os.makedirs(path, exist_ok=True)
+    torch.save(state, os.path.join(path, "model.pt"))
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_model_state(url: str) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint directory (local or remote) or a model.pt file, with ``weights_only``."""
+    target = url if url.endswith(".pt") else join(url, "model.pt")
+    with fsspec.open(target, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def read_text(url: str) -> str:
+    with fsspec.open(url, "r") as f:
+        return f.read()
+
+
+class RunOutputs:
+    """``<storage_path>/<run_name>/`` on any fsspec storage; writes go through a local staging dir when remote."""
+
+    def __init__(self, storage_path: str, run_name: str):
+        self.url = join(storage_path, run_name)
+        self.fs, self.root = filesystem(self.url)
+        self.local = self.root if is_local(self.fs) else tempfile.mkdtemp(prefix="tbps-run-")
+        os.makedirs(self.local, exist_ok=True)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.local, *parts)
+
+    def sync(self, *parts: str) -> None:
+        """Upload a staged file or directory to remote storage (no-op when storage is local)."""
+        if is_local(self.fs):
+            return
+        src = self.path(*parts)
+        dst = "/".join([self.root, *parts])
+        if os.path.isdir(src):
+            self.fs.put(src.rstrip("/") + "/", dst, recursive=True)
+        elif os.path.exists(src):
+            self.fs.put(src, dst)
+
+    def write_json(self, name: str, data) -> None:
+        tmp = self.path(name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self.path(name))
+        self.sync(name)
+
+    def replace_dir(self, name: str, build) -> None:
+        """Build a directory in staging, swap it in, upload it."""
+        tmp = self.path(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(self.path(name), ignore_errors=True)
+        os.replace(tmp, self.path(name))
+        self.sync(name)

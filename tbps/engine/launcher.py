@@ -1,0 +1,114 @@
+"""Builds and runs the Ray Train (V2) TorchTrainer: pre-flight checks on the driver, Ray start/connect, fit."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tbps.config import Config, ConfigError, to_dict
+
+FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
+
+
+def preflight(cfg: Config) -> dict:
+    """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
+    from shards.storage import filesystem
+    from tbps.data import assign_shards, batches_per_epoch, load_manifest
+    from tbps.data.stream import split_shards
+    from tbps.methods import METHODS
+    from tbps.engine.worker import tokenizer_path
+
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {cfg.method.name!r}; valid: {', '.join(sorted(METHODS))}")
+    supported = METHODS[cfg.method.name].supported_losses
+    for term in cfg.method.losses:
+        if term.name not in supported:
+            raise ConfigError(f"method.losses: {cfg.method.name} has no loss {term.name!r}; valid: "
+                              f"{', '.join(supported)}")
+    if not 0 <= cfg.train.zero_stage <= 3:
+        raise ConfigError(f"train.zero_stage must be 0-3, got {cfg.train.zero_stage}")
+    if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.num_workers < 1:
+        raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
+    if not cfg.data.url:
+        raise ConfigError("data.url is empty: give the dataset URL (a shards directory or s3://bucket/prefix); "
+                          "run `python -m tbps.train` with no arguments for the built-in demo")
+    try:
+        manifest = load_manifest(cfg.data.url)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"data.url: {e}") from None
+    for key in ("train_split", "val_split", "test_split"):
+        split = getattr(cfg.data, key)
+        if split not in manifest["splits"]:
+            hint = " (this dataset has no val split: choose one explicitly; selecting on test inflates results)" \
+                if key == "val_split" else ""
+            raise ConfigError(f"data.{key}: split {split!r} not in {cfg.data.url} (has "
+                              f"{', '.join(manifest['splits'])}){hint}")
+    shards = split_shards(manifest, cfg.data.train_split)
+    workers = max(1, cfg.data.loader_workers)
+    if batches_per_epoch(assign_shards(shards, cfg.train.num_workers, workers, 0, cfg.data.seed),
+                         cfg.data.batch_size) == 0:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.num_workers} workers x {workers} "
+                          f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
+    for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.image_pretrained", cfg.model.image_pretrained),
+                     ("model.text_pretrained", cfg.model.text_pretrained)):
+        if url:
+            fs, path = filesystem(url)
+            if not fs.exists(path):
+                raise ConfigError(f"{key}: {url} does not exist")
+    return manifest
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to a running cluster (train.ray_address / RAY_ADDRESS / inside `ray job submit`) or start a local Ray
+    with the dashboard bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
+    num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+
+
+def storage_path(cfg: Config) -> str:
+    p = cfg.train.storage_path
+    return p if "://" in p else os.path.abspath(os.path.expanduser(p))
+
+
+def build_trainer(cfg: Config):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tbps.engine.worker import train_loop_per_worker
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+
+
+def fit(cfg: Config):
+    """Validate, connect/start Ray, train. Returns Ray's Result (metrics = the final test report)."""
+    cfg.train.storage_path = storage_path(cfg)
+    preflight(cfg)
+    ensure_ray(cfg)
+    print(f"[tbps] run {cfg.train.run_name!r}: outputs and checkpoints under {cfg.train.storage_path}/"
+          f"{cfg.train.run_name}", file=sys.stderr)
+    return build_trainer(cfg).fit()

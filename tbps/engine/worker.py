@@ -1,0 +1,232 @@
+"""The per-worker training loop (runs inside each Ray Train worker): DeepSpeed engine, streaming loaders,
+per-iteration schedule, evaluation on val every N epochs, checkpoints reported to Ray, final test evaluation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from tbps.config import Config, dump_yaml, from_dict
+from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
+from tbps.distributed import world
+from tbps.eval import evaluate
+from tbps.methods import TextSpec, build_method
+from tbps.optim import build_optimizer, build_scheduler
+
+from .checkpoint import DS_TAG, RunOutputs, full_state_dict, load_model_state, write_model_dir
+
+
+def tokenizer_path(cfg: Config) -> str:
+    from shards.storage import join
+
+    return cfg.data.tokenizer or join(cfg.data.url, "tokenizer")
+
+
+def resolve_precision(cfg: Config) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if cfg.train.use_gpu else "fp32"
+    return p
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON, built from the config (never a module global)."""
+    precision = resolve_precision(cfg)
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def _to_device(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and dtype is not None:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _maybe_inject_fault(rank: int, epoch: int, step: int) -> None:
+    """Fault-injection hook for the fault-tolerance test: TBPS_FAULT_KILL="rank:epoch:step" kills this worker
+    process (SIGKILL, no clean-up) once; TBPS_FAULT_MARKER names the file that records it happened."""
+    spec = os.environ.get("TBPS_FAULT_KILL")
+    marker = os.environ.get("TBPS_FAULT_MARKER")
+    if not spec or not marker or os.path.exists(marker):
+        return
+    r, e, s = (int(x) for x in spec.split(":"))
+    if (rank, epoch, step) == (r, e, s):
+        with open(marker, "w") as f:
+            f.write(f"killed rank {rank} pid {os.getpid()} at epoch {epoch} step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if world()[1] == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world()[1] for k, v in zip(keys, t)}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import warnings
+
+    import deepspeed
+    import ray.train
+
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+    cfg: Config = from_dict(Config, loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    tok = load_tokenizer(tokenizer_path(cfg))
+    manifest = load_manifest(cfg.data.url)
+    text = TextSpec.from_tokenizer(tok, cfg.data.text_length)
+    method = build_method(cfg, text, manifest["num_train_ids"])
+    train_loader = build_train_loader(cfg.data, tok, method.data_needs(), rank, world_size, manifest)
+    batches = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        batches = min(batches, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
+    steps_per_epoch = max(1, batches // cfg.train.grad_accum)
+    optimizer = build_optimizer(method, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg))
+    precision = resolve_precision(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = dtype if cfg.train.use_gpu else None
+    eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)  # plain copy: no ZeRO collectives
+    outputs = RunOutputs(cfg.train.storage_path, cfg.train.run_name)
+    config_yaml = dump_yaml(cfg)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(outputs.path("tensorboard"))
+        with open(outputs.path("config.yaml"), "w") as f:
+            f.write(config_yaml)
+        outputs.sync("config.yaml")
+
+    def run_eval(split: str, state: dict) -> dict:
+        eval_model.load_state_dict(state)
+        loader = build_eval_loader(cfg.data, tok, split, cfg.eval.batch_size, rank, world_size, manifest)
+        return evaluate(eval_model, loader, device, cfg.eval.query_chunk, autocast)
+
+    # ---------------------------------------------------------------------------------------- resume
+    start_epoch, global_step, best, best_epoch, history = 0, 0, -1.0, -1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=DS_TAG)
+        start_epoch, global_step = client["epoch"] + 1, client["step"]
+        best, best_epoch, history = client["best"], client["best_epoch"], client["history"]
+        log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {global_step})")
+    metric = "R1"
+    last_epoch = cfg.train.epochs - 1
+    log(f"[tbps] {cfg.method.name}: {sum(p.numel() for p in method.parameters()) / 1e6:.2f}M parameters, "
+        f"{world_size} worker(s) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}, "
+        f"{steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, {precision}")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        engine.train()
+        sums, n, seen, t0 = defaultdict(float), 0, 0, time.time()
+        for i, batch in enumerate(train_loader):
+            if i >= batches:
+                break
+            batch = _to_device(batch, device, dtype)
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()  # applies the optimizer and the lr schedule at accumulation boundaries
+            global_step = engine.global_steps
+            out = {k: v.detach() for k, v in out.items()}
+            for k, v in out.items():
+                sums[k] += float(v)
+            n += 1
+            seen += len(batch["pids"]) * world_size
+            _maybe_inject_fault(rank, epoch, i)
+            if rank == 0 and (i % cfg.train.log_every == 0 or i == batches - 1):
+                rate = seen / max(time.time() - t0, 1e-9)
+                parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
+                log(f"[tbps] epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{batches} loss "
+                    f"{float(out['loss']):.4f} ({parts}) lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} samples/s")
+        train = _mean_across_ranks({k: v / max(n, 1) for k, v in sums.items()})
+        metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": seen / max(time.time() - t0, 1e-9),
+                   **{f"train_{k}": v for k, v in train.items()}}
+        state = full_state_dict(engine, cfg.train.zero_stage)
+        is_best = False
+        evaluate_now = (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or epoch == last_epoch
+        if evaluate_now:
+            val = run_eval(cfg.data.val_split, state)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            log(f"[tbps] epoch {epoch + 1} val ({cfg.data.val_split}): R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
+                f"R10 {val['R10']:.2f} mAP {val['mAP']:.2f} mINP {val['mINP']:.2f} (chance R1 "
+                f"{val['chance_R1']:.2f})")
+            if val[metric] > best:
+                best, best_epoch, is_best = val[metric], epoch + 1, True
+        metrics.update({"best_val_R1": best, "best_epoch": best_epoch})
+        history.append({k: v for k, v in metrics.items()})
+        meta = {"epoch": epoch + 1, "step": global_step, "metrics": metrics, "method": cfg.method.name}
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
+                "epoch": epoch, "step": global_step, "best": best, "best_epoch": best_epoch, "history": history})
+            if rank == 0:
+                write_model_dir(tmp, state, config_yaml, meta)
+                if is_best:
+                    outputs.replace_dir("best", lambda p: write_model_dir(p, state, config_yaml, meta))
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(k.replace("_", "/", 1), v, global_step)
+                writer.flush()
+                outputs.sync("tensorboard")
+                outputs.write_json("metrics.json", {"run": cfg.train.run_name, "history": history,
+                                                    "best_val": {"epoch": best_epoch, metric: best}})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # -------------------------------------------------------------------------------------- final test
+    if best_epoch < 0:
+        raise RuntimeError("no validation result: set train.eval_every or train.epochs so val runs at least once")
+    if world_size > 1:
+        dist.barrier()  # rank 0 has published best/ before its last report; make sure before everyone reads it
+    best_state = load_model_state(outputs.url + "/best" if "://" in outputs.url else os.path.join(outputs.url, "best"))
+    test = run_eval(cfg.data.test_split, best_state)
+    log(f"[tbps] test ({cfg.data.test_split}) with the best val checkpoint (epoch {best_epoch}): "
+        f"R1 {test['R1']:.2f} R5 {test['R5']:.2f} R10 {test['R10']:.2f} mAP {test['mAP']:.2f} "
+        f"mINP {test['mINP']:.2f} (chance R1 {test['chance_R1']:.2f})")
+    final = {"epoch": cfg.train.epochs, "step": global_step, "best_val_R1": best, "best_epoch": best_epoch,
+             **{f"test_{k}": v for k, v in test.items()}}
+    best_val = next((h for h in history if h["epoch"] == best_epoch), {})
+    final.update({k: v for k, v in best_val.items() if k.startswith("val_")})
+    if rank == 0:
+        outputs.write_json("metrics.json", {"run": cfg.train.run_name, "history": history,
+                                            "best_val": {"epoch": best_epoch, metric: best},
+                                            "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
+                                            "test": test})
+        for k, v in test.items():
+            writer.add_scalar(f"test/{k}", v, global_step)
+        writer.close()
+        outputs.sync("tensorboard")
+    ray.train.report(final)

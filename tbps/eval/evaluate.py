@@ -1,0 +1,89 @@
+"""The evaluation pass: embed the gallery (each image once) and the queries (every caption) across ranks, then
+rank each rank's own queries against the whole gallery and reduce the metric sums. No rank idles while another
+works, and no rank holds the full Q x G score matrix."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from tbps.distributed import world
+
+from .metrics import KS, chance_level, chunk_stats, finish
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed(model, loader, device="cpu", autocast_dtype=None) -> dict[str, torch.Tensor]:
+    """This rank's gallery and query embeddings with their pids and global indices."""
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx")}
+    for batch in loader:
+        batch = _to(batch, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            parts["img"].append(model.encode_image(batch["images"]).float())
+            parts["txt"].append(model.encode_text(batch["text_ids"], batch["text_mask"]).float())
+        parts["img_pid"].append(batch["image_pids"])
+        parts["img_idx"].append(batch["image_index"])
+        parts["txt_pid"].append(batch["text_pids"])
+        parts["txt_idx"].append(batch["text_index"])
+    return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+
+
+def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' gallery embeddings, ordered by global image index (the tie-break order)."""
+    rank, size = world()
+    emb, pid, idx = local["img"], local["img_pid"], local["img_idx"]
+    if size > 1:
+        objs = [None] * size
+        dist.all_gather_object(objs, (emb.cpu(), pid.cpu(), idx.cpu()))
+        emb = torch.cat([o[0] for o in objs if len(o[0])]).to(local["img"].device)
+        pid = torch.cat([o[1] for o in objs if len(o[1])])
+        idx = torch.cat([o[2] for o in objs if len(o[2])])
+    order = idx.argsort()
+    return emb[order], pid[order].to(emb.device)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None) -> dict[str, float]:
+    """R1/R5/R10/mAP/mINP (+ chance R1 and timing) of ``model`` on the split behind ``loader`` (this rank's part).
+    Every rank must call it; with one process it is the plain single-process evaluation."""
+    start = time.time()
+    local = embed(model, loader, device, autocast_dtype)
+    gallery, gallery_pids = _gather_gallery(local)
+    queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
+    stats = torch.zeros(len(KS) + 4, dtype=torch.float64, device=gallery.device)
+    for s in range(0, len(queries), chunk):
+        sim = model.similarity(queries[s:s + chunk], gallery).float()
+        stats += chunk_stats(sim, query_pids[s:s + chunk], gallery_pids)
+    all_qpids = query_pids.cpu()
+    if world()[1] > 1:
+        dist.all_reduce(stats)
+        objs = [None] * world()[1]
+        dist.all_gather_object(objs, all_qpids)
+        all_qpids = torch.cat(objs)
+    out = finish(stats)
+    out["chance_R1"] = chance_level(all_qpids, gallery_pids.cpu(), 1)
+    out["queries"] = int(stats[len(KS) + 3])
+    out["gallery"] = len(gallery)
+    out["eval_seconds"] = time.time() - start
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], chance: bool = True) -> str:
+    """A metrics table: one row per split/model name."""
+    cols = ["R1", "R5", "R10", "mAP", "mINP"]
+    head = f"{'':<14}" + "".join(f"{c:>8}" for c in cols) + (f"{'chance R1':>11}" if chance else "")
+    lines = [head]
+    for name, m in rows.items():
+        line = f"{name:<14}" + "".join(f"{m.get(c, float('nan')):>8.2f}" for c in cols)
+        if chance and "chance_R1" in m:
+            line += f"{m['chance_R1']:>11.2f}"
+        lines.append(line)
+    return "\n".join(lines)

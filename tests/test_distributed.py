@@ -1,0 +1,73 @@
+"""Global negatives: 2 ranks x batch B give the loss (and gradients) of 1 process x batch 2B on the same samples."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_port
+
+B = 6
+
+
+def _setup(name, url):
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.methods import TextSpec, build_method
+
+    losses = {"clip": "[{name: itc, weight: 1}]", "irra": "[{name: sdm, weight: 1}, {name: id, weight: 1}]",
+              "ivt": "[{name: cmpm, weight: 1}]"}[name]
+    cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
+                                       f"method.losses={losses}", "method.mask_ratio=0.0"])
+    tok = load_tokenizer(os.path.join(url, "tokenizer"))
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
+    batch = next(iter(build_train_loader(cfg.data, tok, method.data_needs())))
+    return method, batch
+
+
+def _slice(batch, lo, hi):
+    return {k: v[lo:hi] if torch.is_tensor(v) else v[lo:hi] for k, v in batch.items()}
+
+
+def _rank_main(rank, name, url, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        method, batch = _setup(name, url)
+        loss = method(_slice(batch, rank * B, (rank + 1) * B))["loss"]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
+        dist.all_reduce(grads)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0:
+            torch.save({"loss": mean_loss / 2, "grad": grads / 2}, os.path.join(out_dir, "dist.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["clip", "irra", "ivt"])
+def test_two_ranks_equal_one_rank_with_double_batch(name, synth_tiny, tmp_path):
+    mp.spawn(_rank_main, args=(name, synth_tiny, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "dist.pt")
+    method, batch = _setup(name, synth_tiny)
+    loss = method(batch)["loss"]
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
+    assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    diff = (got["grad"] - grads).abs().max().item()
+    assert diff < 1e-4 * grads.abs().max().item(), f"max grad difference {diff}"
+
+
+def test_without_gather_ranks_see_only_local_negatives(synth_tiny):
+    """The switch matters: local-only ITC on half batches differs from the global loss."""
+    method, batch = _setup("clip", synth_tiny)
+    with torch.no_grad():
+        full = method(batch)["loss"]
+        halves = (method(_slice(batch, 0, B))["loss"] + method(_slice(batch, B, 2 * B))["loss"]) / 2
+    assert not torch.allclose(full, halves)
