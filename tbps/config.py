@@ -278,7 +278,8 @@ def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = N
     return from_dict(Config, tree)
 
 
-_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.I)
+# whole words of a key name ("aws_secret_access_key", "token"), not substrings ("tokenizer")
+_SECRET = re.compile(r"(^|_)(secret|password|passwd|token|credentials?|access_key|private_key|api_key)(_|$)", re.I)
 _URL_CREDS = re.compile(r"(://)([^/@:]+):([^/@]+)@")
 
 

@@ -64,15 +64,15 @@ def _to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
-def _maybe_inject_fault(rank: int, epoch: int, step: int) -> None:
-    """Fault-injection hook for the fault-tolerance test: TBPS_FAULT_KILL="rank:epoch:step" kills this worker
+def _maybe_inject_fault(run: str, rank: int, epoch: int, step: int) -> None:
+    """Fault-injection hook for the fault-tolerance test: TBPS_FAULT_KILL="run:rank:epoch:step" kills this worker
     process (SIGKILL, no clean-up) once; TBPS_FAULT_MARKER names the file that records it happened."""
     spec = os.environ.get("TBPS_FAULT_KILL")
     marker = os.environ.get("TBPS_FAULT_MARKER")
     if not spec or not marker or os.path.exists(marker):
         return
-    r, e, s = (int(x) for x in spec.split(":"))
-    if (rank, epoch, step) == (r, e, s):
+    name, r, e, s = spec.rsplit(":", 3)
+    if (name, int(r), int(e), int(s)) == (run, rank, epoch, step):
         with open(marker, "w") as f:
             f.write(f"killed rank {rank} pid {os.getpid()} at epoch {epoch} step {step}\n")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -95,6 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     cfg: Config = from_dict(Config, loop_config["config"])
+    cfg.data.tokenizer = tokenizer_path(cfg)  # saved explicitly, so checkpoints stay usable with other data URLs
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
@@ -166,7 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 sums[k] += float(v)
             n += 1
             seen += len(batch["pids"]) * world_size
-            _maybe_inject_fault(rank, epoch, i)
+            _maybe_inject_fault(cfg.train.run_name, rank, epoch, i)
             if rank == 0 and (i % cfg.train.log_every == 0 or i == batches - 1):
                 rate = seen / max(time.time() - t0, 1e-9)
                 parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
@@ -189,7 +190,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 best, best_epoch, is_best = val[metric], epoch + 1, True
         metrics.update({"best_val_R1": best, "best_epoch": best_epoch})
         history.append({k: v for k, v in metrics.items()})
-        meta = {"epoch": epoch + 1, "step": global_step, "metrics": metrics, "method": cfg.method.name}
+        meta = {"epoch": epoch + 1, "step": global_step, "metrics": metrics, "method": cfg.method.name,
+                "num_classes": manifest["num_train_ids"]}
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": global_step, "best": best, "best_epoch": best_epoch, "history": history})

@@ -1,0 +1,67 @@
+"""Config: presets, overrides, unknown keys/types; bad configs fail before any worker starts; redaction."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from tbps.config import ConfigError, dump_yaml, load_config
+from tbps.train import main as train_main
+
+
+def test_presets_load_and_overrides_apply():
+    for name in ("clip", "clip_tiny", "irra", "irra_tiny", "ivt", "ivt_tiny", "pcc", "pcc_tiny"):
+        cfg = load_config(name)
+        assert cfg.method.name == name.split("_")[0]
+    cfg = load_config("irra_tiny", ["method.temperature=0.05", "optim.lr=1e-3", "method.losses=[{name: sdm}]"])
+    assert cfg.method.temperature == 0.05 and cfg.optim.lr == 1e-3
+    assert [t.name for t in cfg.method.losses] == ["sdm"] and cfg.method.losses[0].weight == 1.0
+    assert cfg.model.embed_dim == 128 and cfg.model.text_layers == 2  # irra_tiny inherits irra, overrides sizes
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.temprature=0.1", "unknown config key method.temprature"),
+    ("train.epochs=many", "train.epochs: expected an integer"),
+    ("data.flip=yes please", "data.flip: expected a number"),
+    ("nonsense", "is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("irra_tiny", [override])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.epoch=3"], "unknown config key train.epoch"),
+    (["method.name=vilt"], "unknown method 'vilt'"),
+    (["data.url=/nonexistent/dataset"], "data.url: no manifest.json at /nonexistent/dataset"),
+    (["model.image_pretrained=/nonexistent/vit.safetensors"], "model.image_pretrained: /nonexistent/vit.safetensors"),
+    (["data.val_split=dev"], "data.val_split: split 'dev' not in"),
+    (["data.batch_size=4096"], "leaves no full batch"),
+])
+def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, capsys):
+    import ray
+
+    base = [f"data.url={synth_tiny}"] if not any(a.startswith("data.url=") for a in args) else []
+    assert train_main(["--config", "irra_tiny", *base, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_saved_config_redacts_credentials():
+    cfg = load_config("irra_tiny", ["data.url=s3://AKIAXXXX:supersecret@bucket/data"])
+    text = dump_yaml(cfg)
+    assert "supersecret" not in text and "AKIAXXXX" not in text
+    assert yaml.safe_load(text)["data"]["url"] == "s3://***:***@bucket/data"
+    from tbps.config import redact
+
+    tree = redact({"aws_secret_access_key": "abc", "api_token": "t", "tokenizer": "/tok", "password": ""})
+    assert tree == {"aws_secret_access_key": "***", "api_token": "***", "tokenizer": "/tok", "password": ""}
+
+
+def test_every_preset_file_is_valid_yaml():
+    from tbps.config import PRESET_DIR
+
+    for f in os.listdir(PRESET_DIR):
+        assert isinstance(yaml.safe_load(open(os.path.join(PRESET_DIR, f))), dict), f
