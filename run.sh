@@ -31,7 +31,8 @@ case "$cmd" in
   setup) setup ;;
   demo)
     setup
-    exec "$VENV/bin/python" -m tbps.demo "$@" ;;
+    export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # throwaway local cluster
+    exec "$VENV/bin/python" -m tbps.train "$@" ;;
   test)
     setup
     exec "$VENV/bin/python" -m pytest "$@" ;;

@@ -49,7 +49,7 @@ SLOT_NAMES = list(SLOTS)
 
 SIZES = {  # identities per split and images per identity
     "tiny": dict(train=40, val=12, test=12, images_per_id=3),
-    "demo": dict(train=500, val=60, test=100, images_per_id=4),
+    "demo": dict(train=500, val=60, test=300, images_per_id=4),
     "cuhk": dict(train=11003, val=1000, test=1000, images_per_id=3),
 }
 IMAGE_SIZE = (64, 192)  # (width, height) as drawn; the loader resizes to the configured input size

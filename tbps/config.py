@@ -77,7 +77,9 @@ class ModelConfig:
     image_overrides: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (depth, embed_dim..)
     image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
     patch_stride: int = 0  # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
+    image_pool: str = "cls"  # global image feature: cls (the papers) | mean (of patch tokens; faster from scratch)
     text_tower: str = "clip"  # clip | bert (transformers architectures)
+    text_pool: str = "eot"  # global text feature: eot (last real token, the papers) | mean (of real tokens)
     text_pretrained: str = ""  # local dir or s3:// URL of a transformers checkpoint ("" = random init)
     text_width: int = 512
     text_layers: int = 12

@@ -1,7 +1,6 @@
-"""The embedded demo: generate (once) a SynthPEDES demo set in a local cache and summarise it.
+"""The embedded demo's data: a SynthPEDES demo set (+ tokenizer) generated once into a local cache.
 
-Issue #4 turns this into ``python -m tbps.train`` with no arguments (train, evaluate, print the metrics table);
-until then the demo stops after the data stage, saying so.
+``python -m tbps.train`` with no arguments uses it; ``python -m tbps.demo`` only prepares and summarises it.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     url = demo_dataset()
     print(summarize(load_manifest(url)))
     print(f"dataset: {url}\ntokenizer: {os.path.join(url, 'tokenizer')}")
-    print("training is not wired up yet (issue #4): the demo stops after the data stage.")
+    print("train on it with: python -m tbps.train")
     return 0
 
 

@@ -97,11 +97,21 @@ def _seed_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def _decode_image(sample: dict) -> Image.Image:
+def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to RGB. A JPEG at least twice the target size is decoded directly at a reduced scale (libjpeg's DCT
+    scaling via ``draft``), which is several times cheaper than a full decode followed by a downscale."""
+    with Image.open(io.BytesIO(data)) as im:
+        if target_hw and im.format == "JPEG":
+            h, w = target_hw
+            if im.width >= 2 * w and im.height >= 2 * h:
+                im.draft("RGB", (w, h))
+        return im.convert("RGB")
+
+
+def _decode_image(sample: dict, target_hw: tuple[int, int] | None = None) -> Image.Image:
     for k in IMAGE_KEYS:
         if k in sample:
-            with Image.open(io.BytesIO(sample[k])) as im:
-                return im.convert("RGB")
+            return decode_image(sample[k], target_hw)
     raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
 
 
@@ -131,7 +141,7 @@ class ShardStream(IterableDataset):
     # -- per sample (runs in the loader worker)
     def _sample(self, sample: dict, rng: random.Random) -> dict:
         meta = json.loads(sample["json"])
-        img = _decode_image(sample)
+        img = _decode_image(sample, tuple(self.cfg.image_size))
         views = [self.transform(img) for _ in range(self.needs.views)]
         caption = rng.choice(meta["captions"])
         out = {"image": views[0] if len(views) == 1 else torch.stack(views), "caption": caption,
@@ -266,7 +276,7 @@ class EvalStream(IterableDataset):
         images, pids, index, captions, cpids, cindex = [], [], [], [], [], []
         for i, sample in chunk:
             meta = json.loads(sample["json"])
-            images.append(self.transform(_decode_image(sample)))
+            images.append(self.transform(_decode_image(sample, tuple(self.cfg.image_size))))
             pids.append(meta["pid"])
             index.append(i)
             for j, cap in enumerate(meta["captions"]):

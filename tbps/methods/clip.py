@@ -8,7 +8,7 @@ from torch import nn
 from tbps import losses as L
 
 from .base import Method, register
-from .towers import build_towers
+from .towers import build_towers, image_global, text_global
 
 
 @register("clip")
@@ -23,10 +23,10 @@ class CLIP(Method):
             self.classifier = nn.Linear(cfg.model.embed_dim, num_classes)
 
     def encode_image(self, images):
-        return self.image_proj(self.image_tower(images)[:, 0])
+        return image_global(self, self.image_proj(self.image_tower(images)))
 
     def encode_text(self, ids, mask):
-        return self.text_proj(self.text_tower.eot_feature(self.text_tower(ids, mask), mask))
+        return self.text_proj(text_global(self, self.text_tower(ids, mask), mask))
 
     def losses(self, batch):
         v = self.encode_image(batch["images"])

@@ -14,7 +14,7 @@ from tbps import losses as L
 from tbps.data.stream import DataNeeds
 
 from .base import Method, register
-from .towers import build_towers
+from .towers import build_towers, image_global, text_global
 
 
 class CrossModalEncoder(nn.Module):
@@ -60,14 +60,14 @@ class IRRA(Method):
         return self.image_proj(self.image_tower(images))
 
     def encode_image(self, images):
-        return self._image_tokens(images)[:, 0]
+        return image_global(self, self._image_tokens(images))
 
     def encode_text(self, ids, mask):
-        return self.text_proj(self.text_tower.eot_feature(self.text_tower(ids, mask), mask))
+        return self.text_proj(text_global(self, self.text_tower(ids, mask), mask))
 
     def losses(self, batch):
         image_tokens = self._image_tokens(batch["images"])
-        v = image_tokens[:, 0]
+        v = image_global(self, image_tokens)
         t = self.encode_text(batch["text_ids"], batch["text_mask"])
         out = {}
         for kind in ("sdm", "itc"):

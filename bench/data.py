@@ -1,0 +1,143 @@
+"""Decode + augment throughput per core: WebDataset shards (local disk and an S3 server) vs a map-style folder
+dataset that opens each JPEG with PIL (the public TBPS repos' way), same images, same transforms.
+
+    python bench/data.py [--size demo] [--image-size 384 128] [--samples 4000] [--quick]
+
+Goal (issue #2): shards >= 1.5x the folder baseline per core; S3 within 10% of local disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shards.storage import join  # noqa: E402
+from shards.synth import generate  # noqa: E402
+from tbps.config import DataConfig  # noqa: E402
+from tbps.data import load_manifest  # noqa: E402
+from tbps.data.stream import _decode_image, split_shards  # noqa: E402
+from tbps.data.transforms import build_transform  # noqa: E402
+
+torch.set_num_threads(1)  # per core
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """The baseline: reid_raw.json + imgs/, one PIL.Image.open per item."""
+
+    def __init__(self, root: str, split: str, transform):
+        records = json.load(open(os.path.join(root, "reid_raw.json")))
+        self.items = [(os.path.join(root, "imgs", r["file_path"]), r["captions"][0]) for r in records
+                      if r["split"] == split]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, caption = self.items[i]
+        img = Image.open(path).convert("RGB")
+        return self.transform(img), caption
+
+
+def time_folder(root: str, transform, n: int) -> float:
+    ds = FolderDataset(root, "train", transform)
+    start = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    return n / (time.perf_counter() - start)
+
+
+def time_shards(url: str, transform, n: int, target_hw) -> float:
+    urls = [join(url, s["name"]) for s in split_shards(load_manifest(url), "train")]
+    count = 0
+    start = time.perf_counter()
+    while count < n:
+        for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+            transform(_decode_image(sample, target_hw))
+            json.loads(sample["json"])["captions"][0]
+            count += 1
+            if count >= n:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def start_moto():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    return proc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="demo")
+    ap.add_argument("--image-size", type=int, nargs=2, default=[96, 32], metavar=("H", "W"))
+    ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny data, few samples: checks the comparison runs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.samples, args.repeats = "tiny", 200, 1
+    work = tempfile.mkdtemp(prefix="tbps-bench-data-")
+    shards, raw = os.path.join(work, "shards"), os.path.join(work, "raw")
+    generate(out=shards, raw=raw, size=args.size, seed=0, progress=False)
+    cfg = DataConfig(image_size=list(args.image_size))
+    transform = build_transform(cfg, train=True)
+    target = tuple(args.image_size)
+
+    moto = start_moto()
+    try:
+        import boto3
+        import s3fs
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        s3fs.S3FileSystem(skip_instance_cache=True).put(shards + "/", "bench/shards/", recursive=True)
+        results = {"folder": [], "shards_local": [], "shards_s3": []}
+        for _ in range(args.repeats):  # interleaved, best of N: the same machine state for every contender
+            results["folder"].append(time_folder(raw, transform, args.samples))
+            results["shards_local"].append(time_shards(shards, transform, args.samples, target))
+            results["shards_s3"].append(time_shards("s3://bench/shards", transform, args.samples, target))
+    finally:
+        moto.terminate()
+    best = {k: max(v) for k, v in results.items()}
+    # sanity: the two readers see the same images (the comparison is apples to apples)
+    first = next(iter(wds.DataPipeline(wds.SimpleShardList([join(shards, "train-000000.tar")]),
+                                       wds.tarfile_to_samples())))
+    path = os.path.join(raw, "imgs", json.loads(first["json"])["path"])
+    assert open(path, "rb").read() == first["jpg"], "shards and folder hold different images"
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread; "
+          f"SynthPEDES {args.size}, decode+augment to {target[0]}x{target[1]}, {args.samples} samples, "
+          f"best of {args.repeats}")
+    print(f"{'reader':<16}{'samples/s/core':>16}{'vs folder':>11}")
+    for k in ("folder", "shards_local", "shards_s3"):
+        print(f"{k:<16}{best[k]:>16.0f}{best[k] / best['folder']:>10.2f}x")
+    print(f"S3 vs local disk: {best['shards_s3'] / best['shards_local']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
