@@ -131,8 +131,9 @@ def test_run_survives_worker_kill_resumes_and_evaluates(ray_cluster, synth_tiny,
     assert again["history"][:3] == run["history"]
     fs.invalidate_cache()
     checkpoints = [p for p in fs.ls(f"tbps/runs/{RUN}") if p.rsplit("/", 1)[1].startswith("checkpoint_2")]
-    print("checkpoints kept:", checkpoints)
-    assert 1 <= len(checkpoints) <= 2  # num_to_keep
+    # num_to_keep=2: Ray deletes old checkpoints as new ones register; across the worker restart its checkpoint
+    # manager is rebuilt and may leave one orphaned directory behind (seen intermittently), hence the +1
+    assert 2 <= len(checkpoints) <= 3, checkpoints
 
     best = evaluate_checkpoint(f"s3://tbps/runs/{RUN}/best", split="test")
     assert best["gallery"] == 36 and best["queries"] == 72
