@@ -28,7 +28,7 @@ from shards.storage import join  # noqa: E402
 from shards.synth import generate  # noqa: E402
 from tbps.config import DataConfig  # noqa: E402
 from tbps.data import load_manifest  # noqa: E402
-from tbps.data.stream import _decode_image, split_shards  # noqa: E402
+from tbps.data.stream import _decode_image, shard_samples, split_shards  # noqa: E402
 from tbps.data.transforms import build_transform  # noqa: E402
 
 torch.set_num_threads(1)  # per core
@@ -65,7 +65,7 @@ def time_shards(url: str, transform, n: int, target_hw) -> float:
     count = 0
     start = time.perf_counter()
     while count < n:
-        for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        for sample in shard_samples(urls):  # the training pipeline's reader (prefetching, draft decode)
             transform(_decode_image(sample, target_hw))
             json.loads(sample["json"])["captions"][0]
             count += 1

@@ -14,11 +14,25 @@ wds_gopen = importlib.import_module("webdataset.gopen")
 SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory", "hdfs", "webhdfs")
 
 
+_FS_BY_PROCESS: dict[tuple[int, str], object] = {}
+
+
+def _filesystem(url: str):
+    """One file system per (process, protocol): s3fs instances (and their event loops) are not fork-safe, so a
+    loader worker never reuses the parent's; within a process, creating a client per shard would cost more than
+    reading the shard."""
+    protocol = url.split("://", 1)[0]
+    key = (os.getpid(), protocol)
+    fs = _FS_BY_PROCESS.get(key)
+    if fs is None:
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+        _FS_BY_PROCESS[key] = fs
+    return fs
+
+
 def _fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
-    # A new file system per shard: s3fs instances (and their event loops) are not fork-safe, and loader workers
-    # are forked. skip_instance_cache keeps fsspec from handing back an instance made in the parent process.
-    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
-    return fs.open(path, mode, block_size=8 * 2**20)
+    fs = _filesystem(url)
+    return fs.open(fs._strip_protocol(url), mode, block_size=8 * 2**20)
 
 
 def register_fsspec_gopen() -> None:

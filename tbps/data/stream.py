@@ -15,12 +15,15 @@ import io
 import itertools
 import json
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.storage import MANIFEST, join, read_json
@@ -95,6 +98,36 @@ def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int) -> in
 def _seed_int(*parts) -> int:
     """A stable 63-bit seed from parts (Python's hash() of strings changes per process)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _read_shard(url: str) -> bytes:
+    with wds.gopen(url, "rb") as f:
+        return f.read()
+
+
+def prefetched_shards(urls: list[str], depth: int = 1) -> Iterator[dict]:
+    """``{"url", "stream"}`` per shard, the next ``depth`` shards read on a background thread while the current one
+    is decoded: object-storage latency and transfer overlap with CPU work instead of adding to it."""
+    if not urls:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque((u, pool.submit(_read_shard, u)) for u in urls[: depth + 1])
+        rest = iter(urls[depth + 1:])
+        while pending:
+            url, future = pending.popleft()
+            nxt = next(rest, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_read_shard, nxt)))
+            try:
+                data = future.result()
+            except Exception as e:
+                raise OSError(f"cannot read shard {url}: {type(e).__name__}: {e}") from e
+            yield {"url": url, "stream": io.BytesIO(data)}
+
+
+def shard_samples(urls: list[str]) -> Iterator[dict]:
+    """Samples (dicts of raw fields keyed by extension, plus ``__key__``/``__url__``) of the given shards, in order."""
+    return group_by_keys(tar_file_expander(prefetched_shards(urls)))
 
 
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
@@ -187,7 +220,7 @@ class ShardStream(IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed + 1)  # augmentation draws in this worker
         urls = [join(self.url, s["name"]) for s in mine]
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+        stages = [lambda: shard_samples(urls)]
         if self.train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
         stages += [wds.map(lambda s: self._sample(s, rng)),
@@ -262,7 +295,7 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for shard, offset in self.mine[worker::workers]:
-            samples = wds.DataPipeline(wds.SimpleShardList([join(self.url, shard["name"])]), wds.tarfile_to_samples())
+            samples = shard_samples([join(self.url, shard["name"])])
             chunk = []
             for position, sample in enumerate(samples):
                 chunk.append((offset + position, sample))
