@@ -25,6 +25,9 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# subprocesses (ray CLI, ray job entrypoints) must find this environment's python and ray
+export PATH="$PWD/$VENV/bin:$PATH"
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$cmd" in

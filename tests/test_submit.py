@@ -24,7 +24,9 @@ def test_ray_job_submit_trains_and_writes_metrics(synth_tiny, tmp_path):
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the job's `python` must be this interpreter (CI runs pytest through .venv/bin/python without activating it)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     start = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",

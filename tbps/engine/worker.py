@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -99,7 +100,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    log = print if rank == 0 else (lambda *a, **k: None)
+    def log(message: str) -> None:
+        # Ray Train V2 patches print() in workers to tee into both stdout and the root logger (every line twice in
+        # the driver's output): write the progress line once, directly
+        if rank == 0:
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
+
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     tok = load_tokenizer(tokenizer_path(cfg))
