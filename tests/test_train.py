@@ -137,4 +137,6 @@ def test_run_survives_worker_kill_resumes_and_evaluates(ray_cluster, synth_tiny,
 
     best = evaluate_checkpoint(f"s3://tbps/runs/{RUN}/best", split="test")
     assert best["gallery"] == 36 and best["queries"] == 72
-    assert best["R1"] == pytest.approx(again["test"]["R1"]) or again["best_val"]["epoch"] == 4
+    # one process over best/ reproduces the run's distributed (2-rank) test evaluation exactly
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert best[k] == pytest.approx(again["test"][k], abs=1e-9), k
