@@ -120,6 +120,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     grad_accum: int = 1
     eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
+    select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 1  # worker failures survived (restart from the last checkpoint)
     log_every: int = 20  # steps between progress lines

@@ -7,6 +7,7 @@ import sys
 
 from tbps.config import Config, ConfigError, to_dict
 
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
 
 
@@ -29,6 +30,8 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"train.zero_stage must be 0-3, got {cfg.train.zero_stage}")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.select_metric not in METRICS:
+        raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
     if not cfg.data.url:
@@ -83,7 +86,7 @@ def storage_path(cfg: Config) -> str:
     return p if "://" in p else os.path.abspath(os.path.expanduser(p))
 
 
-def build_trainer(cfg: Config):
+def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -100,7 +103,8 @@ def build_trainer(cfg: Config):
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=callbacks),
     )
 
 

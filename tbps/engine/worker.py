@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, global_step = client["epoch"] + 1, client["step"]
         best, best_epoch, history = client["best"], client["best_epoch"], client["history"]
         log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {global_step})")
-    metric = "R1"
+    metric = cfg.train.select_metric
     last_epoch = cfg.train.epochs - 1
     log(f"[tbps] {cfg.method.name}: {sum(p.numel() for p in method.parameters()) / 1e6:.2f}M parameters, "
         f"{world_size} worker(s) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}, "
@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"{val['chance_R1']:.2f})")
             if val[metric] > best:
                 best, best_epoch, is_best = val[metric], epoch + 1, True
-        metrics.update({"best_val_R1": best, "best_epoch": best_epoch})
+        metrics.update({f"best_val_{metric}": best, "best_epoch": best_epoch})
         history.append({k: v for k, v in metrics.items()})
         meta = {"epoch": epoch + 1, "step": global_step, "metrics": metrics, "method": cfg.method.name,
                 "num_classes": manifest["num_train_ids"]}
@@ -225,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log(f"[tbps] test ({cfg.data.test_split}) with the best val checkpoint (epoch {best_epoch}): "
         f"R1 {test['R1']:.2f} R5 {test['R5']:.2f} R10 {test['R10']:.2f} mAP {test['mAP']:.2f} "
         f"mINP {test['mINP']:.2f} (chance R1 {test['chance_R1']:.2f})")
-    final = {"epoch": cfg.train.epochs, "step": global_step, "best_val_R1": best, "best_epoch": best_epoch,
+    final = {"epoch": cfg.train.epochs, "step": global_step, f"best_val_{metric}": best, "best_epoch": best_epoch,
              **{f"test_{k}": v for k, v in test.items()}}
     best_val = next((h for h in history if h["epoch"] == best_epoch), {})
     final.update({k: v for k, v in best_val.items() if k.startswith("val_")})

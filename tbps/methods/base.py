@@ -51,6 +51,18 @@ class Method(nn.Module):
     name = "base"
     supported_losses: tuple[str, ...] = ()
     backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
+    # method.* config fields this method reads, each mapped to the loss it needs ("" = always read). Sweeps use
+    # this to give a method only the parameters it has (a conditional search space).
+    method_fields: dict[str, str] = {}
+
+    @classmethod
+    def hyperparameters(cls, losses) -> set[str]:
+        """The method.* fields that change this method's training with these loss terms (names or LossTerms)."""
+        names = {getattr(t, "name", t) for t in losses}
+        fields = {"gather"} if names & {"sdm", "itc", "cmpm"} else set()
+        if names & {"sdm", "itc"}:  # the contrastive temperature (cmpm and cmr have none)
+            fields |= {"temperature", "learnable_temperature"}
+        return fields | {f for f, loss in cls.method_fields.items() if not loss or loss in names}
 
     def __init__(self, cfg, text: TextSpec, num_classes: int):
         super().__init__()

@@ -43,6 +43,7 @@ class CrossModalEncoder(nn.Module):
 class IRRA(Method):
     supported_losses = ("sdm", "itc", "mlm", "id")
     backbone_prefixes = ("image_tower.", "text_tower.")
+    method_fields = {"mask_ratio": "mlm", "cross_layers": "mlm", "cross_heads": "mlm"}
 
     def __init__(self, cfg, text, num_classes):
         super().__init__(cfg, text, num_classes)

@@ -22,6 +22,7 @@ from .base import Method, register
 class IVT(Method):
     supported_losses = ("cmpm", "sdm", "id")
     backbone_prefixes = ("tower.",)
+    method_fields = {"mask_ratio": "", "mla_word_max": ""}
 
     def __init__(self, cfg, text, num_classes):
         super().__init__(cfg, text, num_classes)

@@ -43,6 +43,7 @@ class PartDecoder(nn.Module):
 class PCC(Method):
     supported_losses = ("sdm", "itc", "cmr", "id")
     backbone_prefixes = ("image_tower.", "text_tower.")
+    method_fields = {"num_parts": "", "decoder_layers": "", "part_weight": "", "margin": "cmr", "commonality": "cmr"}
 
     def __init__(self, cfg, text, num_classes):
         super().__init__(cfg, text, num_classes)

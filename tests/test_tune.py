@@ -1,0 +1,217 @@
+"""Sweeps: the conditional space, resource arithmetic, and the smoke sweep end to end on a real local Ray cluster
+(Optuna + ASHA, interrupted and resumed with the same command, its best config trained by tbps.train)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tbps.config import ConfigError
+from tune.space import SweepSpec, load_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = ("smoke", "cuhk-pedes", "icfg-pedes", "rstpreid")
+
+
+def _write(tmp_path, tree) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_conditional_space_gives_each_method_only_its_parameters(preset):
+    import optuna
+
+    from tbps.methods import METHODS
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_sweep(preset)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=1))
+    seen = set()
+    for i in range(60):
+        trial = study.ask()
+        spec.define_by_run(trial)
+        method, params = SweepSpec.split(dict(trial.params))
+        seen.add(method)
+        base = spec.base_config(method)
+        has = {f"method.{f}" for f in METHODS[method].hyperparameters(base.method.losses)}
+        losses = {f"loss.{t.name}" for t in base.method.losses}
+        for key in params:
+            if key.startswith("method."):
+                assert key in has, f"{preset}: {method} was given {key}, which it does not read"
+            elif key.startswith("loss."):
+                assert key in losses, f"{preset}: {method} was given {key}, not one of its loss terms"
+        # every sampled parameter really lands in the trial's config
+        cfg = spec.base_config(method, params)
+        for key, value in params.items():
+            if key.startswith("loss."):
+                assert next(t.weight for t in cfg.method.losses if t.name == key[5:]) == pytest.approx(value)
+            else:
+                section, field = key.split(".")
+                assert getattr(getattr(cfg, section), field) == value
+        assert cfg.train.select_metric == spec.metric
+        study.tell(trial, float(i % 7))
+    assert seen == set(spec.methods), f"{preset}: 60 samples never chose {set(spec.methods) - seen}"
+
+
+def test_shared_parameters_skip_methods_without_them():
+    spec = load_sweep("cuhk-pedes")
+    # IVT trains with CMPM only: no contrastive temperature, so the shared temperature is not its parameter
+    assert "method.temperature" not in spec.methods["ivt"].space
+    assert "method.temperature" in spec.methods["irra"].space
+    assert "method.margin" in spec.methods["pcc"].space and "method.margin" not in spec.methods["irra"].space
+
+
+@pytest.mark.parametrize("method,space,message", [
+    ("irra", {"method.num_parts": {"choice": [4, 8]}}, "method.num_parts is not a parameter of irra"),
+    ("irra", {"loss.cmr": {"uniform": [0.5, 1.0]}}, "loss.cmr is not a parameter of irra"),
+    ("ivt", {"method.temperature": {"loguniform": [0.01, 0.1]}}, "method.temperature is not a parameter of ivt"),
+    ("irra", {"method.tempreature": {"uniform": [0.01, 0.1]}}, "'method.tempreature' is not a tbps config key"),
+    ("irra", {"method.temperature": {"loguniform": [0.0, 0.1]}}, "loguniform needs low > 0"),
+    ("irra", {"method.temperature": {"normal": [0.0, 0.1]}}, "expected one of"),
+    ("irra", {"data.image_size": {"uniform": [1, 2]}}, "data.image_size=1.0 does not make a valid config"),
+])
+def test_bad_space_is_rejected_naming_the_key(tmp_path, method, space, message):
+    config = {"irra": "irra_tiny", "ivt": "ivt_tiny"}[method]
+    path = _write(tmp_path, {"name": "bad", "methods": {method: {"config": config, "space": space}}})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert message in str(e.value)
+    assert f"methods.{method}" in str(e.value) or "space" in str(e.value)
+
+
+def test_bad_sweep_fields(tmp_path):
+    for tree, message in [({"methods": {}}, "methods is empty"),
+                          ({"metric": "top1", "methods": {"clip": {"config": "clip_tiny"}}}, "metric must be one of"),
+                          ({"methods": {"nope": {"config": "clip_tiny"}}}, "unknown method 'nope'"),
+                          ({"methods": {"clip": {"config": "irra_tiny"}}}, "is a 'irra' preset"),
+                          ({"sceduler": {}, "methods": {"clip": {}}}, "unknown sweep key 'sceduler'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(_write(tmp_path, tree))
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep("no-such-sweep")
+
+
+def test_max_concurrent_follows_the_budget():
+    from tune.sweep import max_concurrent, trial_resources
+
+    spec = load_sweep("smoke", ["num_samples=8"])
+    assert trial_resources(spec) == (3.0, 0.0)  # driver + 2 workers
+    assert max_concurrent(spec, {"CPU": 4}) == 1
+    assert max_concurrent(spec, {"CPU": 9}) == 3
+    spec = load_sweep("cuhk-pedes", ["num_samples=8"])
+    cpu, gpu = trial_resources(spec)
+    assert gpu == 4.0  # IVT's recipe: 4 GPU workers
+    assert max_concurrent(spec, {"CPU": 64, "GPU": 8}) == 2
+    with pytest.raises(ConfigError, match="one trial needs"):
+        max_concurrent(spec, {"CPU": 64, "GPU": 2})
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _sweep_cmd(synth_tiny, storage):
+    return [sys.executable, "-m", "tune.sweep", "--config", "smoke", f"data_url={synth_tiny}",
+            f"storage_path={storage}", "name=smoke-test", "num_samples=4", "train.max_steps_per_epoch=4",
+            "train.epochs=3"]
+
+
+def _env():
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
+
+
+def _run_states(runs_dir):
+    """trial id -> metrics.json of its Ray Train run."""
+    out = {}
+    for path in glob.glob(os.path.join(runs_dir, "*", "metrics.json")):
+        try:
+            with open(path) as f:
+                out[os.path.basename(os.path.dirname(path))] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
+    storage = str(tmp_path / "sweeps")
+    exp = os.path.join(storage, "smoke-test")
+    runs = os.path.join(exp, "runs")
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_sweep_cmd(synth_tiny, storage), cwd=ROOT, env=_env(), stdout=log1,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    # interrupt (Ctrl-C) once one trial has finished and the next has reported a checkpointed epoch
+    deadline = time.time() + 480
+    interrupted_at = None
+    while time.time() < deadline and proc.poll() is None:
+        states = _run_states(runs)
+        done = {k for k, v in states.items() if "test" in v}
+        partial = {k: len(v["history"]) for k, v in states.items() if "test" not in v and v.get("history")}
+        if done and partial:
+            interrupted_at = (done, partial)
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.5)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    log1.close()
+    first = (tmp_path / "first.log").read_text()
+    assert interrupted_at, f"no trial finished in time; sweep output:\n{first[-5000:]}"
+    done_before, partial = interrupted_at
+    snapshot = {k: os.path.getmtime(os.path.join(runs, k, "metrics.json")) for k in done_before}
+
+    second = subprocess.run(_sweep_cmd(synth_tiny, storage), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-6000:]
+    assert "resuming the interrupted sweep" in out
+
+    # finished trials were not re-run; a trial cut mid-run continued from its checkpoint
+    for k, mtime in snapshot.items():
+        assert os.path.getmtime(os.path.join(runs, k, "metrics.json")) == mtime, f"trial {k} was re-run"
+    states = _run_states(runs)
+    continued = [k for k, n in partial.items() if len(states.get(k, {}).get("history", [])) > n]
+    for k in continued:
+        assert "resumed from checkpoint" in out, f"trial {k} restarted from scratch"
+        epochs = [h["epoch"] for h in states[k]["history"]]
+        assert epochs == sorted(set(epochs)), f"trial {k} repeated epochs: {epochs}"
+
+    # the table: 4 trials, both methods, ASHA stopped at least one early
+    table = open(os.path.join(exp, "results.md")).read()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert len(rows) == 4, table
+    assert any("| irra |" in r for r in rows) and any("| pcc |" in r for r in rows), table
+    assert sum("stopped early (ASHA)" in r for r in rows) >= 1, table
+    assert sum("completed" in r for r in rows) >= 1, table
+    metric_col = [float(r.split("|")[5]) for r in rows]
+    assert metric_col == sorted(metric_col, reverse=True), "trials not sorted by the metric"
+    for r in rows:  # a method never shows another method's parameter
+        params = r.split("|")[4]
+        if "| irra |" in r:
+            assert "margin" not in params and "loss.cmr" not in params
+        else:
+            assert "mask_ratio" not in params and "loss.mlm" not in params
+    from PIL import Image
+
+    with Image.open(os.path.join(exp, "metric_vs_params.png")) as im:
+        assert im.size[0] > 200 and im.size[1] > 200
+    assert open(os.path.join(exp, "results.csv")).read().count("\n") == 5
+
+    # the best trial's YAML trains as is
+    best = yaml.safe_load(open(os.path.join(exp, "best.yaml")))
+    assert best["data"]["url"] == synth_tiny and best["train"]["select_metric"] == "mAP"
+    train = subprocess.run([sys.executable, "-m", "tbps.train", "--config", os.path.join(exp, "best.yaml")],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, (train.stdout + train.stderr)[-5000:]
+    metrics = json.load(open(os.path.join(storage, "smoke-test-best", "metrics.json")))
+    assert metrics["test"]["R1"] >= 0 and metrics["best_val"]["epoch"] >= 1

@@ -1,0 +1,213 @@
+"""What a sweep leaves behind: trials sorted by the metric (Markdown + CSV), the best trial's full config as a YAML
+that ``python -m tbps.train --config`` runs as is, and the metric against each method's parameters (PNG)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from tbps.config import dump_yaml
+from tune.space import SweepSpec
+
+STOPPED = "stopped early (ASHA)"
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    method: str
+    params: dict
+    status: str  # completed | stopped early (ASHA) | error | unfinished
+    epochs_run: int
+    epochs: int
+    metric: float  # best val value of the sweep metric (nan when none)
+    val: dict = field(default_factory=dict)  # val metrics of the best epoch
+    test: dict = field(default_factory=dict)  # test metrics (completed trials)
+    error: str = ""
+
+
+@dataclass
+class Report:
+    trials: list[Trial]
+    table: str
+    best: Trial | None
+    best_line: str
+    outputs: str
+    best_yaml: str
+    unfinished: int
+
+
+def collect(spec: SweepSpec, results) -> list[Trial]:
+    """One Trial per Tune result, read from its reported metrics (every report = one epoch + the final test)."""
+    metric = f"val_{spec.metric}"
+    trials = []
+    for r in results:
+        if not r.config or "method" not in r.config:
+            continue
+        method, params = SweepSpec.split(r.config)
+        epochs = spec.base_config(method, params).train.epochs
+        df = r.metrics_dataframe
+        rows = df.to_dict("records") if df is not None and len(df) else []
+        epoch_rows = [x for x in rows if not any(str(k).startswith("test_") and x.get(k) == x.get(k) for k in x)]
+        epochs_run = int(max((x.get("epoch", 0) or 0 for x in epoch_rows), default=0))
+        scored = [x for x in epoch_rows if x.get(metric) == x.get(metric) and x.get(metric) is not None]
+        best = max(scored, key=lambda x: x[metric]) if scored else {}
+        final = next((x for x in rows if x.get("test_R1") == x.get("test_R1") and x.get("test_R1") is not None), None)
+        if r.error:
+            status = "error"
+        elif final is not None:
+            status = "completed"
+        elif epochs_run < epochs and scored:
+            status = STOPPED
+        else:
+            status = "unfinished"
+        trials.append(Trial(
+            trial_id=_trial_id(r),
+            method=method, params=params, status=status, epochs_run=epochs_run, epochs=epochs,
+            metric=float(best.get(metric, math.nan)) if best else math.nan,
+            val={k[4:]: float(v) for k, v in best.items() if str(k).startswith("val_")},
+            test={k[5:]: float(v) for k, v in (final or {}).items() if str(k).startswith("test_")},
+            error=str(r.error).splitlines()[0][:200] if r.error else ""))
+    trials.sort(key=lambda t: (-(t.metric if t.metric == t.metric else -math.inf), t.trial_id))
+    return trials
+
+
+def _trial_id(result) -> str:
+    m = result.metrics or {}
+    if m.get("trial_id"):
+        return str(m["trial_id"])
+    return os.path.basename(str(result.path or "")).rstrip("/")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "—" if v != v else (f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}".rstrip("0").rstrip("."))
+    return str(v)
+
+
+def table(spec: SweepSpec, trials: list[Trial]) -> str:
+    m = spec.metric
+    extra = [k for k in ("R1", "mAP") if k != m]
+    head = ["#", "trial", "method", "params", f"val {m}"] + [f"val {k}" for k in extra] + \
+        ["test R1", "epochs", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, t in enumerate(trials, 1):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items())) or "(preset)"
+        status = t.status + (f": {t.error}" if t.error else "")
+        row = [str(i), t.trial_id, t.method, params, _fmt(t.metric)] + \
+            [_fmt(t.val.get(k, math.nan)) for k in extra] + \
+            [_fmt(t.test.get("R1", math.nan)), f"{t.epochs_run}/{t.epochs}", status]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(trials: list[Trial]) -> str:
+    keys = sorted({k for t in trials for k in t.params})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "method", "status", "epochs_run", "epochs", "metric"] + keys +
+               [f"val_{k}" for k in ("R1", "R5", "R10", "mAP", "mINP")] + [f"test_{k}" for k in ("R1", "mAP")])
+    for t in trials:
+        w.writerow([t.trial_id, t.method, t.status, t.epochs_run, t.epochs, t.metric] +
+                   [t.params.get(k, "") for k in keys] +
+                   [t.val.get(k, "") for k in ("R1", "R5", "R10", "mAP", "mINP")] +
+                   [t.test.get(k, "") for k in ("R1", "mAP")])
+    return buf.getvalue()
+
+
+def best_config_yaml(spec: SweepSpec, best: Trial) -> str:
+    cfg = spec.base_config(best.method, best.params)
+    cfg.train.run_name = f"{spec.name}-best"
+    cfg.train.storage_path = spec.storage_path
+    head = (f"# Best trial of sweep {spec.name!r} ({best.trial_id}): {best.method}, val {spec.metric} "
+            f"{_fmt(best.metric)} after {best.epochs_run} epochs.\n"
+            f"# Sampled: {', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or '(preset)'}\n"
+            f"# Run it: python -m tbps.train --config best.yaml   (train.epochs etc. may be raised for a full run)\n")
+    return head + dump_yaml(cfg)
+
+
+def plot(spec: SweepSpec, trials: list[Trial], path: str) -> None:
+    """Metric against each sampled parameter, one row per method; stopped trials hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    methods = [m for m in spec.methods if any(t.method == m for t in trials)] or list(spec.methods)
+    cols = max([len(spec.methods[m].space) for m in methods] + [1])
+    fig, axes = plt.subplots(len(methods), cols, figsize=(3.2 * cols, 2.6 * len(methods)), squeeze=False)
+    for r, m in enumerate(methods):
+        keys = list(spec.methods[m].space)
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(keys):
+                ax.axis("off")
+                continue
+            key = keys[c]
+            dist = spec.methods[m].space[key]
+            for stopped in (False, True):
+                pts = [(t.params.get(key), t.metric) for t in trials
+                       if t.method == m and (t.status == STOPPED) == stopped and t.metric == t.metric
+                       and isinstance(t.params.get(key), (int, float))]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.scatter(xs, ys, s=28, facecolors="none" if stopped else "C0", edgecolors="C0",
+                               label="stopped early" if stopped else "completed")
+            if isinstance(dist, dict) and set(dist) & {"uniform", "loguniform", "int"}:
+                (kind, (lo, hi)), = dist.items()
+                if kind == "loguniform":
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                    ax.set_xlim(lo / 1.15, hi * 1.15)
+                else:
+                    pad = (hi - lo) * 0.05
+                    ax.set_xlim(lo - pad, hi + pad)  # the whole search range, so coverage shows
+            ax.set_xlabel(key, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{m}\nval {spec.metric}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        if not keys:
+            axes[r][0].set_title(f"{m}: no sampled parameters", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=7)
+    fig.suptitle(f"sweep {spec.name}: val {spec.metric} per trial (best epoch)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(spec: SweepSpec, results) -> Report:
+    """Write results.md, results.csv, best.yaml and metric_vs_params.png under <storage>/<name>/."""
+    from shards.storage import filesystem, join
+
+    from tune.sweep import experiment_path
+
+    trials = collect(spec, results)
+    text = table(spec, trials)
+    done = [t for t in trials if t.metric == t.metric]
+    best = done[0] if done else None
+    out = experiment_path(spec)
+    fs, root = filesystem(out)
+    files = {"results.md": f"# Sweep {spec.name}\n\n{text}\n", "results.csv": csv_text(trials)}
+    if best:
+        files["best.yaml"] = best_config_yaml(spec, best)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, body in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(body)
+        if trials:
+            plot(spec, trials, os.path.join(tmp, "metric_vs_params.png"))
+        fs.makedirs(root, exist_ok=True)
+        for name in os.listdir(tmp):
+            fs.put(os.path.join(tmp, name), f"{root}/{name}")
+    best_line = (f"{best.trial_id} {best.method} val {spec.metric} {_fmt(best.metric)} "
+                 f"({', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or 'preset'})"
+                 if best else "no trial reported a val metric")
+    return Report(trials, text, best, best_line, out, join(out, "best.yaml") if best else "",
+                  sum(t.status == "unfinished" for t in trials))

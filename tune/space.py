@@ -1,0 +1,325 @@
+"""Sweep specifications: a YAML file naming the methods to compare, each with its preset, and a conditional search
+space over tbps config keys. No Ray here: the sampling function is plain Optuna define-by-run, so it can be checked
+(and used) without a cluster.
+
+    name: smoke                     # experiment name: results under <storage_path>/<name>
+    storage_path: ./runs/sweeps     # local path or s3:// URL
+    data_url: ""                    # "" = the SynthPEDES demo set (generated on first use)
+    metric: mAP                     # val metric the search, ASHA and the best checkpoint use: R1 R5 R10 mAP mINP
+    num_samples: 4                  # trials
+    seed: 0                         # Optuna sampler seed
+    scheduler: {grace_period: 1, reduction_factor: 2}   # ASHA over epochs
+    resources: {cpus: 0, gpus: 0}   # budget for concurrent trials (0 = what the Ray cluster has)
+    overrides: {train.epochs: 4}    # tbps config keys set in every trial
+    space:                          # shared: each method gets only the parameters it has
+      method.temperature: {loguniform: [0.01, 0.1]}
+    methods:
+      irra:
+        config: irra_tiny           # tbps preset or YAML file
+        overrides: {}               # this method only
+        space:                      # this method only; a parameter it does not have is an error
+          method.mask_ratio: {uniform: [0.1, 0.3]}
+          loss.mlm: {uniform: [0.5, 2.0]}        # the weight of one of the method's loss terms
+
+Distributions: ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{int: [lo, hi]}``, ``{choice: [a, b, ...]}``
+or a constant.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from tbps.config import Config, ConfigError, load_config, parse_override, preset_path
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+SECTIONS = typing.get_type_hints(Config)
+
+
+@dataclass
+class MethodSpace:
+    name: str
+    config: str  # tbps preset name or YAML path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)  # key -> distribution, only this method's parameters
+
+
+@dataclass
+class SweepSpec:
+    name: str = "sweep"
+    storage_path: str = "./runs/sweeps"
+    data_url: str = ""
+    metric: str = "R1"
+    num_samples: int = 8
+    seed: int = 0
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus: float = 0
+    gpus: float = 0
+    max_concurrent: int = 0  # 0 = derived from resources
+    driver_cpus: float = 1.0  # CPU held by each trial's driver (the Tune function that runs the TorchTrainer)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, MethodSpace] = field(default_factory=dict)
+    source: str = "<sweep>"
+
+    # ------------------------------------------------------------------------------------------ trial configs
+    def base_config(self, method: str, params: dict | None = None) -> Config:
+        """The tbps Config of one trial: method preset <- sweep overrides <- method overrides <- sampled params."""
+        m = self.methods[method]
+        overrides = {"train.eval_every": 1, **self.overrides, **m.overrides}  # ASHA compares val every epoch
+        if self.data_url:
+            overrides["data.url"] = self.data_url
+        overrides["train.select_metric"] = self.metric
+        losses = {}
+        for key, value in (params or {}).items():
+            if key.startswith("loss."):
+                losses[key[5:]] = float(value)
+            else:
+                overrides[key] = value
+        texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in overrides.items()]
+        cfg = load_config(m.config, texts)
+        if cfg.method.name != method:
+            raise ConfigError(f"{self.source}: methods.{method}.config {m.config!r} is a {cfg.method.name!r} preset")
+        present = {t.name for t in cfg.method.losses}
+        for name, weight in losses.items():
+            if name not in present:
+                raise ConfigError(f"{self.source}: loss.{name} is not a loss term of {method} "
+                                  f"(its losses: {', '.join(sorted(present))})")
+            next(t for t in cfg.method.losses if t.name == name).weight = weight
+        return cfg
+
+    def params_for(self, method: str) -> dict[str, Any]:
+        return dict(self.methods[method].space)
+
+    def epochs(self) -> int:
+        return max(self.base_config(m).train.epochs for m in self.methods)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def define_by_run(self, trial) -> None:
+        """Optuna define-by-run: the method first, then only that method's parameters (named ``<method>.<key>``)."""
+        method = trial.suggest_categorical("method", sorted(self.methods))
+        for key, dist in self.params_for(method).items():
+            suggest(trial, f"{method}.{key}", dist)
+
+    @staticmethod
+    def split(config: dict) -> tuple[str, dict]:
+        """(method, {key: value}) from a trial config produced by ``define_by_run``."""
+        method = config["method"]
+        prefix = method + "."
+        return method, {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepSpec":
+        d = dict(d)
+        d["methods"] = {k: MethodSpace(**v) for k, v in d["methods"].items()}
+        return cls(**d)
+
+
+def suggest(trial, name: str, dist):
+    if not isinstance(dist, dict):
+        return trial.suggest_categorical(name, [dist])
+    (kind, arg), = dist.items()
+    if kind == "uniform":
+        return trial.suggest_float(name, float(arg[0]), float(arg[1]))
+    if kind == "loguniform":
+        return trial.suggest_float(name, float(arg[0]), float(arg[1]), log=True)
+    if kind == "int":
+        return trial.suggest_int(name, int(arg[0]), int(arg[1]))
+    return trial.suggest_categorical(name, list(arg))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _check_distribution(where: str, dist) -> None:
+    if not isinstance(dist, dict):
+        return  # a constant
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: expected one of {{uniform|loguniform|int: [lo, hi]}}, {{choice: [..]}} or a "
+                          f"constant, got {dist!r}")
+    (kind, arg), = dist.items()
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"{where}: choice needs a non-empty list, got {arg!r}")
+        return
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
+        raise ConfigError(f"{where}: {kind} needs [low, high], got {arg!r}")
+    lo, hi = arg
+    if not lo < hi:
+        raise ConfigError(f"{where}: {kind} needs low < high, got [{lo}, {hi}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {lo}")
+    if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ConfigError(f"{where}: int needs integer bounds, got [{lo}, {hi}]")
+
+
+def _representatives(dist) -> list:
+    if not isinstance(dist, dict):
+        return [dist]
+    (kind, arg), = dist.items()
+    if kind == "choice":
+        return list(arg)
+    if kind == "int":
+        return [int(arg[0]), int(arg[1])]
+    return [float(arg[0]), float(arg[1])]
+
+
+def applies(method: str, key: str, cfg: Config) -> bool:
+    """Whether config key ``key`` (or ``loss.<name>``) is a parameter of ``method`` configured as ``cfg``."""
+    from tbps.methods import METHODS
+
+    if key.startswith("loss."):
+        return key[5:] in {t.name for t in cfg.method.losses}
+    section, _, name = key.partition(".")
+    if section == "method":
+        return name in METHODS[method].hyperparameters(cfg.method.losses)
+    return True
+
+
+def _check_key(where: str, key: str) -> None:
+    if key.startswith("loss."):
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or "." in name or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        raise ConfigError(f"{where}: {key!r} is not a tbps config key (section.field, e.g. method.temperature) "
+                          f"nor loss.<name>")
+    if key in ("method.name", "method.losses"):
+        raise ConfigError(f"{where}: {key} is chosen by the sweep itself (list methods under `methods:`; tune loss "
+                          f"weights as loss.<name>)")
+
+
+def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
+    """Read and validate a sweep YAML (a path or a preset name in tune/configs), applying ``key=value`` overrides:
+    sweep fields (``num_samples=8``, ``data_url=...``) or, for any other dotted key, tbps config overrides for every
+    trial (``train.num_workers=4``)."""
+    path = path_or_name
+    if not os.path.exists(path):
+        candidate = os.path.join(PRESET_DIR, path if path.endswith(".yaml") else path + ".yaml")
+        if not os.path.exists(candidate):
+            names = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+            raise ConfigError(f"sweep {path_or_name!r} not found: not a file, nor a preset ({', '.join(names)})")
+        path = candidate
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    tree = copy.deepcopy(tree)
+    simple = {f.name for f in dataclasses.fields(SweepSpec)} - {"overrides", "methods", "source"}
+    for text in cli or []:
+        key, value = parse_override(text)
+        if key in simple or key in ("scheduler.grace_period", "scheduler.reduction_factor", "resources.cpus",
+                                    "resources.gpus"):
+            section, _, leaf = key.rpartition(".")
+            (tree.setdefault(section, {}) if section else tree)[leaf] = value
+        else:
+            _check_key(f"override {text!r}", key)
+            tree.setdefault("overrides", {})[key] = value
+    return _build(tree, path)
+
+
+def _build(tree: dict, source: str) -> SweepSpec:
+    allowed = {"name", "storage_path", "data_url", "metric", "num_samples", "seed", "scheduler", "resources",
+               "max_concurrent", "driver_cpus", "overrides", "space", "methods"}
+    unknown = sorted(set(tree) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown sweep key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+    sched = tree.get("scheduler") or {}
+    res = tree.get("resources") or {}
+    for where, d, keys in (("scheduler", sched, {"grace_period", "reduction_factor"}),
+                           ("resources", res, {"cpus", "gpus"})):
+        bad = sorted(set(d) - keys)
+        if bad:
+            raise ConfigError(f"{source}: unknown key {where}.{bad[0]}; valid: {', '.join(sorted(keys))}")
+    spec = SweepSpec(source=source)
+    for key in ("name", "storage_path", "data_url", "metric"):
+        if key in tree:
+            if not isinstance(tree[key], str):
+                raise ConfigError(f"{source}: {key} must be a string, got {tree[key]!r}")
+            setattr(spec, key, tree[key])
+    for key, value in (("num_samples", tree.get("num_samples")), ("seed", tree.get("seed")),
+                       ("max_concurrent", tree.get("max_concurrent")),
+                       ("grace_period", sched.get("grace_period")),
+                       ("reduction_factor", sched.get("reduction_factor"))):
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+            setattr(spec, key, value)
+    for key, value in (("cpus", res.get("cpus")), ("gpus", res.get("gpus")), ("driver_cpus", tree.get("driver_cpus"))):
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{source}: {key} must be a non-negative number, got {value!r}")
+            setattr(spec, key, float(value))
+    if spec.metric not in METRICS:
+        raise ConfigError(f"{source}: metric must be one of {', '.join(METRICS)}, got {spec.metric!r}")
+    if spec.num_samples < 1:
+        raise ConfigError(f"{source}: num_samples must be at least 1")
+    if spec.reduction_factor < 2:
+        raise ConfigError(f"{source}: scheduler.reduction_factor must be at least 2")
+    spec.overrides = _mapping(tree.get("overrides"), f"{source}: overrides")
+    for key in spec.overrides:
+        _check_key(f"{source}: overrides", key)
+    shared = _mapping(tree.get("space"), f"{source}: space")
+    for key, dist in shared.items():
+        _check_key(f"{source}: space", key)
+        _check_distribution(f"{source}: space.{key}", dist)
+    methods = _mapping(tree.get("methods"), f"{source}: methods")
+    if not methods:
+        raise ConfigError(f"{source}: methods is empty: list at least one method with its config")
+    from tbps.methods import METHODS
+
+    for name, body in methods.items():
+        where = f"{source}: methods.{name}"
+        if name not in METHODS:
+            raise ConfigError(f"{where}: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+        body = _mapping(body, where)
+        bad = sorted(set(body) - {"config", "overrides", "space"})
+        if bad:
+            raise ConfigError(f"{where}: unknown key {bad[0]!r}; valid: config, overrides, space")
+        config = body.get("config") or name
+        preset_path(config)  # raises naming the preset
+        ms = MethodSpace(name, config, _mapping(body.get("overrides"), where + ".overrides"),
+                         _mapping(body.get("space"), where + ".space"))
+        for key in ms.overrides:
+            _check_key(where + ".overrides", key)
+        spec.methods[name] = ms
+        cfg = spec.base_config(name)  # validates the preset + overrides
+        for key, dist in ms.space.items():
+            _check_key(where + ".space", key)
+            _check_distribution(f"{where}.space.{key}", dist)
+            if not applies(name, key, cfg):
+                have = sorted(f"method.{f}" for f in METHODS[name].hyperparameters(cfg.method.losses)) + \
+                    sorted(f"loss.{t.name}" for t in cfg.method.losses)
+                raise ConfigError(f"{where}.space: {key} is not a parameter of {name} as configured "
+                                  f"(its method parameters: {', '.join(have)}; or any model/data/optim/train key)")
+        # shared parameters go to the methods that have them, unless the method sets its own
+        for key, dist in shared.items():
+            if key not in ms.space and applies(name, key, cfg):
+                ms.space[key] = dist
+        for key, dist in ms.space.items():  # every value the space can produce must make a valid config
+            for value in _representatives(dist):
+                try:
+                    spec.base_config(name, {key: value})
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {key}={value!r} does not make a valid config: {e}") from None
+    return spec
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)

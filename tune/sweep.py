@@ -1,0 +1,180 @@
+"""Hyperparameter sweeps across alignment methods: Optuna search + ASHA early stopping on a val metric, each trial a
+full multi-worker Ray Train (DeepSpeed) run of tbps.
+
+    python -m tune.sweep --config smoke                               # 2 CPU cores, a few minutes, synthetic data
+    python -m tune.sweep --config cuhk-pedes data_url=s3://bucket/cuhk-pedes num_samples=32
+    ray job submit --working-dir . -- python -m tune.sweep --config rstpreid data_url=s3://...
+
+``key=value`` overrides set sweep fields (num_samples, data_url, metric, storage_path, name, seed, max_concurrent,
+resources.cpus, resources.gpus, scheduler.grace_period, ...) or, for any tbps config key, that key in every trial
+(train.num_workers=4). Re-running the same command resumes an interrupted sweep. Results land in
+<storage_path>/<name>/: results.md (trials sorted by the metric), results.csv, best.yaml (runs as is with
+``python -m tbps.train --config best.yaml``) and metric_vs_params.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from tbps.config import ConfigError
+from tune.space import SweepSpec, load_sweep
+
+
+# ------------------------------------------------------------------------------------------------- the trial
+def run_trial(config: dict, spec: dict) -> None:
+    """A Tune trial = the driver of one Ray Train run. Its run name is the trial id, so a trial restarted by a resumed
+    sweep continues from its own latest checkpoint."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tbps.engine.launcher import build_trainer
+
+    sweep = SweepSpec.from_dict(spec)
+    method, params = SweepSpec.split(config)
+    cfg = sweep.base_config(method, params)
+    cfg.train.run_name = ray.tune.get_context().get_trial_id()
+    cfg.train.storage_path = runs_path(sweep)
+    trainer = build_trainer(cfg, callbacks=[TuneReportCallback()])
+    trainer.fit()  # raises on failure: Tune marks the trial ERROR
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def trial_dirname(trial) -> str:
+    """Short trial directories (Tune's default spells out every parameter)."""
+    return f"trial_{trial.trial_id}"
+
+
+def experiment_path(spec: SweepSpec) -> str:
+    from shards.storage import join
+
+    return join(spec.storage_path, spec.name)
+
+
+def runs_path(spec: SweepSpec) -> str:
+    from shards.storage import join
+
+    return join(experiment_path(spec), "runs")
+
+
+def absolute_storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def trial_resources(spec: SweepSpec) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds at once: its driver plus its Ray Train workers (the largest method)."""
+    cpus = gpus = 0.0
+    for m in spec.methods:
+        t = spec.base_config(m).train
+        cpus = max(cpus, spec.driver_cpus + t.num_workers * t.cpus_per_worker)
+        gpus = max(gpus, t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0)
+    return cpus, gpus
+
+
+def max_concurrent(spec: SweepSpec, cluster: dict) -> int:
+    """How many trials fit the budget at once (resources: from the sweep, 0 = the cluster's)."""
+    if spec.max_concurrent:
+        return spec.max_concurrent
+    need_cpu, need_gpu = trial_resources(spec)
+    have_cpu = spec.cpus or cluster.get("CPU", 0)
+    have_gpu = spec.gpus or cluster.get("GPU", 0)
+    fits = math.floor(have_cpu / need_cpu) if need_cpu else spec.num_samples
+    if need_gpu:
+        fits = min(fits, math.floor(have_gpu / need_gpu))
+    if fits < 1:
+        raise ConfigError(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs (driver + workers) but the "
+                          f"budget is {have_cpu:g} CPUs and {have_gpu:g} GPUs: lower train.num_workers or raise "
+                          f"resources")
+    return max(1, min(fits, spec.num_samples))
+
+
+def prepare(spec: SweepSpec) -> SweepSpec:
+    """Resolve the data URL (the demo set when empty) and storage, and pre-flight every method's config."""
+    from tbps.engine.launcher import preflight
+
+    if not spec.data_url:
+        from tbps.demo import demo_dataset
+
+        spec.data_url = demo_dataset()
+    spec.storage_path = absolute_storage(spec.storage_path)
+    for m in spec.methods:
+        cfg = spec.base_config(m)
+        if cfg.train.eval_every != 1:
+            raise ConfigError(f"{spec.source}: methods.{m}: a sweep evaluates val every epoch (ASHA compares trials "
+                              f"per epoch); remove train.eval_every={cfg.train.eval_every}")
+        preflight(cfg)
+    return spec
+
+
+def build_tuner(spec: SweepSpec, concurrent: int):
+    """A new Tuner, or the interrupted one restored from <storage>/<name> (same command = resume)."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    import optuna
+
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec.to_dict()),
+                                        {"CPU": spec.driver_cpus})
+    path = experiment_path(spec)
+    if ray.tune.Tuner.can_restore(path):
+        print(f"[sweep] resuming the interrupted sweep at {path}", file=sys.stderr)
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    metric = f"val_{spec.metric}"
+    # every method's first trial comes first (the rest of its parameters sampled), so each method gets a run
+    search = OptunaSearch(space=spec.define_by_run, metric=metric, mode="max",
+                          points_to_evaluate=[{"method": m} for m in sorted(spec.methods)][:spec.num_samples],
+                          sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, spec.num_samples)))
+    scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=spec.epochs() + 1,
+                              grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=spec.num_samples,
+                                        max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+        run_config=ray.tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+    )
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", required=True, help="sweep preset (tune/configs: smoke, cuhk-pedes, icfg-pedes, "
+                                                     "rstpreid) or a sweep YAML file")
+    ap.add_argument("overrides", nargs="*", help="key=value: sweep fields or tbps config keys for every trial")
+    args = ap.parse_args(argv)
+    try:
+        spec = prepare(load_sweep(args.config, args.overrides))
+        from tbps.engine.launcher import ensure_ray
+
+        ensure_ray(spec.base_config(next(iter(spec.methods))))
+        import ray
+
+        concurrent = max_concurrent(spec, ray.cluster_resources())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from tune.results import summarize
+
+    print(f"[sweep] {spec.name}: {spec.num_samples} trials over {', '.join(spec.methods)}, "
+          f"{concurrent} at a time, Optuna + ASHA on val {spec.metric}; outputs under {experiment_path(spec)}",
+          file=sys.stderr)
+    results = build_tuner(spec, concurrent).fit()
+    report = summarize(spec, results)
+    print("\n" + report.table)
+    finished = len(report.trials) - report.unfinished
+    if finished < spec.num_samples:
+        print(f"\n[sweep] interrupted with {finished} of {spec.num_samples} trials finished: run the same command "
+              f"again to resume", file=sys.stderr)
+        return 130
+    print(f"\nbest: {report.best_line}\nresults: {report.outputs}\nrun the best config: "
+          f"python -m tbps.train --config {report.best_yaml}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    sys.exit(main())
