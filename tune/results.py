@@ -41,9 +41,23 @@ class Report:
     unfinished: int
 
 
+def trial_statuses(spec: SweepSpec) -> dict[str, str]:
+    """Tune's saved status of each trial (TERMINATED, ERROR, RUNNING, PENDING, ...), read back from the experiment
+    state on storage: after an interruption it still says RUNNING/PENDING for the trials a resume continues."""
+    from ray.tune import ExperimentAnalysis
+
+    from tune.sweep import experiment_path
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(experiment_path(spec)).trials}
+    except Exception:  # no state written yet
+        return {}
+
+
 def collect(spec: SweepSpec, results) -> list[Trial]:
     """One Trial per Tune result, read from its reported metrics (every report = one epoch + the final test)."""
     metric = f"val_{spec.metric}"
+    statuses = trial_statuses(spec)
     trials = []
     for r in results:
         if not r.config or "method" not in r.config:
@@ -57,16 +71,17 @@ def collect(spec: SweepSpec, results) -> list[Trial]:
         scored = [x for x in epoch_rows if x.get(metric) == x.get(metric) and x.get(metric) is not None]
         best = max(scored, key=lambda x: x[metric]) if scored else {}
         final = next((x for x in rows if x.get("test_R1") == x.get("test_R1") and x.get("test_R1") is not None), None)
+        trial_id = _trial_id(r)
         if r.error:
             status = "error"
         elif final is not None:
             status = "completed"
-        elif epochs_run < epochs and scored:
+        elif statuses.get(trial_id) == "TERMINATED":  # ended without its final test: ASHA stopped it
             status = STOPPED
         else:
             status = "unfinished"
         trials.append(Trial(
-            trial_id=_trial_id(r),
+            trial_id=trial_id,
             method=method, params=params, status=status, epochs_run=epochs_run, epochs=epochs,
             metric=float(best.get(metric, math.nan)) if best else math.nan,
             val={k[4:]: float(v) for k, v in best.items() if str(k).startswith("val_")},
@@ -80,7 +95,8 @@ def _trial_id(result) -> str:
     m = result.metrics or {}
     if m.get("trial_id"):
         return str(m["trial_id"])
-    return os.path.basename(str(result.path or "")).rstrip("/")
+    name = os.path.basename(str(result.path or "").rstrip("/"))
+    return name[len("trial_"):] if name.startswith("trial_") else name
 
 
 def _fmt(v) -> str:
