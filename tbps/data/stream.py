@@ -14,6 +14,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -178,7 +179,8 @@ class ShardStream(IterableDataset):
         views = [self.transform(img) for _ in range(self.needs.views)]
         caption = rng.choice(meta["captions"])
         out = {"image": views[0] if len(views) == 1 else torch.stack(views), "caption": caption,
-               "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"]}
+               "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
+               "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
             out["mla"] = mla_texts(caption, rng, self.needs.mla_word_max)
         return out
@@ -194,6 +196,7 @@ class ShardStream(IterableDataset):
             "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
             "train_ids": torch.tensor([s["train_id"] for s in samples], dtype=torch.long),
             "keys": [s["key"] for s in samples],
+            "shards": [s["shard"] for s in samples],  # where each sample came from (placement records, debugging)
         }
         if self.needs.mlm_ratio > 0:
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(

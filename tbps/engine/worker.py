@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -88,6 +89,14 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world()[1] for k, v in zip(keys, t)}
 
 
+def _gather_placement(record: dict, world_size: int) -> list[dict]:
+    if world_size == 1:
+        return [record]
+    out = [None] * world_size
+    dist.all_gather_object(out, record)
+    return out
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import warnings
 
@@ -157,6 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         f"{world_size} worker(s) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}, "
         f"{steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, {precision}")
 
+    placement, read_shards = [], set()
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         engine.train()
@@ -164,6 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for i, batch in enumerate(train_loader):
             if i >= batches:
                 break
+            if epoch == start_epoch:
+                read_shards.update(batch["shards"])
             batch = _to_device(batch, device, dtype)
             out = engine(batch)
             engine.backward(out["loss"])
@@ -180,6 +192,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
                 log(f"[tbps] epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{batches} loss "
                     f"{float(out['loss']):.4f} ({parts}) lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} samples/s")
+        if epoch == start_epoch:  # where each rank runs and which train shards it read (metrics.json "workers")
+            placement = _gather_placement({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                           "hostname": socket.gethostname(), "pid": os.getpid(),
+                                           "epoch": epoch + 1, "shards": sorted(read_shards)}, world_size)
         train = _mean_across_ranks({k: v / max(n, 1) for k, v in sums.items()})
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": seen / max(time.time() - t0, 1e-9),
@@ -212,7 +228,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.flush()
                 outputs.sync("tensorboard")
                 outputs.write_json("metrics.json", {"run": cfg.train.run_name, "history": history,
-                                                    "best_val": {"epoch": best_epoch, metric: best}})
+                                                    "best_val": {"epoch": best_epoch, metric: best},
+                                                    "workers": placement})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # -------------------------------------------------------------------------------------- final test
@@ -233,7 +250,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         outputs.write_json("metrics.json", {"run": cfg.train.run_name, "history": history,
                                             "best_val": {"epoch": best_epoch, metric: best},
                                             "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
-                                            "test": test})
+                                            "test": test, "workers": placement})
         for k, v in test.items():
             writer.add_scalar(f"test/{k}", v, global_step)
         writer.close()
