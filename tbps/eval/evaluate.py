@@ -51,17 +51,18 @@ def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None) -> dict[str, float]:
+def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0) -> dict[str, float]:
     """R1/R5/R10/mAP/mINP (+ chance R1 and timing) of ``model`` on the split behind ``loader`` (this rank's part).
     Every rank must call it; with one process it is the plain single-process evaluation."""
     start = time.time()
     local = embed(model, loader, device, autocast_dtype)
     gallery, gallery_pids = _gather_gallery(local)
     queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
-    stats = torch.zeros(len(KS) + 4, dtype=torch.float64, device=gallery.device)
+    cmc = min(cmc, len(gallery))
+    stats = torch.zeros(len(KS) + 4 + cmc, dtype=torch.float64, device=gallery.device)
     for s in range(0, len(queries), chunk):
         sim = model.similarity(queries[s:s + chunk], gallery).float()
-        stats += chunk_stats(sim, query_pids[s:s + chunk], gallery_pids)
+        stats += chunk_stats(sim, query_pids[s:s + chunk], gallery_pids, cmc=cmc)
     all_qpids = query_pids.cpu()
     if world()[1] > 1:
         dist.all_reduce(stats)
@@ -79,10 +80,11 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
 def format_table(rows: dict[str, dict[str, float]], chance: bool = True) -> str:
     """A metrics table: one row per split/model name."""
     cols = ["R1", "R5", "R10", "mAP", "mINP"]
-    head = f"{'':<14}" + "".join(f"{c:>8}" for c in cols) + (f"{'chance R1':>11}" if chance else "")
+    w = max([14] + [len(n) + 2 for n in rows])
+    head = f"{'':<{w}}" + "".join(f"{c:>8}" for c in cols) + (f"{'chance R1':>11}" if chance else "")
     lines = [head]
     for name, m in rows.items():
-        line = f"{name:<14}" + "".join(f"{m.get(c, float('nan')):>8.2f}" for c in cols)
+        line = f"{name:<{w}}" + "".join(f"{m.get(c, float('nan')):>8.2f}" for c in cols)
         if chance and "chance_R1" in m:
             line += f"{m['chance_R1']:>11.2f}"
         lines.append(line)

@@ -13,22 +13,77 @@ import torch
 KS = (1, 5, 10)
 
 
+def positive_ranks(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
+                   block_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query index, 1-based rank) of every correct (query, gallery) pair, without sorting the rows.
+
+    The rank of correct image j for query q is 1 + #{g: s_qg > s_qj} + #{g < j: s_qg == s_qj} (ties in gallery
+    order, as a stable descending sort would place them). Counting costs (correct pairs) x G comparisons — far less
+    than sorting every row when queries have few correct images, and memory stays at one block of rows."""
+    matches = query_pids[:, None] == gallery_pids[None, :]
+    qi, gi = matches.nonzero(as_tuple=True)  # ordered by query, then gallery index
+    del matches
+    scores = sim[qi, gi]
+    ranks = torch.empty(len(qi), dtype=torch.long, device=sim.device)
+    G = sim.shape[1]
+    step = max(1, block_elems // max(G, 1))
+    col = torch.arange(G, device=sim.device)
+    # on CPU, numpy's boolean row counts are ~10x faster than torch's (which reduce through int64)
+    lib = _numpy_ops if sim.device.type == "cpu" else _torch_ops
+    for b in range(0, len(qi), step):
+        ranks[b:b + step] = lib(sim[qi[b:b + step]], scores[b:b + step, None], gi[b:b + step], col)
+    return qi, ranks
+
+
+def _torch_ops(rows, sp, gi, col):
+    rank = (rows > sp).sum(dim=1) + 1
+    tied = ((rows == sp).sum(dim=1) > 1).nonzero(as_tuple=True)[0]  # ties besides itself: rare with float scores
+    if len(tied):
+        rank[tied] += ((rows[tied] == sp[tied]) & (col[None, :] < gi[tied, None])).sum(dim=1)
+    return rank
+
+
+def _numpy_ops(rows, sp, gi, col):
+    import numpy as np
+
+    r, v = rows.numpy(), sp.numpy()
+    rank = np.count_nonzero(r > v, axis=1) + 1
+    tied = np.flatnonzero(np.count_nonzero(r == v, axis=1) > 1)
+    if len(tied):
+        g = gi.numpy()[tied, None]
+        rank[tied] += np.count_nonzero((r[tied] == v[tied]) & (col.numpy()[None, :] < g), axis=1)
+    return torch.from_numpy(rank)
+
+
 def chunk_stats(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
-                ks: tuple[int, ...] = KS) -> torch.Tensor:
-    """Sums for a block of queries: [hits@k for k in ks..., sum AP, sum INP, queries with a match, queries]."""
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices
-    matches = gallery_pids[order] == query_pids[:, None]  # [q, G] bool, in rank order
-    hits = [matches[:, :k].any(dim=1).sum() for k in ks]
-    num_rel = matches.sum(dim=1)
+                ks: tuple[int, ...] = KS, cmc: int = 0) -> torch.Tensor:
+    """Sums for a block of queries: [hits@k for k in ks..., sum AP, sum INP, queries with a match, queries], then,
+    with ``cmc`` > 0, how many queries have their first correct image at rank 1, 2, ..., cmc (for the CMC curve)."""
+    Q = len(sim)
+    qi, ranks = positive_ranks(sim, query_pids, gallery_pids)
+    dev, f64 = sim.device, torch.float64
+    stats = torch.zeros(len(ks) + 4 + cmc, dtype=f64, device=dev)
+    stats[len(ks) + 3] = Q
+    if len(qi) == 0:
+        return stats
+    G = sim.shape[1]
+    order = torch.sort(qi * (G + 1) + ranks).indices  # per query, correct images in rank order
+    qi, ranks = qi[order], ranks[order]
+    num_rel = torch.bincount(qi, minlength=Q)
+    start = torch.cumsum(num_rel, 0) - num_rel
+    position = torch.arange(len(qi), device=dev) - start[qi] + 1  # i-th correct image of its query
+    ap = torch.zeros(Q, dtype=f64, device=dev).index_add_(0, qi, position.to(f64) / ranks.to(f64))
     valid = num_rel > 0
-    ranks = torch.arange(1, matches.shape[1] + 1, device=sim.device, dtype=torch.float64)
-    cum = matches.cumsum(dim=1, dtype=torch.float64)
-    ap = (cum / ranks * matches).sum(dim=1) / num_rel.clamp_min(1)
-    last = torch.where(matches, ranks.expand_as(cum), torch.zeros_like(cum)).amax(dim=1)
-    inp = num_rel / last.clamp_min(1)
-    return torch.stack([*(h.double() for h in hits), ap[valid].sum(), inp[valid].sum(),
-                        valid.sum().double(), torch.tensor(float(len(sim)), device=sim.device,
-                                                           dtype=torch.float64)])
+    first = ranks[start[valid]]  # best rank of a correct image
+    last = ranks[(start + num_rel - 1)[valid]]
+    for i, k in enumerate(ks):
+        stats[i] = (first <= k).sum()
+    stats[len(ks)] = (ap[valid] / num_rel[valid]).sum()
+    stats[len(ks) + 1] = (num_rel[valid].to(f64) / last.to(f64)).sum()
+    stats[len(ks) + 2] = valid.sum()
+    if cmc:
+        stats[len(ks) + 4:] = torch.bincount(first[first <= cmc] - 1, minlength=cmc).to(f64)
+    return stats
 
 
 def finish(stats: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -37,20 +92,25 @@ def finish(stats: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     out = {f"R{k}": 100.0 * float(stats[i]) / max(queries, 1) for i, k in enumerate(ks)}
     out["mAP"] = 100.0 * float(stats[n_k]) / max(valid, 1)
     out["mINP"] = 100.0 * float(stats[n_k + 1]) / max(valid, 1)
+    if len(stats) > n_k + 4:  # CMC: R@k for k = 1..len
+        out["cmc"] = (100.0 * torch.cumsum(stats[n_k + 4:], 0) / max(queries, 1)).tolist()
     return out
 
 
 def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
-                      chunk: int = 1024) -> dict[str, float]:
-    """``similarity`` [Q, G] (queries are texts) -> {"R1", "R5", "R10", "mAP", "mINP"} in percent."""
+                      chunk: int = 1024, cmc: int = 0) -> dict[str, float]:
+    """``similarity`` [Q, G] (queries are texts) -> {"R1", "R5", "R10", "mAP", "mINP"} in percent (+ "cmc": R@1..cmc
+    when ``cmc`` > 0)."""
     if similarity.shape != (len(query_pids), len(gallery_pids)):
         raise ValueError(f"similarity {tuple(similarity.shape)} does not match {len(query_pids)} queries x "
                          f"{len(gallery_pids)} gallery images")
     query_pids = query_pids.to(similarity.device)
     gallery_pids = gallery_pids.to(similarity.device)
-    total = torch.zeros(len(KS) + 4, dtype=torch.float64, device=similarity.device)
+    cmc = min(cmc, len(gallery_pids))
+    total = torch.zeros(len(KS) + 4 + cmc, dtype=torch.float64, device=similarity.device)
     for start in range(0, len(similarity), chunk):
-        total += chunk_stats(similarity[start:start + chunk], query_pids[start:start + chunk], gallery_pids)
+        total += chunk_stats(similarity[start:start + chunk], query_pids[start:start + chunk], gallery_pids,
+                             cmc=cmc)
     return finish(total)
 
 

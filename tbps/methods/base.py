@@ -99,6 +99,11 @@ class Method(nn.Module):
         """[num_texts, num_images] scores; default: cosine of single embeddings."""
         return F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).t()
 
+    def search_vectors(self, emb: torch.Tensor, side: str) -> torch.Tensor:
+        """Vectors whose inner products equal ``similarity`` (text side · image side), so a gallery can live in a
+        vector index (FAISS). Default: the L2-normalised embeddings (cosine)."""
+        return F.normalize(emb, dim=-1)
+
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

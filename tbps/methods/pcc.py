@@ -92,6 +92,14 @@ class PCC(Method):
         parts = torch.einsum("ikd,jkd->ij", t[:, 1:], v[:, 1:]) / (t.shape[1] - 1)
         return glob + self.mcfg.part_weight * parts
 
+    def search_vectors(self, emb, side):
+        # similarity = global . global + (w / K) * sum_k part_k . part_k: scale the text side's parts by w / K
+        e = self.cfg.model.embed_dim
+        x = emb.view(len(emb), -1, e).clone()
+        if side == "text":
+            x[:, 1:] *= self.mcfg.part_weight / (x.shape[1] - 1)
+        return x.flatten(1)
+
     def losses(self, batch):
         pids = batch["pids"]
         vg, vc, vf = self._embed(*self._image(batch["images"]))

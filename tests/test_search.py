@@ -1,0 +1,166 @@
+"""Retrieval tools on a tiny trained checkpoint: tbps.search (HTML + PNG grid, cached gallery index, FAISS),
+tbps.evaluate's CMC plot and multi-checkpoint comparison, and search vectors that reproduce each method's
+similarity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_split
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synth_tiny, tmp_path_factory):
+    """CLIP-tiny trained for a few dozen steps in-process (plain loop), saved as a tbps checkpoint directory."""
+    from tbps.config import dump_yaml, load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.engine.checkpoint import write_model_dir
+    from tbps.methods import TextSpec, build_method
+
+    cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", "data.loader_workers=0", "data.batch_size=16",
+                                    "method.losses=[{name: itc, weight: 1.0}, {name: id, weight: 1.0}]"])
+    cfg.data.tokenizer = os.path.join(synth_tiny, "tokenizer")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
+    opt = torch.optim.Adam(method.parameters(), lr=1e-3)
+    loader = build_train_loader(cfg.data, tok, method.data_needs())
+    losses = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            loss = method(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    path = str(tmp_path_factory.mktemp("ckpt") / "best")
+    write_model_dir(path, method.state_dict(), dump_yaml(cfg), {"epoch": 4, "method": "clip", "num_classes": 40})
+    return path
+
+
+def test_search_vectors_reproduce_each_methods_similarity():
+    from tbps.config import load_config
+    from tbps.methods import TextSpec, build_method
+
+    text = TextSpec(vocab_size=60, length=12, pad_id=0, mask_id=1, bos_id=2, eos_id=3)
+    torch.manual_seed(0)
+    for preset in ("clip_tiny", "irra_tiny", "ivt_tiny", "pcc_tiny"):
+        cfg = load_config(preset)
+        m = build_method(cfg, text, 10).eval()
+        images = torch.randn(5, 3, *cfg.data.image_size)
+        ids = torch.randint(4, 60, (7, 12))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            v, t = m.encode_image(images), m.encode_text(ids, mask)
+            want = m.similarity(t, v)
+            got = m.search_vectors(t, "text") @ m.search_vectors(v, "image").t()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=preset)
+
+
+def test_search_writes_html_and_grid_and_reuses_the_gallery_cache(tiny_checkpoint, synth_tiny, tmp_path):
+    from PIL import Image
+
+    from tbps.search import LABEL_H, TILE_H, TILE_W, search
+
+    sample = read_split(synth_tiny, "test")[3]
+    query = sample["captions"][0]
+    logs = []
+    first = search(tiny_checkpoint, synth_tiny, [query], top_k=7, out=str(tmp_path / "a"), log=logs.append)[0]
+    assert first["index_cached"] is False
+    cache = [os.path.join(tiny_checkpoint, "search-index", f) for f in
+             os.listdir(os.path.join(tiny_checkpoint, "search-index"))]
+    assert len(cache) == 1
+    mtime = os.path.getmtime(cache[0])
+    # the PNG decodes and holds K tiles (5 per row)
+    with Image.open(tmp_path / "a" / "grid.png") as im:
+        assert im.size == (5 * TILE_W, 2 * (TILE_H + LABEL_H))
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert page.count("<figure") == 7 and "data:image/jpeg;base64," in page
+    hits = first["hits"]
+    assert [h["rank"] for h in hits] == list(range(1, 8))
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    # a dataset caption: the person id is known and each hit is marked
+    assert first["query_pid"] == sample["pid"]
+    assert all(h["correct"] == (h["pid"] == sample["pid"]) for h in hits)
+    assert first["gallery_size"] == 36
+
+    # second query: the cached index is reused, nothing re-embedded
+    second = search(tiny_checkpoint, synth_tiny, ["a person in a red jacket"], top_k=3, out=str(tmp_path / "b"),
+                    log=logs.append)[0]
+    assert second["index_cached"] is True and os.path.getmtime(cache[0]) == mtime
+    assert second["query_pid"] is None and all(h["correct"] is None for h in second["hits"])
+    assert not any("embedded" in line for line in logs[logs.index(next(l for l in logs if "from the cache" in l)):])
+    assert second["answer_ms"] < 1000
+
+    # FAISS ranks the same images as the exact matmul
+    faiss = search(tiny_checkpoint, synth_tiny, [query], top_k=7, out=str(tmp_path / "c"), faiss_min=0,
+                   log=logs.append)[0]
+    assert faiss["faiss"] is True
+    assert [h["key"] for h in faiss["hits"]] == [h["key"] for h in hits]
+    for a, b in zip(faiss["hits"], hits):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_search_cli_with_a_file_of_queries(tiny_checkpoint, synth_tiny, tmp_path):
+    queries = tmp_path / "q.txt"
+    queries.write_text("# comment\na man with a blue shirt\n\na woman carrying a bag\n")
+    out = subprocess.run([sys.executable, "-m", "tbps.search", "--checkpoint", tiny_checkpoint, "--gallery",
+                          synth_tiny, "--queries", str(queries), "--top-k", "4", "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folders = sorted(os.listdir(tmp_path / "o"))
+    assert folders == ["q001-a-man-with-a-blue-shirt", "q002-a-woman-carrying-a-bag"]
+    for f in folders:
+        assert len(json.load(open(tmp_path / "o" / f / "results.json"))["hits"]) == 4
+    assert "from the cache" in out.stdout or "cached at" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tbps.search", "--checkpoint", str(tmp_path), "--gallery",
+                          synth_tiny, "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a tbps checkpoint" in bad.stderr
+
+
+def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synth_tiny, tmp_path):
+    from PIL import Image
+
+    out = subprocess.run([sys.executable, "-m", "tbps.evaluate", "--checkpoint", tiny_checkpoint, "--name", "clip-a",
+                          "--checkpoint", tiny_checkpoint, "--name", "clip-b", "--split", "val", "--cmc", "15",
+                          "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "rep" / "metrics.json"))
+    assert list(rows) == ["clip-a", "clip-b"]
+    for m in rows.values():
+        cmc = m["cmc"]
+        assert len(cmc) == 15 and all(a <= b for a, b in zip(cmc, cmc[1:]))
+        assert cmc[0] == pytest.approx(m["R1"]) and cmc[4] == pytest.approx(m["R5"])
+        assert cmc[9] == pytest.approx(m["R10"])
+    table = open(tmp_path / "rep" / "metrics.md").read()
+    assert "| clip-a | clip |" in table and "| clip-b | clip |" in table
+    with Image.open(tmp_path / "rep" / "cmc.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    assert "clip-a (val)" in out.stdout
+
+
+@pytest.mark.parametrize("script,rows", [("eval.py", ["| quick-a |", "| quick-b |"]),
+                                         ("data.py", ["shards_local", "shards_s3", "folder"]),
+                                         ("overhead.py", ["plain PyTorch", "Ray Train + DeepSpeed ZeRO-0"]),
+                                         ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
+                                                            "| pcc_tiny |"])])
+def test_bench_quick_modes(script, rows, tmp_path):
+    """Every benchmark runs its comparison end to end in --quick mode (correctness, not timings)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled",
+                              "TBPS_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for row in rows:  # printed a measured row for each contender
+        line = next((x for x in out.stdout.splitlines() if x.strip().startswith(row)), None)
+        assert line and any(c.isdigit() for c in line.replace(row, "")), out.stdout
+    if script == "eval.py":
+        assert "| NO |" not in out.stdout  # the two implementations agree
