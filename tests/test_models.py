@@ -141,3 +141,14 @@ def test_bmm_never_drops_cls_and_stays_within_bound():
         assert (dropped <= (real.float() * 0.2).floor()).all()
         seen_drop |= bool(dropped.sum() > 0)
     assert seen_drop
+
+
+def test_attention_runs_through_pytorch_sdpa():
+    """Both towers use fused attention (F.scaled_dot_product_attention), which bench/train_step.py relies on."""
+    from tbps.config import load_config
+    from tbps.methods import TextSpec, build_method
+
+    cfg = load_config("irra_tiny")
+    m = build_method(cfg, TextSpec(vocab_size=60, length=12, pad_id=0, mask_id=1, bos_id=2, eos_id=3), 10)
+    assert m.text_tower.model.config._attn_implementation == "sdpa"
+    assert all(blk.attn.fused_attn for blk in m.image_tower.vit.blocks)
