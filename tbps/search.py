@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -86,25 +87,26 @@ def build_gallery(method, cfg, gallery: str, split: str, device: str = "cpu", ba
                   log=None) -> GalleryIndex:
     from tbps.data import load_manifest
     from tbps.data.stream import _decode_image, shard_samples, split_shards
-    from tbps.data.transforms import build_transform
+    from tbps.data.transforms import BatchAugment, resize_uint8
 
     manifest = load_manifest(gallery)
     urls = [join(gallery, s["name"]) for s in split_shards(manifest, split, gallery)]
-    transform = build_transform(cfg.data, train=False)
+    augment = BatchAugment(cfg.data, train=False)
+    size = tuple(cfg.data.image_size)
     method.eval()
     vecs, pids, keys, shards, paths, caps = [], [], [], [], [], {}
-    batch: list[torch.Tensor] = []
+    batch: list[np.ndarray] = []
 
     def flush():
         if batch:
-            emb = method.encode_image(torch.stack(batch).to(device)).float()
+            emb = method.encode_image(augment(torch.from_numpy(np.stack(batch))).to(device)).float()
             vecs.append(method.search_vectors(emb, "image").cpu())
             batch.clear()
 
     t0 = time.time()
     for sample in shard_samples(urls):
         meta = json.loads(sample["json"])
-        batch.append(transform(_decode_image(sample, tuple(cfg.data.image_size))))
+        batch.append(resize_uint8(_decode_image(sample, size), size))
         pids.append(int(meta["pid"]))
         keys.append(sample["__key__"])
         shards.append(os.path.basename(sample["__url__"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -176,3 +177,43 @@ def test_synth_raw_layout_builds_with_shards_build(tmp_path):
     assert build_main(["--dataset", "cuhk-pedes", "--root", raw, "--out", out]) == 0
     manifest = load_manifest(out)
     assert manifest["splits"]["train"]["images"] == 10 and manifest["num_train_ids"] == 5
+
+
+def test_batch_augment_matches_torchvision_transforms(synth_tiny):
+    """BatchAugment runs build_transform's operations on a batch: identical at eval, same operations in training."""
+    import numpy as np
+    from PIL import Image
+
+    from tbps.config import DataConfig
+    from tbps.data.transforms import BatchAugment, build_transform, resize_uint8
+
+    cfg = DataConfig(image_size=[96, 32], pad=4, flip=0.5, random_erasing=0.5)
+    pil = [Image.open(io.BytesIO(s["image"])).convert("RGB") for s in read_split(synth_tiny, "val")[:12]]
+    pixels = torch.from_numpy(np.stack([resize_uint8(im, (96, 32)) for im in pil]))
+    # evaluation: resize + normalise, the same numbers as torchvision's per-image pipeline
+    ref = torch.stack([build_transform(cfg, train=False)(im) for im in pil])
+    got = BatchAugment(cfg, train=False)(pixels)
+    assert got.shape == ref.shape == (12, 3, 96, 32)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # flip with p = 1 is the mirror image; pad + crop shifts by at most `pad` and fills with black
+    flip = DataConfig(image_size=[96, 32], pad=0, flip=1.0, random_erasing=0.0)
+    torch.testing.assert_close(BatchAugment(flip, train=True)(pixels), ref.flip(-1), atol=1e-5, rtol=1e-5)
+    crop = DataConfig(image_size=[96, 32], pad=4, flip=0.0, random_erasing=0.0)
+    out = BatchAugment(crop, train=True)(pixels, torch.Generator().manual_seed(0))
+    black = BatchAugment(crop, train=False)(torch.zeros(1, 96, 32, 3, dtype=torch.uint8))[0, :, 0, 0]
+    for b in range(12):
+        found = [(i, j) for i in range(-4, 5) for j in range(-4, 5)
+                 if torch.allclose(out[b, :, 8:88, 8:24], ref[b, :, 8 + i:88 + i, 8 + j:24 + j], atol=1e-5)]
+        assert found, f"image {b} is not a shifted copy"
+        i, j = found[0]
+        if i < 0:  # shifted down: the top rows came from the padding
+            assert torch.allclose(out[b, :, 0, :], black[:, None].expand(3, 32), atol=1e-5)
+    # random erasing zeroes a box in about half the images; fixed generator = reproducible
+    erase = DataConfig(image_size=[96, 32], pad=0, flip=0.0, random_erasing=0.5)
+    a = BatchAugment(erase, train=True)(pixels.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1))
+    b = BatchAugment(erase, train=True)(pixels.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    erased = ((a == 0).all(dim=1).flatten(1).sum(1) > 0).float().mean()
+    assert 0.3 < erased < 0.7
+    with pytest.raises(ValueError, match="expected uint8"):
+        BatchAugment(cfg, train=True)(ref)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -32,7 +33,7 @@ from shards.writer import MANIFEST_FORMAT
 
 from . import remote
 from .text import mask_tokens, mla_texts, tokenize
-from .transforms import build_transform
+from .transforms import BatchAugment, resize_uint8
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 
@@ -160,7 +161,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.train = rank, world_size, train
         self.num_workers = max(1, cfg.loader_workers)
         self.epoch = 0
-        self.transform = build_transform(cfg, train=train)
+        self.augment = BatchAugment(cfg, train=train)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
 
     def set_epoch(self, epoch: int) -> None:
@@ -175,10 +176,9 @@ class ShardStream(IterableDataset):
     # -- per sample (runs in the loader worker)
     def _sample(self, sample: dict, rng: random.Random) -> dict:
         meta = json.loads(sample["json"])
-        img = _decode_image(sample, tuple(self.cfg.image_size))
-        views = [self.transform(img) for _ in range(self.needs.views)]
+        size = tuple(self.cfg.image_size)
         caption = rng.choice(meta["captions"])
-        out = {"image": views[0] if len(views) == 1 else torch.stack(views), "caption": caption,
+        out = {"image": resize_uint8(_decode_image(sample, size), size), "caption": caption,
                "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
                "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
@@ -189,8 +189,10 @@ class ShardStream(IterableDataset):
     def _collate(self, samples: list[dict], gen: torch.Generator) -> dict:
         length = self.cfg.text_length
         ids, mask = tokenize(self.tokenizer, [s["caption"] for s in samples], length)
+        pixels = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B, H, W, 3]
+        views = [self.augment(pixels, gen) for _ in range(self.needs.views)]  # independent augmentations
         batch = {
-            "images": torch.stack([s["image"] for s in samples]),
+            "images": views[0] if len(views) == 1 else torch.stack(views, dim=1),
             "text_ids": ids,
             "text_mask": mask,
             "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
@@ -221,7 +223,6 @@ class ShardStream(IterableDataset):
         seed = _seed_int(self.cfg.seed, self.epoch, self.rank, worker)
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed + 1)  # augmentation draws in this worker
         urls = [join(self.url, s["name"]) for s in mine]
         stages = [lambda: shard_samples(urls)]
         if self.train and self.cfg.shuffle_buffer > 1:
@@ -291,7 +292,7 @@ class EvalStream(IterableDataset):
         shards = split_shards(manifest, split, url)
         offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
         self.mine = [(s, offsets[i]) for i, s in enumerate(shards) if i % world_size == rank]
-        self.transform = build_transform(cfg, train=False)
+        self.augment = BatchAugment(cfg, train=False)
 
     def __iter__(self):
         remote.register_fsspec_gopen()
@@ -312,7 +313,8 @@ class EvalStream(IterableDataset):
         images, pids, index, captions, cpids, cindex = [], [], [], [], [], []
         for i, sample in chunk:
             meta = json.loads(sample["json"])
-            images.append(self.transform(_decode_image(sample, tuple(self.cfg.image_size))))
+            size = tuple(self.cfg.image_size)
+            images.append(resize_uint8(_decode_image(sample, size), size))
             pids.append(meta["pid"])
             index.append(i)
             for j, cap in enumerate(meta["captions"]):
@@ -320,7 +322,8 @@ class EvalStream(IterableDataset):
                 cpids.append(meta["pid"])
                 cindex.append(i * 1000 + j)
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
-        return {"images": torch.stack(images), "image_pids": torch.tensor(pids), "image_index": torch.tensor(index),
+        return {"images": self.augment(torch.from_numpy(np.stack(images))), "image_pids": torch.tensor(pids),
+                "image_index": torch.tensor(index),
                 "text_ids": ids, "text_mask": mask, "text_pids": torch.tensor(cpids),
                 "text_index": torch.tensor(cindex)}
 
