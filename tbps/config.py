@@ -236,18 +236,19 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def preset_path(name_or_path: str) -> str:
+def preset_path(name_or_path: str, directory: str = PRESET_DIR, what: str = "config") -> str:
+    """A YAML file path, or the preset of that name in ``directory``; the error lists the presets."""
     if os.path.exists(name_or_path):
         return name_or_path
-    candidate = os.path.join(PRESET_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    candidate = os.path.join(directory, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if os.path.exists(candidate):
         return candidate
-    names = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
-    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor a preset ({', '.join(names)})")
+    names = sorted(f[:-5] for f in os.listdir(directory) if f.endswith(".yaml"))
+    raise ConfigError(f"{what} {name_or_path!r} not found: not a file, nor a preset ({', '.join(names)})")
 
 
-def read_yaml_tree(path: str) -> dict:
-    """Read a config YAML; ``base: NAME`` inherits from another preset/file first."""
+def read_yaml_mapping(path: str) -> dict:
+    """A YAML file whose top level is a mapping; errors name the file."""
     with open(path) as f:
         try:
             tree = yaml.safe_load(f) or {}
@@ -255,6 +256,12 @@ def read_yaml_tree(path: str) -> dict:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return tree
+
+
+def read_yaml_tree(path: str) -> dict:
+    """Read a config YAML; ``base: NAME`` inherits from another preset/file first."""
+    tree = read_yaml_mapping(path)
     base = tree.pop("base", None)
     if base:
         tree = _deep_merge(read_yaml_tree(preset_path(base)), tree)

@@ -27,7 +27,6 @@ or a constant.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import typing
@@ -36,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from tbps.config import Config, ConfigError, load_config, parse_override, preset_path
+from tbps.config import Config, ConfigError, load_config, parse_override, preset_path, read_yaml_mapping
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -202,21 +201,8 @@ def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
     """Read and validate a sweep YAML (a path or a preset name in tune/configs), applying ``key=value`` overrides:
     sweep fields (``num_samples=8``, ``data_url=...``) or, for any other dotted key, tbps config overrides for every
     trial (``train.num_workers=4``)."""
-    path = path_or_name
-    if not os.path.exists(path):
-        candidate = os.path.join(PRESET_DIR, path if path.endswith(".yaml") else path + ".yaml")
-        if not os.path.exists(candidate):
-            names = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
-            raise ConfigError(f"sweep {path_or_name!r} not found: not a file, nor a preset ({', '.join(names)})")
-        path = candidate
-    with open(path) as f:
-        try:
-            tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    tree = copy.deepcopy(tree)
+    path = preset_path(path_or_name, PRESET_DIR, "sweep")
+    tree = read_yaml_mapping(path)
     simple = {f.name for f in dataclasses.fields(SweepSpec)} - {"overrides", "methods", "source"}
     for text in cli or []:
         key, value = parse_override(text)
