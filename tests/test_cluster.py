@@ -152,10 +152,11 @@ def test_two_node_cluster_one_worker_per_node_disjoint_s3_shards(s3_server, synt
     env = {**os.environ, **s3_server["env"], "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
     script = tmp_path / "two_node.py"
     script.write_text(TWO_NODE_DRIVER)
-    out = subprocess.run([sys.executable, str(script), url, str(tmp_path / "runs")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    info_path = tmp_path / "nodes.json"  # a file: worker log lines reach stdout asynchronously, after any marker
+    out = subprocess.run([sys.executable, str(script), url, str(tmp_path / "runs"), str(info_path)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = json.loads(info_path.read_text())
     metrics = json.load(open(tmp_path / "runs" / "two-node" / "metrics.json"))
     workers = sorted(metrics["workers"], key=lambda w: w["rank"])
     assert [w["rank"] for w in workers] == [0, 1]
@@ -173,7 +174,7 @@ import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
 
-url, storage = sys.argv[1], sys.argv[2]
+url, storage, info_path = sys.argv[1], sys.argv[2], sys.argv[3]
 env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_AUTH_MODE"))}
 # two raylets on loopback, one CPU each: a 2-worker run can only place one worker per node
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
@@ -191,7 +192,8 @@ cfg = load_config("clip_tiny", [f"data.url={url}", "data.batch_size=8", "train.e
                                 f"train.storage_path={storage}", "train.run_name=two-node"])
 result = fit(cfg)
 assert result.error is None, result.error
-print(json.dumps({"nodes": nodes}))
+with open(info_path, "w") as f:
+    json.dump({"nodes": nodes}, f)
 ray.shutdown()
 cluster.shutdown()
 '''
