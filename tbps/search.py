@@ -166,11 +166,13 @@ def fetch_images(index: GalleryIndex, positions: list[int]) -> dict[int, bytes]:
         want.setdefault(index.shards[p], {})[index.keys[p]] = p
     out = {}
     for shard, keys in want.items():
+        left = len(keys)
         for sample in shard_samples([join(index.url, shard)]):
             p = keys.get(sample["__key__"])
             if p is not None:
                 out[p] = next(sample[k] for k in IMAGE_KEYS if k in sample)
-                if len(out) == len(positions) or all(q in out for q in keys.values()):
+                left -= 1
+                if left == 0:  # stop reading this shard once its images are found
                     break
     return out
 

@@ -66,11 +66,12 @@ def collect(spec: SweepSpec, results) -> list[Trial]:
         epochs = spec.base_config(method, params).train.epochs
         df = r.metrics_dataframe
         rows = df.to_dict("records") if df is not None and len(df) else []
-        epoch_rows = [x for x in rows if not any(str(k).startswith("test_") and x.get(k) == x.get(k) for k in x)]
+        # the final report carries test_* (absent = NaN in the other rows of the dataframe)
+        final = next((x for x in rows if _number(x.get("test_R1"))), None)
+        epoch_rows = [x for x in rows if x is not final]
         epochs_run = int(max((x.get("epoch", 0) or 0 for x in epoch_rows), default=0))
-        scored = [x for x in epoch_rows if x.get(metric) == x.get(metric) and x.get(metric) is not None]
+        scored = [x for x in epoch_rows if _number(x.get(metric))]
         best = max(scored, key=lambda x: x[metric]) if scored else {}
-        final = next((x for x in rows if x.get("test_R1") == x.get("test_R1") and x.get("test_R1") is not None), None)
         trial_id = _trial_id(r)
         if r.error:
             status = "error"
@@ -89,6 +90,11 @@ def collect(spec: SweepSpec, results) -> list[Trial]:
             error=str(r.error).splitlines()[0][:200] if r.error else ""))
     trials.sort(key=lambda t: (-(t.metric if t.metric == t.metric else -math.inf), t.trial_id))
     return trials
+
+
+def _number(v) -> bool:
+    """A reported value that is there: not None and not NaN (Tune's dataframe fills missing keys with NaN)."""
+    return isinstance(v, (int, float)) and v == v
 
 
 def _trial_id(result) -> str:
