@@ -71,3 +71,45 @@ def test_without_gather_ranks_see_only_local_negatives(synth_tiny):
         full = method(batch)["loss"]
         halves = (method(_slice(batch, 0, B))["loss"] + method(_slice(batch, B, 2 * B))["loss"]) / 2
     assert not torch.allclose(full, halves)
+
+
+def _single_rank_engines(rank, url, port, out_dir):
+    import deepspeed
+
+    from tbps.config import load_config
+    from tbps.engine.worker import deepspeed_config, initialize_engine
+    from tbps.optim import build_optimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        method, batch = _setup("irra", url)
+        state = {k: v.clone() for k, v in method.state_dict().items()}
+        results = {}
+        for name in ("ours", "deepspeed"):
+            method.load_state_dict(state)
+            cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
+            opt = build_optimizer(method, cfg.optim)
+            if name == "ours":
+                engine, *_ = initialize_engine(cfg, method, opt)
+            else:
+                engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=deepspeed_config(cfg))
+            for _ in range(3):
+                engine.backward(engine(batch)["loss"])
+                engine.step()
+            results[name] = {"allreduce": engine.enable_backward_allreduce,
+                             "params": {k: v.detach().clone() for k, v in method.state_dict().items()}}
+        torch.save(results, os.path.join(out_dir, "single.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_single_rank_engine_skips_the_self_allreduce_and_trains_identically(synth_tiny, tmp_path):
+    """One rank at ZeRO-0: no gradient all-reduce with itself, and the same parameters after clipped Adam steps."""
+    mp.spawn(_single_rank_engines, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
+    res = torch.load(tmp_path / "single.pt")
+    assert res["ours"]["allreduce"] is False and res["deepspeed"]["allreduce"] is True
+    ours, ref = res["ours"]["params"], res["deepspeed"]["params"]
+    assert any(not torch.equal(ours[k], v) for k, v in _setup("irra", synth_tiny)[0].state_dict().items())  # trained
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
