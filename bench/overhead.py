@@ -1,9 +1,18 @@
 """Step-time overhead of Ray Train + DeepSpeed (1 worker, ZeRO 0) against a plain single-process PyTorch loop:
 same tiny model (clip_tiny preset), same fixed batch, same optimizer and gradient clipping.
 
-    python bench/overhead.py [--steps 60] [--threads N ...] [--quick]
+    python bench/overhead.py [--rounds 16] [--block 5] [--threads N ...] [--quick]
 
 Goal (issue #4): Ray Train + DeepSpeed step time <= 1.10x the plain loop.
+
+Step times on small shared machines drift by tens of percent between minutes, more than the effect measured, so
+the contenders run interleaved, a block of steps at a time, under the same conditions: the plain loop in this
+process and the Ray Train worker (which waits on a FIFO between its blocks) both stay alive, and each round runs
+ 1. the plain loop with every Ray process stopped (SIGSTOP): plain PyTorch, no Ray on the machine;
+ 2. the plain loop with Ray running beside it (its daemons and the idle Train controller and actors);
+ 3. a block of the Ray Train worker's DeepSpeed steps, this process idle,
+in a rotating order. 2 against 1 is what Ray's control plane costs a process beside it; 3 against 2 is the
+per-step cost of the Train worker and the DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -12,6 +21,9 @@ import argparse
 import json
 import os
 import platform
+import select
+import signal
+import threading
 import sys
 import tempfile
 import time
@@ -39,35 +51,35 @@ def make(preset: str, batch_size: int):
     return cfg, method, batch
 
 
-def timed_steps(step, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
+def plain_step(preset: str, batch_size: int):
+    """One plain PyTorch training step: zero_grad, forward, backward, clip (as the DeepSpeed config does), step."""
+    from tbps.optim import build_optimizer
+
+    cfg, method, batch = make(preset, batch_size)
+    opt = build_optimizer(method, cfg.optim)
+    params = [p for p in method.parameters() if p.requires_grad]
+
+    def step():
+        opt.zero_grad()
+        method(batch)["loss"].backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+    return step
+
+
+def timed(step, n: int) -> list[float]:
     times = []
-    for _ in range(steps):
+    for _ in range(n):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     return times
 
 
-def plain(preset, batch_size, steps, warmup):
-    from tbps.optim import build_optimizer
-
-    cfg, method, batch = make(preset, batch_size)
-    opt = build_optimizer(method, cfg.optim)
-
-    params = [p for p in method.parameters() if p.requires_grad]
-
-    def step():
-        opt.zero_grad()
-        method(batch)["loss"].backward()
-        if cfg.optim.grad_clip > 0:  # the same clipping DeepSpeed's config applies
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-    return timed_steps(step, steps, warmup)
-
-
 def ray_worker(config):
+    """The Ray Train worker: builds the engine as tbps.train does, then runs a block of timed steps for every
+    number read from the `go` FIFO (0 ends), answering each with a JSON line of step times on `done`."""
     import torch
 
     from tbps.engine.worker import initialize_engine
@@ -82,78 +94,173 @@ def ray_worker(config):
         out = engine(batch)
         engine.backward(out["loss"])
         engine.step()
-    times = timed_steps(step, config["steps"], config["warmup"])
-    with open(config["out"], "w") as f:
-        json.dump(times, f)
+    timed(step, config["warmup"])
+    with open(config["go"]) as go, open(config["done"], "w") as done:
+        for line in go:
+            if int(line) == 0:
+                break
+            done.write(json.dumps(timed(step, int(line))) + "\n")
+            done.flush()
 
 
-def under_ray(preset, batch_size, steps, warmup, threads):
-    """Start a local Ray (dashboard on, as tbps starts it), time the plain loop in this driver while Ray's control
-    plane idles beside it, then the Ray Train + DeepSpeed worker. Returns (beside, ray) step times."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+class RayContender:
+    """A local Ray (dashboard on, as tbps starts one) running the Train worker in the background, driven block by
+    block through two FIFOs."""
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
-                                       "RAY_AUTH_MODE": "disabled"}})
-    out = tempfile.mktemp(suffix=".json")
+    def __init__(self, preset, batch_size, warmup, threads, timeout=600):
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.dir = tempfile.mkdtemp(prefix="tbps-overhead-")
+        self.go_path, self.done_path = os.path.join(self.dir, "go"), os.path.join(self.dir, "done")
+        os.mkfifo(self.go_path)
+        os.mkfifo(self.done_path)
+        self.timeout = timeout
+        self.settle = 1.0
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+                                           "RAY_AUTH_MODE": "disabled"}})
+        trainer = TorchTrainer(
+            ray_worker, train_loop_config={"preset": preset, "batch_size": batch_size, "warmup": warmup,
+                                           "threads": threads, "go": self.go_path, "done": self.done_path},
+            # as many CPUs as the plain loop has threads: Ray sizes a worker's thread pools by its CPUs
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            torch_config=TorchConfig(backend="gloo"),
+            run_config=RunConfig(name="overhead", storage_path=os.path.join(self.dir, "runs")))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
+        self.thread.start()
+        # the worker opens `go` for reading, then `done` for writing; open ours in the same order
+        self.go = self._open(self.go_path, os.O_WRONLY)
+        self.done = self._open(self.done_path, os.O_RDONLY)
+        self.buffer = b""
+
+    def _fit(self, trainer):
+        try:
+            trainer.fit()
+        except BaseException as e:  # reported to the caller instead of hanging on the FIFOs
+            self.error = e
+
+    def _open(self, path, flags):
+        deadline = time.time() + self.timeout
+        while True:
+            try:  # non-blocking: opening a FIFO for writing fails (ENXIO) until its reader is there
+                fd = os.open(path, flags | os.O_NONBLOCK)
+                os.set_blocking(fd, flags == os.O_WRONLY)  # reads go through select()
+                return fd
+            except OSError:
+                pass
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the Ray Train worker did not start: {self.error!r}")
+            time.sleep(0.05)
+
+    def run(self, n: int) -> list[float]:
+        os.write(self.go, f"{n}\n".encode())
+        deadline = time.time() + self.timeout
+        while b"\n" not in self.buffer:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the Ray Train worker stopped answering: {self.error!r}")
+            if select.select([self.done], [], [], 0.5)[0]:
+                chunk = os.read(self.done, 65536)
+                self.buffer += chunk
+                if not chunk:  # no writer yet (or any more): EOF
+                    time.sleep(0.05)
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def processes(self):
+        import psutil
+
+        return psutil.Process().children(recursive=True)  # gcs, raylet, dashboard, agents, workers: all Ray's
+
+    def stopped(self):
+        """Context: every Ray process stopped (SIGSTOP) for the duration, continued afterwards."""
+        contender = self
+
+        class _Stopped:
+            def __enter__(self):
+                self.procs = contender.processes()
+                for p in self.procs:
+                    p.send_signal(signal.SIGSTOP)
+
+            def __exit__(self, *exc):
+                for p in self.procs:
+                    try:
+                        p.send_signal(signal.SIGCONT)
+                    except Exception:  # noqa: BLE001 - a process that exited meanwhile
+                        pass
+                time.sleep(contender.settle)  # the daemons' timers that came due meanwhile fire now, not in a block
+        return _Stopped()
+
+    def close(self):
+        import ray
+
+        try:
+            os.write(self.go, b"0\n")
+            self.thread.join(timeout=120)
+        finally:
+            os.close(self.go)
+            os.close(self.done)
+            ray.shutdown()
+
+
+ROWS = ("plain PyTorch", "plain PyTorch beside Ray", "Ray Train + DeepSpeed ZeRO-0")
+
+
+def compare(args, threads: int) -> list[list[float]]:
+    torch.set_num_threads(threads)
+    step = plain_step(args.preset, args.batch_size)
+    timed(step, args.warmup)
+    ray_side = RayContender(args.preset, args.batch_size, args.warmup, threads)
+    times: list[list[float]] = [[], [], []]
     try:
-        time.sleep(3)  # let the daemons finish starting up
-        beside = plain(preset, batch_size, steps, warmup)
-        TorchTrainer(ray_worker, train_loop_config={"preset": preset, "batch_size": batch_size, "steps": steps,
-                                                    "warmup": warmup, "out": out, "threads": threads},
-                     # as many CPUs as the plain loop has threads: Ray sizes a worker's thread pools by its CPUs
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-                     torch_config=TorchConfig(backend="gloo"),
-                     run_config=RunConfig(name="overhead", storage_path=tempfile.mkdtemp())).fit()
-        return beside, json.load(open(out))
+        time.sleep(3)  # let Ray's daemons finish starting up
+        for r in range(args.rounds):
+            for which in [(r + k) % 3 for k in range(3)]:  # rotate the order: no contender always goes first
+                if which == 0:
+                    with ray_side.stopped():
+                        times[0] += timed(step, args.block)
+                elif which == 1:
+                    times[1] += timed(step, args.block)
+                else:
+                    times[2] += ray_side.run(args.block)
     finally:
-        ray.shutdown()
-
-
-ROWS = ("plain PyTorch", "plain PyTorch beside idle Ray", "Ray Train + DeepSpeed ZeRO-0")
+        ray_side.close()
+    return times
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="clip_tiny")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=16, help="interleaved rounds (one block of each contender)")
+    ap.add_argument("--block", type=int, default=5, help="timed steps per block")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating plain/Ray rounds; best median of each")
     ap.add_argument("--threads", type=int, nargs="*",
                     help="torch threads (= the Ray worker's CPUs) to compare at; default: every core, and every "
-                         "core but one (the control plane's own core, as on any multi-core node)")
+                         "core but one (a core left to Ray's daemons, as on any many-core node)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     threads_list = args.threads or sorted({cores, max(1, cores - 1)}, reverse=True)
     if args.quick:
-        args.steps, args.warmup, args.batch_size, args.repeats = 5, 1, 8, 1
+        args.rounds, args.block, args.warmup, args.batch_size = 2, 2, 1, 8
         threads_list = args.threads or [max(1, cores - 1)]
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; {args.preset}, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats} "
-          f"alternating rounds", flush=True)
-    tables = []
-    for threads in threads_list:
-        torch.set_num_threads(threads)
-        # this machine's step times drift by +-30 % between minutes: alternate the contenders, keep each one's best
-        rounds = [(plain(args.preset, args.batch_size, args.steps, args.warmup),
-                   *under_ray(args.preset, args.batch_size, args.steps, args.warmup, threads))
-                  for _ in range(args.repeats)]
-        best = [median(min((r[i] for r in rounds), key=median)) for i in range(3)]
-        tables.append((threads, best))
+          f"{args.batch_size}; {args.rounds} interleaved rounds of {args.block} timed steps per contender after "
+          f"{args.warmup} warm-up", flush=True)
+    tables = [(threads, [median(t) for t in compare(args, threads)]) for threads in threads_list]
     print(f"\n{'loop':<32}{'torch threads':>14}{'median step ms':>16}{'ratio':>8}")
     for threads, best in tables:
         for name, t in zip(ROWS, best):
             print(f"{name:<32}{threads:>14}{1000 * t:>16.1f}{t / best[0]:>8.2f}")
     for threads, (p, b, r) in tables:
-        print(f"{threads} thread(s): Ray Train + DeepSpeed vs plain {r / p:.2f}x; of which Ray's idle control "
-              f"plane beside the plain loop {b / p:.2f}x; the Ray Train worker + DeepSpeed engine vs the plain loop "
-              f"beside the same control plane {r / b:.2f}x")
+        print(f"{threads} thread(s): Ray Train + DeepSpeed vs plain {r / p:.2f}x = Ray's control plane beside the "
+              f"plain loop {b / p:.2f}x, times the Train worker + DeepSpeed engine against the plain loop beside the "
+              f"same control plane {r / b:.2f}x")
     return 0
 
 

@@ -149,7 +149,8 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
 
 @pytest.mark.parametrize("script,rows", [("eval.py", ["| quick-a |", "| quick-b |"]),
                                          ("data.py", ["shards_local", "shards_s3", "folder"]),
-                                         ("overhead.py", ["plain PyTorch", "Ray Train + DeepSpeed ZeRO-0"]),
+                                         ("overhead.py", ["plain PyTorch", "plain PyTorch beside Ray",
+                                                         "Ray Train + DeepSpeed ZeRO-0"]),
                                          ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
                                                             "| pcc_tiny |"])])
 def test_bench_quick_modes(script, rows, tmp_path):
