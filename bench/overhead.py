@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import signal
 import threading
 import sys
@@ -204,6 +205,7 @@ class RayContender:
             os.close(self.go)
             os.close(self.done)
             ray.shutdown()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 ROWS = ("plain PyTorch", "plain PyTorch beside Ray", "Ray Train + DeepSpeed ZeRO-0")
