@@ -18,6 +18,7 @@ per-step cost of the Train worker and the DeepSpeed engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -104,6 +105,9 @@ def ray_worker(config):
             done.flush()
 
 
+SETTLE_S = 1.0  # pause after continuing the Ray processes
+
+
 class RayContender:
     """A local Ray (dashboard on, as tbps starts one) running the Train worker in the background, driven block by
     block through two FIFOs."""
@@ -119,7 +123,6 @@ class RayContender:
         os.mkfifo(self.go_path)
         os.mkfifo(self.done_path)
         self.timeout = timeout
-        self.settle = 1.0
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
                                            "RAY_AUTH_MODE": "disabled"}})
@@ -171,29 +174,24 @@ class RayContender:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def processes(self):
+    @contextlib.contextmanager
+    def stopped(self):
+        """Every Ray process (gcs, raylet, dashboard, agents, workers: all this driver's descendants) stopped with
+        SIGSTOP for the duration, continued afterwards."""
         import psutil
 
-        return psutil.Process().children(recursive=True)  # gcs, raylet, dashboard, agents, workers: all Ray's
-
-    def stopped(self):
-        """Context: every Ray process stopped (SIGSTOP) for the duration, continued afterwards."""
-        contender = self
-
-        class _Stopped:
-            def __enter__(self):
-                self.procs = contender.processes()
-                for p in self.procs:
-                    p.send_signal(signal.SIGSTOP)
-
-            def __exit__(self, *exc):
-                for p in self.procs:
-                    try:
-                        p.send_signal(signal.SIGCONT)
-                    except Exception:  # noqa: BLE001 - a process that exited meanwhile
-                        pass
-                time.sleep(contender.settle)  # the daemons' timers that came due meanwhile fire now, not in a block
-        return _Stopped()
+        procs = psutil.Process().children(recursive=True)
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for p in procs:
+                try:
+                    p.send_signal(signal.SIGCONT)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(SETTLE_S)  # the daemons' timers that came due meanwhile fire now, not in a timed block
 
     def close(self):
         import ray

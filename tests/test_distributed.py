@@ -85,10 +85,11 @@ def _single_rank_engines(rank, url, port, out_dir):
     try:
         method, batch = _setup("irra", url)
         state = {k: v.clone() for k, v in method.state_dict().items()}
+        cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
         results = {}
         for name in ("ours", "deepspeed"):
             method.load_state_dict(state)
-            cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
+            torch.manual_seed(1)
             opt = build_optimizer(method, cfg.optim)
             if name == "ours":
                 engine, *_ = initialize_engine(cfg, method, opt)
