@@ -1,7 +1,7 @@
 """Step-time overhead of Ray Train + DeepSpeed (1 worker, ZeRO 0) against a plain single-process PyTorch loop:
 same tiny model (clip_tiny preset), same fixed batch, same optimizer and gradient clipping.
 
-    python bench/overhead.py [--rounds 16] [--block 5] [--threads N ...] [--quick]
+    python bench/overhead.py [--rounds 24] [--block 5] [--threads N ...] [--quick]
 
 Goal (issue #4): Ray Train + DeepSpeed step time <= 1.10x the plain loop.
 
@@ -12,7 +12,8 @@ process and the Ray Train worker (which waits on a FIFO between its blocks) both
  2. the plain loop with Ray running beside it (its daemons and the idle Train controller and actors);
  3. a block of the Ray Train worker's DeepSpeed steps, this process idle,
 in a rotating order. 2 against 1 is what Ray's control plane costs a process beside it; 3 against 2 is the
-per-step cost of the Train worker and the DeepSpeed engine.
+per-step cost of the Train worker and the DeepSpeed engine. Ratios pair each block with the plain loop's block of
+the same round (seconds apart) and come with a 90 % bootstrap interval over rounds.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class RayContender:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from tbps.config import load_config
+        from tbps.engine.launcher import worker_runtime_env
+
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self.dir = tempfile.mkdtemp(prefix="tbps-overhead-")
         self.go_path, self.done_path = os.path.join(self.dir, "go"), os.path.join(self.dir, "done")
@@ -132,7 +136,9 @@ class RayContender:
             # as many CPUs as the plain loop has threads: Ray sizes a worker's thread pools by its CPUs
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
             torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(name="overhead", storage_path=os.path.join(self.dir, "runs")))
+            # as tbps.train runs its workers (tbps.engine.launcher.build_trainer): at the configured niceness
+            run_config=RunConfig(name="overhead", storage_path=os.path.join(self.dir, "runs"),
+                                 worker_runtime_env=worker_runtime_env(load_config(preset))))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
         self.thread.start()
@@ -209,58 +215,85 @@ class RayContender:
 ROWS = ("plain PyTorch", "plain PyTorch beside Ray", "Ray Train + DeepSpeed ZeRO-0")
 
 
-def compare(args, threads: int) -> list[list[float]]:
+def compare(args, threads: int) -> list[list[list[float]]]:
+    """Per contender, the step times of each round's block (blocks[contender][round] = [seconds, ...])."""
     torch.set_num_threads(threads)
     step = plain_step(args.preset, args.batch_size)
     timed(step, args.warmup)
     ray_side = RayContender(args.preset, args.batch_size, args.warmup, threads)
-    times: list[list[float]] = [[], [], []]
+    blocks: list[list[list[float]]] = [[], [], []]
     try:
         time.sleep(3)  # let Ray's daemons finish starting up
         for r in range(args.rounds):
             for which in [(r + k) % 3 for k in range(3)]:  # rotate the order: no contender always goes first
                 if which == 0:
                     with ray_side.stopped():
-                        times[0] += timed(step, args.block)
+                        blocks[0].append(timed(step, args.block))
                 elif which == 1:
-                    times[1] += timed(step, args.block)
+                    blocks[1].append(timed(step, args.block))
                 else:
-                    times[2] += ray_side.run(args.block)
+                    blocks[2].append(ray_side.run(args.block))
     finally:
         ray_side.close()
-    return times
+    return blocks
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def paired_ratio(num: list[list[float]], den: list[list[float]], resamples: int = 2000, seed: int = 0):
+    """Median over rounds of (median step of `num`'s block / median step of `den`'s block in the same round), and a
+    90 % bootstrap interval over rounds. Pairing blocks that ran seconds apart cancels the machine's slow drift."""
+    import random
+
+    ratios = [median(a) / median(b) for a, b in zip(num, den)]
+    rng = random.Random(seed)
+    boot = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return median(ratios), boot[int(0.05 * resamples)], boot[int(0.95 * resamples) - 1]
+
+
+def report(tables) -> None:
+    print(f"\n{'loop':<32}{'torch threads':>14}{'median step ms':>16}{'ratio':>8}{'90 % interval':>16}")
+    for threads, blocks in tables:
+        flat = [[t for b in c for t in b] for c in blocks]
+        for i, (name, times) in enumerate(zip(ROWS, flat)):
+            r, lo, hi = paired_ratio(blocks[i], blocks[0]) if i else (1.0, 1.0, 1.0)
+            interval = f"{lo:.2f}-{hi:.2f}" if i else ""
+            print(f"{name:<32}{threads:>14}{1000 * median(times):>16.1f}{r:>8.2f}{interval:>16}")
+    print("(ratio: median over rounds of each block's median step against the plain loop's block of the same round)")
+    for threads, blocks in tables:
+        total, control, worker = (paired_ratio(blocks[2], blocks[0]), paired_ratio(blocks[1], blocks[0]),
+                                  paired_ratio(blocks[2], blocks[1]))
+        print(f"{threads} thread(s): Ray Train + DeepSpeed vs plain {total[0]:.2f}x ({total[1]:.2f}-{total[2]:.2f}); "
+              f"Ray's control plane beside the plain loop {control[0]:.2f}x ({control[1]:.2f}-{control[2]:.2f}); the "
+              f"Train worker + DeepSpeed engine against the plain loop beside the same control plane {worker[0]:.2f}x "
+              f"({worker[1]:.2f}-{worker[2]:.2f}); goal <= 1.10x: {'met' if total[0] <= 1.10 else 'NOT met'}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="clip_tiny")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=16, help="interleaved rounds (one block of each contender)")
+    ap.add_argument("--rounds", type=int, default=24, help="interleaved rounds (one block of each contender)")
     ap.add_argument("--block", type=int, default=5, help="timed steps per block")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="*",
-                    help="torch threads (= the Ray worker's CPUs) to compare at; default: every core, and every "
-                         "core but one (a core left to Ray's daemons, as on any many-core node)")
+                    help="torch threads (= the Ray worker's CPUs) to compare at; default: every core, and one "
+                         "(tbps's default: train.cpus_per_worker=1, so each worker runs one torch thread)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
-    threads_list = args.threads or sorted({cores, max(1, cores - 1)}, reverse=True)
+    threads_list = args.threads or sorted({cores, 1}, reverse=True)
     if args.quick:
         args.rounds, args.block, args.warmup, args.batch_size = 2, 2, 1, 8
-        threads_list = args.threads or [max(1, cores - 1)]
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        threads_list = args.threads or [1]
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; {args.preset}, batch "
           f"{args.batch_size}; {args.rounds} interleaved rounds of {args.block} timed steps per contender after "
           f"{args.warmup} warm-up", flush=True)
-    tables = [(threads, [median(t) for t in compare(args, threads)]) for threads in threads_list]
-    print(f"\n{'loop':<32}{'torch threads':>14}{'median step ms':>16}{'ratio':>8}")
-    for threads, best in tables:
-        for name, t in zip(ROWS, best):
-            print(f"{name:<32}{threads:>14}{1000 * t:>16.1f}{t / best[0]:>8.2f}")
-    for threads, (p, b, r) in tables:
-        print(f"{threads} thread(s): Ray Train + DeepSpeed vs plain {r / p:.2f}x = Ray's control plane beside the "
-              f"plain loop {b / p:.2f}x, times the Train worker + DeepSpeed engine against the plain loop beside the "
-              f"same control plane {r / b:.2f}x")
+    report([(threads, compare(args, threads)) for threads in threads_list])
     return 0
 
 

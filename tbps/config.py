@@ -127,6 +127,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (debug/bench knob)
     ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray
     ray_num_cpus: int = 0  # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
+    worker_niceness: int = 0  # nice value of the Train worker processes (Ray starts workers at 15), 0-19
     seed: int = 0
 
 

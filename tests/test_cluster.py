@@ -160,6 +160,7 @@ def test_two_node_cluster_one_worker_per_node_disjoint_s3_shards(s3_server, synt
     metrics = json.load(open(tmp_path / "runs" / "two-node" / "metrics.json"))
     workers = sorted(metrics["workers"], key=lambda w: w["rank"])
     assert [w["rank"] for w in workers] == [0, 1]
+    assert [w["niceness"] for w in workers] == [0, 0], "Train workers at normal priority, not Ray's default 15"
     assert {w["node_id"] for w in workers} == set(info["nodes"]), "one worker on each of the two nodes"
     a, b = (set(w["shards"]) for w in workers)
     assert a and b and not a & b, f"ranks read overlapping shards: {a & b}"

@@ -119,6 +119,7 @@ def test_run_survives_worker_kill_resumes_and_evaluates(ray_cluster, synth_tiny,
     run = read_json(f"s3://tbps/runs/{RUN}/metrics.json")
     assert [h["epoch"] for h in run["history"]] == [1, 2, 3]  # epoch 2 redone once, from the epoch-1 checkpoint
     assert set(run["test"]) >= {"R1", "R5", "R10", "mAP", "mINP"}
+    assert [w["niceness"] for w in run["workers"]] == [0, 0]  # train.worker_niceness, merged into the job's env
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     assert "run_name: fault-run" in fs.cat(f"tbps/runs/{RUN}/config.yaml").decode()  # resolved config saved
     assert fs.exists(f"tbps/runs/{RUN}/best/model.pt") and fs.exists(f"tbps/runs/{RUN}/tensorboard")

@@ -32,6 +32,9 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
     if cfg.train.select_metric not in METRICS:
         raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
+    if not 0 <= cfg.train.worker_niceness <= 19:
+        raise ConfigError(f"train.worker_niceness must be 0-19 (a process may only lower its own priority), got "
+                          f"{cfg.train.worker_niceness}")
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
     if not cfg.data.url:
@@ -86,6 +89,17 @@ def storage_path(cfg: Config) -> str:
     return p if "://" in p else os.path.abspath(os.path.expanduser(p))
 
 
+def worker_runtime_env(cfg: Config) -> dict:
+    """The Train workers' own runtime env, merged by Ray into the job's (env_vars are merged, the rest inherited).
+
+    Ray starts every worker process at nice 15 so its daemons stay responsive. For the processes that do the
+    training that means any normal-priority process, Ray's own daemons included, preempts the step (and its data
+    loader processes, which inherit the value). tbps runs the Train workers at train.worker_niceness (default 0,
+    the priority a plain `python train.py` gets); Ray's controller and helper actors keep 15.
+    """
+    return {"env_vars": {"RAY_worker_niceness": str(cfg.train.worker_niceness)}}
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -104,7 +118,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             callbacks=callbacks),
+                             callbacks=callbacks, worker_runtime_env=worker_runtime_env(cfg)),
     )
 
 
