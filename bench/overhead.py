@@ -23,9 +23,11 @@ import contextlib
 import json
 import os
 import platform
+import random
 import select
 import shutil
 import signal
+from statistics import median
 import threading
 import sys
 import tempfile
@@ -238,17 +240,9 @@ def compare(args, threads: int) -> list[list[list[float]]]:
     return blocks
 
 
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def paired_ratio(num: list[list[float]], den: list[list[float]], resamples: int = 2000, seed: int = 0):
     """Median over rounds of (median step of `num`'s block / median step of `den`'s block in the same round), and a
     90 % bootstrap interval over rounds. Pairing blocks that ran seconds apart cancels the machine's slow drift."""
-    import random
-
     ratios = [median(a) / median(b) for a, b in zip(num, den)]
     rng = random.Random(seed)
     boot = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
@@ -256,17 +250,17 @@ def paired_ratio(num: list[list[float]], den: list[list[float]], resamples: int 
 
 
 def report(tables) -> None:
+    ratios = {threads: (paired_ratio(blocks[2], blocks[0]), paired_ratio(blocks[1], blocks[0]),
+                        paired_ratio(blocks[2], blocks[1])) for threads, blocks in tables}
     print(f"\n{'loop':<32}{'torch threads':>14}{'median step ms':>16}{'ratio':>8}{'90 % interval':>16}")
     for threads, blocks in tables:
-        flat = [[t for b in c for t in b] for c in blocks]
-        for i, (name, times) in enumerate(zip(ROWS, flat)):
-            r, lo, hi = paired_ratio(blocks[i], blocks[0]) if i else (1.0, 1.0, 1.0)
-            interval = f"{lo:.2f}-{hi:.2f}" if i else ""
-            print(f"{name:<32}{threads:>14}{1000 * median(times):>16.1f}{r:>8.2f}{interval:>16}")
+        total, control, _ = ratios[threads]
+        for name, contender, (r, lo, hi) in zip(ROWS, blocks, [(1.0, None, None), control, total]):
+            interval = f"{lo:.2f}-{hi:.2f}" if lo is not None else ""
+            steps = [t for block in contender for t in block]
+            print(f"{name:<32}{threads:>14}{1000 * median(steps):>16.1f}{r:>8.2f}{interval:>16}")
     print("(ratio: median over rounds of each block's median step against the plain loop's block of the same round)")
-    for threads, blocks in tables:
-        total, control, worker = (paired_ratio(blocks[2], blocks[0]), paired_ratio(blocks[1], blocks[0]),
-                                  paired_ratio(blocks[2], blocks[1]))
+    for threads, (total, control, worker) in ratios.items():
         print(f"{threads} thread(s): Ray Train + DeepSpeed vs plain {total[0]:.2f}x ({total[1]:.2f}-{total[2]:.2f}); "
               f"Ray's control plane beside the plain loop {control[0]:.2f}x ({control[1]:.2f}-{control[2]:.2f}); the "
               f"Train worker + DeepSpeed engine against the plain loop beside the same control plane {worker[0]:.2f}x "

@@ -173,10 +173,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {global_step})")
     metric = cfg.train.select_metric
     last_epoch = cfg.train.epochs - 1
+    niceness, threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
     log(f"[tbps] {cfg.method.name}: {sum(p.numel() for p in method.parameters()) / 1e6:.2f}M parameters, "
         f"{world_size} worker(s) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}, "
-        f"{steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, {precision}, {torch.get_num_threads()} torch "
-        f"thread(s) per worker at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
+        f"{steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, {precision}, {threads} torch thread(s) "
+        f"per worker at nice {niceness}")
 
     placement, read_shards = [], set()
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -207,8 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if epoch == start_epoch:  # where each rank runs and which train shards it read (metrics.json "workers")
             placement = _gather_placement({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                                            "hostname": socket.gethostname(), "pid": os.getpid(),
-                                           "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-                                           "torch_threads": torch.get_num_threads(),
+                                           "niceness": niceness, "torch_threads": threads,
                                            "epoch": epoch + 1, "shards": sorted(read_shards)}, world_size)
         train = _mean_across_ranks({k: v / max(n, 1) for k, v in sums.items()})
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
