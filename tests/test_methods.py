@@ -97,3 +97,38 @@ def test_mlm_masking_statistics():
     # a short caption with ratio ~0 still gets one masked token
     _, few = mask_tokens(ids[:3], mask[:3], [0, 1, 2, 3, 4], 1e-9, 4, 100, g)
     assert ((few != -100).sum(dim=1) == 1).all()
+
+
+def test_clip_tokenizer_equals_open_clip_and_keeps_irra_mask_token():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = load_tokenizer("clip")
+    reference = SimpleTokenizer()
+    captions = ["A woman in a RED coat &amp; black boots.", "He wears \u201cwhite\u201d sneakers &lt;new&gt;",
+                "The   man's   bag is  blue,  and his hat's gray", " ".join(["a tall person in jeans"] * 30), "!!"]
+    enc = tok(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], reference(captions, context_length=77))
+    assert enc["input_ids"][3, -1] == 49407 and enc["attention_mask"][3].all()  # truncation keeps the end token
+    assert torch.equal(enc["attention_mask"], (torch.arange(77) <= (enc["input_ids"] == 49407).int().argmax(1,
+                                                                                  keepdim=True)).long())
+    assert len(tok) == 49408 and tok.mask_token_id == 49405 and tok.pad_token_id == 0
+    assert (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
+    assert 49405 not in tok.encode("jekyll and hyde")  # the id <|mask|> took is never produced from text
+    assert TextSpec.from_tokenizer(tok, 77) == TextSpec(49408, 77, 0, 49405, 49406, 49407)
+
+
+def test_mlm_masking_follows_irra_on_clip_ids():
+    """IRRA's rules: 0 < id < 49405 eligible, replacements from 1..49404, nothing selected -> position 1 masked."""
+    tok = load_tokenizer("clip")
+    enc = tok(["a man in a black jacket and blue jeans carrying a bag !"] * 500, max_length=77)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    g = torch.Generator().manual_seed(1)
+    masked, labels = mask_tokens(ids, mask, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), g)
+    selected = labels != -100
+    eligible = (ids > 0) & (ids < 49405)
+    assert not (selected & ~eligible).any()
+    replaced = selected & (masked != ids) & (masked != 49405)
+    assert replaced.any() and (masked[replaced] >= 1).all() and (masked[replaced] <= 49404).all()
+    forced, forced_labels = mask_tokens(ids[:4], mask[:4], tok.all_special_ids, 1e-9, tok.mask_token_id, len(tok), g)
+    assert (forced[:, 1] == 49405).all() and torch.equal(forced_labels[:, 1], ids[:4, 1])
+    assert ((forced_labels != -100).sum(1) == 1).all()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from typing import Iterable
 
 import torch
 
+from .clip_tokenizer import NAME as CLIP_TOKENIZER
+from .clip_tokenizer import ClipTokenizer
 from .remote import local_copy
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -39,11 +40,14 @@ def build_tokenizer(captions: Iterable[str], out_dir: str, min_frequency: int = 
 
 
 def load_tokenizer(path: str):
-    """Load a transformers tokenizer from a local directory or an s3:// (any fsspec) URL; never from a hub."""
+    """``clip`` (CLIP's BPE with IRRA's mask token, built in: ``tbps.data.clip_tokenizer``), or a transformers
+    tokenizer directory, local or on s3:// (any fsspec URL); never from a hub."""
     from transformers import AutoTokenizer
 
     if not path:
         raise FileNotFoundError("no tokenizer path given (data.tokenizer)")
+    if path == CLIP_TOKENIZER:
+        return ClipTokenizer()
     try:
         local = local_copy(path)
     except FileNotFoundError:
@@ -65,29 +69,34 @@ def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, to
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int], ratio: float,
                 mask_id: int, vocab_size: int, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT-style masking for IRRA's implicit relation reasoning.
+    """BERT-style masking for IRRA's implicit relation reasoning, as IRRA's data pipeline does it.
 
-    ``ratio`` of the real (non-special, non-pad) tokens are selected, at least one per caption; of those 80% become
-    [MASK], 10% a random non-special token, 10% stay. Returns (masked_ids, labels) with labels -100 where not selected.
+    Eligible: real tokens that are not special (with the CLIP tokenizer: 0 < id < 49405). Each is selected with
+    probability ``ratio``; a selected token becomes the mask token (80 %), a random non-special token (10 %; CLIP:
+    1..49404) or stays (10 %). A caption where nothing was selected gets its first eligible token (IRRA: position 1,
+    the first word) replaced by the mask token. Returns (masked_ids, labels), labels -100 where not selected.
     """
     special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
     real = attention_mask.bool() & ~torch.isin(input_ids, special)
     u = torch.rand(input_ids.shape, generator=generator)
     selected = (u < ratio) & real
-    # at least one masked token per caption that has any real token: force the real token with the smallest draw
-    none = ~selected.any(dim=1) & real.any(dim=1)
-    if none.any():
-        first = torch.where(real, u, torch.full_like(u, 2.0)).argmin(dim=1)
-        selected[none, first[none]] = True
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
     action = torch.rand(input_ids.shape, generator=generator)
     masked = input_ids.clone()
     to_mask = selected & (action < 0.8)
     to_random = selected & (action >= 0.8) & (action < 0.9)
     masked[to_mask] = mask_id
-    allowed = torch.tensor([i for i in range(vocab_size) if i not in set(special.tolist())], dtype=input_ids.dtype)
-    picks = allowed[torch.randint(len(allowed), (int(to_random.sum()),), generator=generator)]
-    masked[to_random] = picks
+    is_special = torch.zeros(vocab_size, dtype=torch.bool)
+    is_special[special[special < vocab_size]] = True
+    allowed = (~is_special).nonzero()[:, 0].to(input_ids.dtype)
+    masked[to_random] = allowed[torch.randint(len(allowed), (int(to_random.sum()),), generator=generator)]
+    # at least one per caption that has an eligible token: the first one, always to the mask token
+    none = ~selected.any(dim=1) & real.any(dim=1)
+    if none.any():
+        rows = none.nonzero()[:, 0]
+        first = real.to(torch.uint8).argmax(dim=1)[rows]
+        selected[rows, first] = True
+        masked[rows, first] = mask_id
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
     return masked, labels
 
 
@@ -120,10 +129,3 @@ def mla_texts(caption: str, rng: random.Random, word_max: int = 3) -> tuple[str,
     k = rng.randint(1, min(word_max, len(short)))
     word = ", ".join(rng.sample(short, k))
     return caption, phrase, word
-
-
-_WS = re.compile(r"\s+")
-
-
-def clean_caption(text: str) -> str:
-    return _WS.sub(" ", text).strip()

@@ -17,6 +17,7 @@ def preflight(cfg: Config) -> dict:
     from tbps.data import assign_shards, batches_per_epoch, load_manifest
     from tbps.data.stream import split_shards
     from tbps.methods import METHODS
+    from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.worker import tokenizer_path
 
     if cfg.method.name not in METHODS:
@@ -59,7 +60,7 @@ def preflight(cfg: Config) -> dict:
                           f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
     for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.image_pretrained", cfg.model.image_pretrained),
                      ("model.text_pretrained", cfg.model.text_pretrained)):
-        if url:
+        if url and not (key == "data.tokenizer" and url == CLIP_TOKENIZER):
             fs, path = filesystem(url)
             if not fs.exists(path):
                 raise ConfigError(f"{key}: {url} does not exist")
