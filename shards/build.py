@@ -3,13 +3,16 @@
     python -m shards.build --dataset cuhk-pedes --root /data/CUHK-PEDES --out s3://bucket/cuhk-pedes
 
 One sample per image: the original image bytes (``jpg``/``png``/...) and a ``json`` record with all captions, the
-original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path.
+original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path. Train records
+are written in a seeded shuffled order (``--seed``), so no shard holds one identity's images (annotation files are
+often grouped by identity); val and test keep annotation order (the gallery order breaks ties).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,7 @@ def split_stats(records: list[RawRecord]) -> dict:
 
 
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
-            skip_bad: bool = False, workers: int = 8, log=None) -> dict:
+            skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0) -> dict:
     """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
     log = log or sys.stderr
     fmt = FORMATS[dataset]
@@ -76,6 +79,7 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
         raise BadRecord(file, None, "no usable train records")
     train_pids = sorted({r.pid for r in by_split["train"]})
     train_id = {pid: i for i, pid in enumerate(train_pids)}  # contiguous 0..N-1 for the ID classifier
+    random.Random(seed).shuffle(by_split["train"])
 
     def samples(split: str):
         for i, rec in enumerate(by_split[split]):
@@ -125,10 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in the manifest) instead of "
                                                             "stopping")
     ap.add_argument("--workers", type=int, default=8, help="threads that check images")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order of the train records")
     args = ap.parse_args(argv)
     try:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
-                           args.workers)
+                           args.workers, seed=args.seed)
     except BadRecord as e:
         print(f"error: {e}\nnothing was published to {args.out}", file=sys.stderr)
         return 2

@@ -28,6 +28,13 @@ from .storage import MANIFEST, filesystem, write_bytes_atomic
 MANIFEST_FORMAT = "tbps-shards/1"
 
 
+def _caption_count(meta) -> int:
+    """Captions in a sample's json record (a dict, or already encoded bytes/str)."""
+    if isinstance(meta, (bytes, str)):
+        meta = json.loads(meta)
+    return len(meta.get("captions", ())) if isinstance(meta, dict) else 0
+
+
 class _HashingWriter(io.RawIOBase):
     """File-like wrapper that hashes and counts every byte written through it."""
 
@@ -135,6 +142,7 @@ class DatasetWriter:
             name = f"{split}-{index:06d}.tar"
             path = f"{self.root}/{name}"
             self.written.append(path)
+            captions = 0
             with self.fs.open(path, "wb") as raw:
                 hashing = _HashingWriter(raw)
                 with wds.TarWriter(hashing, mtime=self.mtime) as tar:
@@ -144,10 +152,13 @@ class DatasetWriter:
                         except StopIteration:
                             raise ValueError(f"split {split!r}: expected {num_samples} samples, the input ended "
                                              f"early") from None
+                        captions += _caption_count(sample.get("json"))
                         tar.write(sample)
                         if progress:
                             progress.update(1)
-            shards.append({"name": name, "samples": count, "bytes": hashing.nbytes, "sha256": hashing.sha.hexdigest()})
+            # captions: the (image, caption) pairs of the shard, what pair-level epochs balance and count
+            shards.append({"name": name, "samples": count, "captions": captions, "bytes": hashing.nbytes,
+                           "sha256": hashing.sha.hexdigest()})
             if progress:
                 progress.update(0, shards=1)
         if next(it, None) is not None:

@@ -41,7 +41,10 @@ class DataConfig:
     erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    tokenizer: str = ""  # transformers tokenizer dir (local path or s3://); "" = <url>/tokenizer
+    tokenizer: str = ""  # clip (CLIP BPE + IRRA's <|mask|>, built in) | a transformers tokenizer dir (local or
+    # s3://) | "" = <url>/tokenizer
+    sampling: str = "pairs"  # pairs: every (image, caption) pair once per epoch (IRRA, IVT) | images: one random
+    # caption per image per epoch
     text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
 
@@ -69,10 +72,15 @@ class MethodConfig:
     commonality: bool = True  # PCC: scale each part's margin by its distinctiveness (False = fixed margin)
     part_weight: float = 0.5  # PCC: weight of part similarity in retrieval (similarity = global + w * parts)
     gather: bool = True  # contrastive losses see features gathered from all ranks (global negatives)
+    mlm_pad_mask: bool = False  # IRRA: mask padding in the cross-modal encoder (the official code does not)
 
 
 @dataclass
 class ModelConfig:
+    pretrained: str = ""  # a whole model to start from (local path or s3://): a CLIP checkpoint (OpenAI .pt,
+    # open_clip, transformers CLIPModel dir) or an IRRA run dir; sets the architecture fields below from it
+    activation: str = "auto"  # auto | quick_gelu | gelu: towers' MLP activation (auto: model.pretrained's, else the
+    # towers' own defaults)
     image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
     image_overrides: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (depth, embed_dim..)
     image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
@@ -96,14 +104,17 @@ class OptimConfig:
     name: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-5
     new_module_lr_mult: float = 5.0  # heads / cross-modal encoder / classifier learn faster (IRRA)
-    bias_lr_mult: float = 1.0  # IVT: 2
+    bias_lr_mult: float = 1.0  # biases outside head modules learn at lr x this (IRRA, IVT: 2)
     weight_decay: float = 4e-5
+    bias_weight_decay: float = 0.0  # weight decay of biases (IRRA 0; IVT: 1e-4)
+    decay_norms: bool = False  # also decay norm weights, embeddings and other 1-D parameters (IRRA: true)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-3
     momentum: float = 0.9  # sgd
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.1  # lr starts at lr * this and rises linearly
     min_lr: float = 0.0  # cosine floor
+    schedule_per: str = "iteration"  # iteration | epoch (the lr stays constant within an epoch: IRRA, IVT)
     grad_clip: float = 0.0  # max grad norm (0 = off)
 
 

@@ -34,7 +34,7 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
     if data_url:
         cfg.data.url = data_url
     tok = load_tokenizer(cfg.data.tokenizer)
-    cfg.model.image_pretrained = cfg.model.text_pretrained = ""  # the checkpoint holds every weight
+    # the checkpoint holds every weight (cfg.model is already fitted to model.pretrained): nothing else is read
     method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), meta["num_classes"])
     method.load_state_dict(load_model_state(checkpoint))
     return method.to(device).eval(), cfg, tok

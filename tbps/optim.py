@@ -29,8 +29,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, start_factor: floa
 
 
 def build_scheduler(optimizer, optim, steps_per_epoch: int, epochs: int):
+    """Stepped every optimizer step. ``optim.schedule_per: epoch`` holds the factor of the epoch's index for the whole
+    epoch, as IRRA's and IVT's per-epoch schedulers do (epoch e of E: warm-up factor start + (1 - start) e / W, then
+    cosine over (e - W) / (E - W))."""
+    min_factor = optim.min_lr / optim.lr if optim.lr > 0 else 0.0
+    start = optim.warmup_start_factor
+    if optim.schedule_per == "epoch":
+        spe = max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s // spe, epochs, optim.warmup_epochs, start, min_factor))
+    if optim.schedule_per != "iteration":
+        raise ConfigError(f"optim.schedule_per must be iteration or epoch, got {optim.schedule_per!r}")
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-    min_factor = optim.min_lr / optim.lr if optim.lr > 0 else 0.0
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, optim.warmup_start_factor, min_factor))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, start, min_factor))

@@ -41,10 +41,11 @@ def uneven(tmp_path_factory, synth_tiny):
     return out
 
 
-def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(uneven, synth_tiny):
+@pytest.mark.parametrize("sampling", ["images", "pairs"])
+def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(uneven, synth_tiny, sampling):
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
     cfg = DataConfig(url=uneven, image_size=[48, 16], batch_size=4, loader_workers=2, text_length=24,
-                     shuffle_buffer=16)
+                     shuffle_buffer=16, sampling=sampling)
     for epoch in range(2):
         counts, keys = [], []
         for rank in range(2):
@@ -52,11 +53,13 @@ def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(une
             loader.set_epoch(epoch)
             batches = list(loader)
             counts.append(len(batches))
-            keys.append([k for b in batches for k in b["keys"]])
+            # an image (images) or an (image, caption) pair (pairs)
+            keys.append([(k, c if sampling == "pairs" else 0) for b in batches
+                         for k, c in zip(b["keys"], b["caption_index"])])
             assert all(len(b["keys"]) == 4 for b in batches)
         assert counts[0] == counts[1] > 0
         assert not set(keys[0]) & set(keys[1])
-        assert len(set(keys[0])) == len(keys[0])  # no sample twice within a rank's epoch
+        assert len(set(keys[0])) == len(keys[0])  # nothing twice within a rank's epoch
 
 
 def test_assignment_is_balanced_deterministic_and_epoch_dependent():

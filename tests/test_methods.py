@@ -64,14 +64,33 @@ def test_unknown_loss_and_method_are_config_errors(synth_tiny):
         _setup("irra", synth_tiny, ["method.name=nope"])
 
 
-def test_param_groups_give_new_modules_higher_lr(synth_tiny):
-    cfg, method, _ = _setup("irra", synth_tiny, ["optim.lr=1e-5", "optim.new_module_lr_mult=5"])
-    groups = {g["name"]: g for g in method.param_groups(cfg.optim)}
-    assert groups["backbone"]["lr"] == pytest.approx(1e-5)
-    assert groups["new"]["lr"] == pytest.approx(5e-5)
-    assert groups["new_no_decay_bias"]["weight_decay"] == 0.0
-    new_names = {id(p) for p in groups["new"]["params"]}
-    assert id(method.cross.mlm_head[0].weight) in new_names and id(method.classifier.weight) in new_names
+def _irra_official_name(ours: str) -> str:
+    """Our IRRA parameter name -> the official code's (model/build.py), for its name-based solver rule."""
+    for a, b in (("cross.cross_attn.", "cross_attn."), ("cross.blocks.", "cross_modal_transformer.resblocks."),
+                 ("cross.ln_text.", "ln_pre_t."), ("cross.ln_image.", "ln_pre_i."), ("cross.ln_post.", "ln_post."),
+                 ("cross.mlm_head.", "mlm_head."), ("classifier.", "classifier.")):
+        if ours.startswith(a):
+            return b + ours[len(a):]
+    return "base_model." + ours
+
+
+def test_param_groups_follow_irras_solver(synth_tiny):
+    """Every parameter's lr and weight decay equal IRRA's solver/build.py rule (written here from the official code)."""
+    cfg, method, _ = _setup("irra", synth_tiny, ["optim.lr=1e-5", "optim.new_module_lr_mult=5", "optim.bias_lr_mult=2",
+                                                 "optim.weight_decay=4e-5", "optim.bias_weight_decay=0",
+                                                 "optim.decay_norms=true"])
+    got = {id(p): (g["lr"], g["weight_decay"]) for g in method.param_groups(cfg.optim) for p in g["params"]}
+    for name, p in method.named_parameters():
+        key = _irra_official_name(name)
+        lr, wd = 1e-5, 4e-5
+        if "cross" in key:
+            lr = 1e-5 * 5
+        if "bias" in key:
+            lr, wd = 1e-5 * 2, 0.0
+        if "classifier" in key or "mlm_head" in key:
+            lr = 1e-5 * 5
+        assert got[id(p)] == (pytest.approx(lr), pytest.approx(wd)), name
+    assert len(got) == len(list(method.parameters()))
 
 
 def test_mlm_masking_statistics():

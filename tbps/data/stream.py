@@ -1,8 +1,15 @@
 """Streaming pipeline: published shards (manifest.json) -> per-rank, per-loader-worker batches.
 
 Stages, in order: shard list of the split -> deterministic shuffle keyed to (seed, epoch) -> balanced assignment to
-(rank, loader worker) -> tar streaming (fsspec for remote URLs) -> in-worker sample shuffle buffer -> decode and
-augment -> caption choice -> batch -> tokenise (+ MLM masking) per batch.
+(rank, loader worker) -> tar streaming (fsspec for remote URLs) -> caption choice -> in-worker sample shuffle buffer
+-> decode and augment -> batch -> tokenise (+ MLM masking) per batch.
+
+Two epoch definitions (``data.sampling``):
+- ``pairs`` (IRRA, IVT): every (image, caption) pair once per epoch. A worker makes P passes over its shards,
+  P = the split's captions per image rounded (CUHK-PEDES 2), each pass in its own shard order; an image's captions,
+  in an order drawn per (seed, epoch, image), are dealt one per pass. Two captions of one image are thus about half
+  an epoch apart, not neighbours, and batches mix identities as a global shuffle does (docs/benchmarks.md).
+- ``images``: every image once per epoch with one caption drawn at random.
 
 Every rank yields exactly the same number of batches per epoch, computed from the manifest alone (no communication),
 so uneven shards can never leave one rank waiting on another in a collective.
@@ -71,30 +78,66 @@ def split_shards(manifest: dict, split: str, url: str = "") -> list[dict]:
     return manifest["splits"][split]["shards"]
 
 
-def assign_shards(shards: list[dict], world_size: int, num_workers: int, epoch: int, seed: int
-                  ) -> list[list[list[dict]]]:
+def check_pair_counts(shards: list[dict], url: str = "") -> None:
+    """Pair-level epochs need each shard's caption count (written by shards.build/synth since tbps 0.1 + #13)."""
+    if any("captions" not in s for s in shards):
+        raise ValueError(f"the manifest of {url or 'this dataset'} has no per-shard caption counts (written by an "
+                         "older shards.build): convert the dataset again, or set data.sampling=images")
+
+
+def assign_shards(shards: list[dict], world_size: int, num_workers: int, epoch: int, seed: int,
+                  weight: str = "samples") -> list[list[list[dict]]]:
     """Deterministic, balanced assignment ``[rank][worker] -> shards`` for one epoch.
 
     Shards are shuffled with (seed, epoch), then each goes (largest first, ties in shuffled order) to the
-    (rank, worker) slot holding the fewest samples. Every rank computes the same answer.
+    (rank, worker) slot holding the fewest units of ``weight`` (``samples``: images; ``captions``: pairs). Every
+    rank computes the same answer.
     """
     order = list(range(len(shards)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    order.sort(key=lambda i: -shards[i]["samples"])  # stable: ties keep the shuffled order
+    order.sort(key=lambda i: -shards[i][weight])  # stable: ties keep the shuffled order
     slots = world_size * num_workers
     load = [0] * slots
     out: list[list[list[dict]]] = [[[] for _ in range(num_workers)] for _ in range(world_size)]
     for i in order:
         # fill ranks evenly first, then workers within a rank: slot s = worker * world_size + rank
         s = min(range(slots), key=lambda k: (load[k], k))
-        load[s] += shards[i]["samples"]
+        load[s] += shards[i][weight]
         out[s % world_size][s // world_size].append(shards[i])
     return out
 
 
-def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int) -> int:
-    """Full batches every rank can produce: min over ranks of sum over its workers of floor(samples / batch)."""
-    return min(sum(sum(s["samples"] for s in worker) // batch_size for worker in rank) for rank in assignment)
+def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int, weight: str = "samples") -> int:
+    """Full batches every rank can produce: min over ranks of sum over its workers of floor(units / batch)."""
+    return min(sum(sum(s[weight] for s in worker) // batch_size for worker in rank) for rank in assignment)
+
+
+def sampling_weight(sampling: str, train: bool = True) -> str:
+    """The manifest count that an epoch of ``data.sampling`` iterates: ``captions`` (pairs) or ``samples``."""
+    if sampling not in ("pairs", "images"):
+        raise ValueError(f"data.sampling must be pairs or images, got {sampling!r}")
+    return "captions" if train and sampling == "pairs" else "samples"
+
+
+def pair_passes(shards: list[dict]) -> int:
+    """Passes a pair-level epoch makes over a worker's shards: the split's captions per image, rounded."""
+    images = sum(s["samples"] for s in shards)
+    return max(1, round(sum(s["captions"] for s in shards) / max(1, images)))
+
+
+def pair_stream(urls: list[str], passes: int, seed: int, epoch: int, rank: int, worker: int) -> Iterator[dict]:
+    """Every (image, caption) pair of these shards once: ``passes`` passes, each over the shards in its own order; an
+    image's captions, permuted per (seed, epoch, image key), are dealt to the passes (caption j to pass j mod P).
+    Yields the raw sample with ``__meta__`` (its parsed json) and ``__caption__`` (the caption's index)."""
+    for p in range(passes):
+        order = list(urls)
+        random.Random(_seed_int(seed, epoch, rank, worker, "pass", p)).shuffle(order)
+        for sample in shard_samples(order):
+            meta = json.loads(sample["json"])
+            n = len(meta["captions"])
+            perm = random.Random(_seed_int(seed, epoch, sample["__key__"])).sample(range(n), n)
+            for j in range(p, n, passes):
+                yield {**sample, "__meta__": meta, "__caption__": perm[j]}
 
 
 def _seed_int(*parts) -> int:
@@ -159,6 +202,9 @@ class ShardStream(IterableDataset):
         self.shards = split_shards(manifest, split, url)
         self.needs = needs or DataNeeds()
         self.rank, self.world_size, self.train = rank, world_size, train
+        self.weight = sampling_weight(cfg.sampling, train)
+        if self.weight == "captions":
+            check_pair_counts(self.shards, url)
         self.num_workers = max(1, cfg.loader_workers)
         self.epoch = 0
         self.augment = BatchAugment(cfg, train=train)
@@ -168,17 +214,18 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     def assignment(self):
-        return assign_shards(self.shards, self.world_size, self.num_workers, self.epoch, self.cfg.seed)
+        return assign_shards(self.shards, self.world_size, self.num_workers, self.epoch, self.cfg.seed, self.weight)
 
     def num_batches(self) -> int:
-        return batches_per_epoch(self.assignment(), self.cfg.batch_size)
+        return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
     def _sample(self, sample: dict, rng: random.Random) -> dict:
-        meta = json.loads(sample["json"])
+        meta = sample.get("__meta__") or json.loads(sample["json"])
         size = tuple(self.cfg.image_size)
-        caption = rng.choice(meta["captions"])
-        out = {"image": resize_uint8(_decode_image(sample, size), size), "caption": caption,
+        index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
+        caption = meta["captions"][index]
+        out = {"image": resize_uint8(_decode_image(sample, size), size), "caption": caption, "caption_index": index,
                "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
                "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
@@ -198,6 +245,7 @@ class ShardStream(IterableDataset):
             "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
             "train_ids": torch.tensor([s["train_id"] for s in samples], dtype=torch.long),
             "keys": [s["key"] for s in samples],
+            "caption_index": [s["caption_index"] for s in samples],  # with keys: which (image, caption) pair
             "shards": [s["shard"] for s in samples],  # where each sample came from (placement records, debugging)
         }
         if self.needs.mlm_ratio > 0:
@@ -224,7 +272,11 @@ class ShardStream(IterableDataset):
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         urls = [join(self.url, s["name"]) for s in mine]
-        stages = [lambda: shard_samples(urls)]
+        if self.weight == "captions":
+            passes = pair_passes(self.shards)
+            stages = [lambda: pair_stream(urls, passes, self.cfg.seed, self.epoch, self.rank, worker)]
+        else:
+            stages = [lambda: shard_samples(urls)]
         if self.train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
         stages += [wds.map(lambda s: self._sample(s, rng)),

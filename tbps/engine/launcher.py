@@ -15,7 +15,7 @@ def preflight(cfg: Config) -> dict:
     """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
     from shards.storage import filesystem
     from tbps.data import assign_shards, batches_per_epoch, load_manifest
-    from tbps.data.stream import split_shards
+    from tbps.data.stream import check_pair_counts, sampling_weight, split_shards
     from tbps.methods import METHODS
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.worker import tokenizer_path
@@ -36,6 +36,11 @@ def preflight(cfg: Config) -> dict:
     if not 0 <= cfg.train.worker_niceness <= 19:
         raise ConfigError(f"train.worker_niceness must be 0-19 (a process may only lower its own priority), got "
                           f"{cfg.train.worker_niceness}")
+    for key, value, valid in (("data.sampling", cfg.data.sampling, ("pairs", "images")),
+                              ("optim.schedule_per", cfg.optim.schedule_per, ("iteration", "epoch")),
+                              ("model.activation", cfg.model.activation, ("auto", "quick_gelu", "gelu"))):
+        if value not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
     if not cfg.data.url:
@@ -54,11 +59,18 @@ def preflight(cfg: Config) -> dict:
                               f"{', '.join(manifest['splits'])}){hint}")
     shards = split_shards(manifest, cfg.data.train_split)
     workers = max(1, cfg.data.loader_workers)
-    if batches_per_epoch(assign_shards(shards, cfg.train.num_workers, workers, 0, cfg.data.seed),
-                         cfg.data.batch_size) == 0:
+    weight = sampling_weight(cfg.data.sampling)
+    if weight == "captions":
+        try:
+            check_pair_counts(shards, cfg.data.url)
+        except ValueError as e:
+            raise ConfigError(f"data.sampling: {e}") from None
+    if batches_per_epoch(assign_shards(shards, cfg.train.num_workers, workers, 0, cfg.data.seed, weight),
+                         cfg.data.batch_size, weight) == 0:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.num_workers} workers x {workers} "
                           f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
-    for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.image_pretrained", cfg.model.image_pretrained),
+    for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.pretrained", cfg.model.pretrained),
+                     ("model.image_pretrained", cfg.model.image_pretrained),
                      ("model.text_pretrained", cfg.model.text_pretrained)):
         if url and not (key == "data.tokenizer" and url == CLIP_TOKENIZER):
             fs, path = filesystem(url)

@@ -18,7 +18,7 @@ from tbps.config import Config, dump_yaml, from_dict
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
 from tbps.distributed import world
 from tbps.eval import evaluate
-from tbps.methods import TextSpec, build_method
+from tbps.methods import TextSpec, build_method, create_method
 from tbps.optim import build_optimizer, build_scheduler
 
 from .checkpoint import DS_TAG, RunOutputs, full_state_dict, load_model_state, write_model_dir
@@ -133,7 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tok = load_tokenizer(tokenizer_path(cfg))
     manifest = load_manifest(cfg.data.url)
     text = TextSpec.from_tokenizer(tok, cfg.data.text_length)
-    method = build_method(cfg, text, manifest["num_train_ids"])
+    method = create_method(cfg, text, manifest["num_train_ids"], log=log)  # fits cfg.model to model.pretrained
     train_loader = build_train_loader(cfg.data, tok, method.data_needs(), rank, world_size, manifest)
     batches = len(train_loader)
     if cfg.train.max_steps_per_epoch:
@@ -145,7 +145,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     precision = resolve_precision(cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = dtype if cfg.train.use_gpu else None
-    eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)  # plain copy: no ZeRO collectives
+    # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
+    eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)
     outputs = RunOutputs(cfg.train.storage_path, cfg.train.run_name)
     config_yaml = dump_yaml(cfg)
     writer = None

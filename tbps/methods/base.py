@@ -14,6 +14,7 @@ from tbps import losses as L
 from tbps.config import ConfigError
 from tbps.data.stream import DataNeeds
 from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
+from tbps.models import WeightLoadError
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -51,6 +52,7 @@ class Method(nn.Module):
     name = "base"
     supported_losses: tuple[str, ...] = ()
     backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
+    head_prefixes: tuple[str, ...] = ()  # new modules whose biases also learn at the new-module lr (IRRA's heads)
     # method.* config fields this method reads, each mapped to the loss it needs ("" = always read). Sweeps use
     # this to give a method only the parameters it has (a conditional search space).
     method_fields: dict[str, str] = {}
@@ -137,22 +139,44 @@ class Method(nn.Module):
             return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2
         raise ValueError(kind)
 
+    # -- weights (called by tbps.methods.pretrained after the method is built)
+    def load_tower_weights(self, image_url: str, text_url: str) -> None:
+        """``model.image_pretrained`` / ``model.text_pretrained``."""
+        raise WeightLoadError(f"{self.name} cannot load model.image_pretrained / model.text_pretrained")
+
+    def load_pretrained(self, checkpoint) -> None:
+        """``model.pretrained``: a whole-model checkpoint read by ``tbps.methods.pretrained``."""
+        raise WeightLoadError(f"model.pretrained: {self.name} cannot start from a {checkpoint.format} checkpoint "
+                              f"({checkpoint.source})")
+
+    # -- optimisation
     def param_groups(self, optim) -> list[dict]:
-        """Optimizer groups: backbone vs new modules (lr x ``new_module_lr_mult``), decay vs no decay, biases at
-        lr x ``bias_lr_mult``. The optimizer factory asks this; nothing matches parameter names elsewhere."""
+        """Optimizer groups by IRRA's solver rule (solver/build.py), which every method uses:
+
+        - parameters of new modules (not under ``backbone_prefixes``) learn at lr x ``new_module_lr_mult``;
+        - biases learn at lr x ``bias_lr_mult`` with weight decay ``bias_weight_decay`` -- except those of head modules
+          (``head_prefixes``: classifiers, MLM head), which keep the head's lr x ``new_module_lr_mult``;
+        - other parameters decay with ``weight_decay``; norm weights, embeddings and other 1-D parameters
+          (``no_weight_decay``) only when ``optim.decay_norms`` (IRRA decays everything but biases).
+        The optimizer factory asks this; nothing matches parameter names elsewhere."""
         skip = self.no_weight_decay()
         groups: dict[tuple, dict] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            backbone = name.startswith(self.backbone_prefixes)
-            bias = name.endswith(".bias")
-            decay = not (p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip))
-            lr = optim.lr * (1.0 if backbone else optim.new_module_lr_mult) * (optim.bias_lr_mult if bias else 1.0)
-            key = (backbone, decay, bias)
-            g = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": optim.weight_decay if decay else 0.0,
-                                        "name": f"{'backbone' if backbone else 'new'}"
-                                                f"{'' if decay else '_no_decay'}{'_bias' if bias else ''}"})
+            role = "backbone" if name.startswith(self.backbone_prefixes) else \
+                "head" if name.startswith(self.head_prefixes) else "new"
+            bias = name.endswith("bias")  # also nn.MultiheadAttention's in_proj_bias
+            if bias:
+                mult = optim.new_module_lr_mult if role == "head" else optim.bias_lr_mult
+                decay = optim.bias_weight_decay
+            else:
+                mult = 1.0 if role == "backbone" else optim.new_module_lr_mult
+                exempt = p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip)
+                decay = 0.0 if exempt and not optim.decay_norms else optim.weight_decay
+            key = (role, bias, decay)
+            g = groups.setdefault(key, {"params": [], "lr": optim.lr * mult, "weight_decay": decay,
+                                        "name": f"{role}{'_bias' if bias else ''}{'' if decay else '_no_decay'}"})
             g["params"].append(p)
         return list(groups.values())
 

@@ -8,19 +8,28 @@ from torch import nn
 from tbps import losses as L
 
 from .base import Method, register
-from .towers import build_towers, image_global, text_global
+from .towers import build_towers, image_global, load_clip, load_tower_weights, text_global
 
 
 @register("clip")
 class CLIP(Method):
     supported_losses = ("itc", "sdm", "id")
-    backbone_prefixes = ("image_tower.", "text_tower.")
+    backbone_prefixes = ("image_tower.", "text_tower.", "image_proj.", "text_proj.")
+    head_prefixes = ("classifier.",)
 
     def __init__(self, cfg, text, num_classes):
         super().__init__(cfg, text, num_classes)
         build_towers(self, cfg, text)
         if self.wants("id"):
             self.classifier = nn.Linear(cfg.model.embed_dim, num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)  # as IRRA's code base, which runs this baseline too
+            nn.init.zeros_(self.classifier.bias)
+
+    def load_tower_weights(self, image_url, text_url):
+        load_tower_weights(self, image_url, text_url)
+
+    def load_pretrained(self, checkpoint):
+        load_clip(self, checkpoint)
 
     def encode_image(self, images):
         return image_global(self, self.image_proj(self.image_tower(images)))

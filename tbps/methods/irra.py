@@ -1,48 +1,81 @@
 """IRRA (Jiang & Ye, CVPR 2023): SDM + implicit relation reasoning (IRR, cross-modal MLM) + ID loss.
 
-IRR: the masked caption's token features are the queries of one cross-attention layer over all image tokens, then
-a ``cross_layers``-layer transformer, then an MLM head (Linear -> GELU -> LayerNorm -> Linear to the vocabulary);
-cross-entropy on masked positions only. IRR is used in training only; retrieval uses the two global features.
+IRR, as the official code (model/build.py) builds it: the masked caption's token features (text tower + projection,
+every position) are normalised (``ln_text``) and are the queries of one cross-attention layer over all normalised
+image tokens (``ln_image``), with no residual; then ``cross_layers`` CLIP residual blocks (QuickGELU, no mask), a
+LayerNorm, and the MLM head Linear -> QuickGELU -> LayerNorm -> Linear(vocab). Cross-entropy on masked positions only.
+Initialisation: CLIP-style normal init of the cross-attention, blocks and MLM head; ID classifier N(0, 0.001), bias 0.
+IRR is used in training only; retrieval uses the two global features.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
+from timm.layers import QuickGELU
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from tbps import losses as L
 from tbps.data.stream import DataNeeds
 
 from .base import Method, register
-from .towers import build_towers, image_global, text_global
+from .towers import build_towers, image_global, load_clip, load_tower_weights, text_global
 
 
 class CrossModalEncoder(nn.Module):
-    def __init__(self, width: int, heads: int, layers: int, vocab_size: int):
+    def __init__(self, width: int, heads: int, layers: int, vocab_size: int, pad_mask: bool = False):
         super().__init__()
+        self.pad_mask = pad_mask
         self.ln_text = nn.LayerNorm(width)
         self.ln_image = nn.LayerNorm(width)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_post_attn = nn.LayerNorm(width)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU)
+                                    for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
-        self.mlm_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
-                                      nn.Linear(width, vocab_size))
+        self.mlm_head = nn.Sequential(OrderedDict([("dense", nn.Linear(width, width)), ("act", QuickGELU()),
+                                                   ("ln", nn.LayerNorm(width)), ("fc", nn.Linear(width, vocab_size))]))
+        self.reset_parameters(width, layers)
+
+    @torch.no_grad()
+    def reset_parameters(self, width: int, layers: int) -> None:
+        """IRRA's initialisation (CLIP's text-transformer scheme at the encoder's width and depth)."""
+        attn_std = width ** -0.5
+        proj_std = attn_std * (2 * layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(blk.attn.qkv.bias)  # as nn.MultiheadAttention's in_proj_bias
+            nn.init.normal_(blk.attn.proj.weight, std=proj_std)
+            nn.init.zeros_(blk.attn.proj.bias)
+            nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
+        nn.init.normal_(self.cross_attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(self.cross_attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(self.mlm_head.dense.weight, std=fc_std)
+        nn.init.normal_(self.mlm_head.fc.weight, std=proj_std)
 
     def forward(self, text_tokens, image_tokens, text_pad_mask=None):
-        q = self.ln_text(text_tokens)
         kv = self.ln_image(image_tokens)
-        x = self.cross_attn(q, kv, kv, need_weights=False)[0]
-        x = self.transformer(self.ln_post_attn(x), src_key_padding_mask=text_pad_mask)
+        x = self.cross_attn(self.ln_text(text_tokens), kv, kv, need_weights=False)[0]
+        attn_mask = None
+        if self.pad_mask and text_pad_mask is not None:  # off by default: IRRA attends to padding too
+            attn_mask = torch.zeros(text_pad_mask.shape, dtype=x.dtype, device=x.device)
+            attn_mask = attn_mask.masked_fill(text_pad_mask, torch.finfo(x.dtype).min)[:, None, None, :]
+        for blk in self.blocks:
+            x = blk(x, attn_mask=attn_mask)
         return self.mlm_head(self.ln_post(x))
 
 
 @register("irra")
 class IRRA(Method):
     supported_losses = ("sdm", "itc", "mlm", "id")
-    backbone_prefixes = ("image_tower.", "text_tower.")
+    # IRRA's solver raises the lr of parameters whose name holds "cross" (cross-attention, cross-modal transformer)
+    # and of the classifier and MLM head; its cross-modal LayerNorms (ln_pre_t, ln_pre_i, ln_post) have no "cross" in
+    # their names and stay at the base lr with CLIP -- matched here (docs/methods.md)
+    backbone_prefixes = ("image_tower.", "text_tower.", "image_proj.", "text_proj.", "cross.ln_")
+    head_prefixes = ("classifier.", "cross.mlm_head.")
     method_fields = {"mask_ratio": "mlm", "cross_layers": "mlm", "cross_heads": "mlm"}
 
     def __init__(self, cfg, text, num_classes):
@@ -50,9 +83,23 @@ class IRRA(Method):
         build_towers(self, cfg, text)
         e = cfg.model.embed_dim
         if self.wants("mlm"):
-            self.cross = CrossModalEncoder(e, cfg.method.cross_heads, cfg.method.cross_layers, text.vocab_size)
+            self.cross = CrossModalEncoder(e, cfg.method.cross_heads, cfg.method.cross_layers, text.vocab_size,
+                                           cfg.method.mlm_pad_mask)
         if self.wants("id"):
             self.classifier = nn.Linear(e, num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.zeros_(self.classifier.bias)
+
+    def load_tower_weights(self, image_url, text_url):
+        load_tower_weights(self, image_url, text_url)
+
+    def load_pretrained(self, checkpoint):
+        from .pretrained import IrraRun, load_irra_run
+
+        if isinstance(checkpoint, IrraRun):
+            load_irra_run(self, checkpoint)
+        else:
+            load_clip(self, checkpoint)
 
     def data_needs(self):
         return DataNeeds(mlm_ratio=self.mcfg.mask_ratio if self.wants("mlm") else 0.0)
@@ -66,6 +113,10 @@ class IRRA(Method):
     def encode_text(self, ids, mask):
         return self.text_proj(text_global(self, self.text_tower(ids, mask), mask))
 
+    def mlm_logits(self, batch, image_tokens):
+        masked = self.text_proj(self.text_tower(batch["mlm_ids"], batch["text_mask"]))
+        return self.cross(masked, image_tokens, text_pad_mask=~batch["text_mask"].bool())
+
     def losses(self, batch):
         image_tokens = self._image_tokens(batch["images"])
         v = image_global(self, image_tokens)
@@ -75,9 +126,7 @@ class IRRA(Method):
             if self.wants(kind):
                 out[kind] = self.contrastive(kind, v, t, batch["pids"])
         if self.wants("mlm"):
-            masked = self.text_proj(self.text_tower(batch["mlm_ids"], batch["text_mask"]))
-            logits = self.cross(masked, image_tokens, text_pad_mask=~batch["text_mask"].bool())
-            out["mlm"] = L.mlm_loss(logits, batch["mlm_labels"])
+            out["mlm"] = L.mlm_loss(self.mlm_logits(batch, image_tokens), batch["mlm_labels"])
         if self.wants("id"):
             out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
         return out

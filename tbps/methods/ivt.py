@@ -31,12 +31,14 @@ class IVT(Method):
         self.tower = SharedTower(text.vocab_size, text.length, tuple(cfg.data.image_size), m.shared_width,
                                  m.shared_layers, m.shared_heads, patch=patch, stride=m.patch_stride,
                                  pad_id=text.pad_id, drop_path=m.drop_path)
-        if m.image_pretrained:
-            self.tower.load_vit(m.image_pretrained)
-        if m.text_pretrained:
-            self.tower.load_bert(m.text_pretrained)
         if self.wants("id"):
             self.classifier = nn.Linear(m.shared_width, num_classes)
+
+    def load_tower_weights(self, image_url, text_url):
+        if image_url:
+            self.tower.load_vit(image_url)
+        if text_url:
+            self.tower.load_bert(text_url)
 
     def data_needs(self):
         return DataNeeds(views=3, mla=True, mla_word_max=self.mcfg.mla_word_max)

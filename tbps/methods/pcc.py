@@ -17,7 +17,7 @@ from torch import nn
 from tbps import losses as L
 
 from .base import Method, register
-from .towers import build_towers
+from .towers import build_towers, load_clip, load_tower_weights
 
 
 class PartDecoder(nn.Module):
@@ -42,7 +42,8 @@ class PartDecoder(nn.Module):
 @register("pcc")
 class PCC(Method):
     supported_losses = ("sdm", "itc", "cmr", "id")
-    backbone_prefixes = ("image_tower.", "text_tower.")
+    backbone_prefixes = ("image_tower.", "text_tower.", "image_proj.", "text_proj.")
+    head_prefixes = ("classifier.",)
     method_fields = {"num_parts": "", "decoder_layers": "", "part_weight": "", "margin": "cmr", "commonality": "cmr"}
 
     def __init__(self, cfg, text, num_classes):
@@ -53,6 +54,12 @@ class PCC(Method):
         self.decoder = PartDecoder(e, heads, cfg.method.decoder_layers, cfg.method.num_parts)
         if self.wants("id"):
             self.classifier = nn.Linear(e, num_classes)
+
+    def load_tower_weights(self, image_url, text_url):
+        load_tower_weights(self, image_url, text_url)
+
+    def load_pretrained(self, checkpoint):
+        load_clip(self, checkpoint)
 
     # token features in the joint space
     def _image(self, images):

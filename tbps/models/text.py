@@ -13,36 +13,42 @@ KINDS = ("clip", "bert")
 
 
 def _config(kind: str, vocab_size: int, length: int, width: int, layers: int, heads: int, pad_id: int,
-            bos_id: int | None, eos_id: int | None):
+            bos_id: int | None, eos_id: int | None, activation: str = "auto"):
     from transformers import BertConfig, CLIPTextConfig
 
+    act = {} if activation == "auto" else {"hidden_act": activation}  # auto: CLIP quick_gelu, BERT gelu
     if kind == "clip":
         return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
                               num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=length,
-                              pad_token_id=pad_id, projection_dim=width, bos_token_id=bos_id, eos_token_id=eos_id)
+                              pad_token_id=pad_id, projection_dim=width, bos_token_id=bos_id, eos_token_id=eos_id,
+                              **act)
     if kind == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
                           num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=max(length, 512), pad_token_id=pad_id)
+                          max_position_embeddings=max(length, 512), pad_token_id=pad_id, **act)
     raise ValueError(f"model.text_tower must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 class TextTower(nn.Module):
-    """Returns token features ``[B, L, width]``; ``eot_feature`` picks the last real token (CLIP's end-of-text)."""
+    """Returns token features ``[B, L, width]``; ``eot_feature`` picks the last real token (CLIP's end-of-text).
+
+    The CLIP text transformer is causal, so a real token never sees padding: it runs without a padding mask, as
+    OpenAI's and IRRA's code do, which also gives the padding positions OpenAI's features (IRRA's cross-modal
+    encoder reads them). BERT gets the padding mask."""
 
     def __init__(self, kind: str, vocab_size: int, length: int, width: int = 512, layers: int = 12, heads: int = 8,
-                 pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None):
+                 pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None, activation: str = "auto"):
         super().__init__()
         from transformers import BertModel, CLIPTextModel
 
         self.kind = kind
-        cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id)
+        cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id, activation)
         self.model = CLIPTextModel(cfg) if kind == "clip" else BertModel(cfg, add_pooling_layer=False)
         self.width = width
         self.vocab_size = vocab_size
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.model(input_ids=ids, attention_mask=None if self.kind == "clip" else mask).last_hidden_state
 
     @staticmethod
     def eot_feature(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

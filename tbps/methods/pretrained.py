@@ -1,0 +1,209 @@
+"""Building a method and loading its starting weights: the one function the engine, ``tbps.evaluate``,
+``tbps.search``, the benchmarks and the tests use.
+
+    method = create_method(cfg, text_spec, num_classes)   # reads model.pretrained, fits cfg.model, builds, loads
+
+``model.pretrained`` (local path or s3://) is a whole model:
+- a CLIP checkpoint (``tbps.models.clip``: OpenAI's TorchScript or plain state dict, open_clip, a transformers
+  ``CLIPModel`` directory): the architecture fields of ``cfg.model`` are set from its weights, then both towers, both
+  projections and, for a learnable temperature, the logit scale are loaded;
+- an official IRRA output directory (``best.pth`` holding ``{"model": state_dict}`` + ``configs.yaml``): CLIP as
+  above plus IRRA's cross-modal encoder, MLM head and ID classifier.
+``model.image_pretrained`` / ``model.text_pretrained`` load the towers alone, after it.
+
+Weights are read once, after the method is built and never inside a constructor: an evaluation copy built with
+``build_method`` gets its weights from the training copy's state dict instead of re-reading storage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from tbps.config import ConfigError, LossTerm
+from tbps.data.remote import local_copy
+from tbps.models import WeightLoadError
+from tbps.models.clip import ClipCheckpoint, TIMM_BLOCK_KEYS, to_fp32, checked_clip, read_clip_checkpoint
+
+from .base import Method, TextSpec, build_method
+
+ARCH_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads")
+IRRA_FILES = ("best.pth", "configs.yaml")
+
+
+@dataclass
+class IrraRun:
+    """An official IRRA output directory: its CLIP part (OpenAI layout), its heads (IRRA's keys) and its args."""
+
+    clip: ClipCheckpoint
+    heads: dict[str, torch.Tensor]
+    args: dict
+    source: str
+    format: str = "irra-run"
+
+
+# ------------------------------------------------------------------------------------------------------ IRRA runs
+class _IrraArgsLoader(yaml.SafeLoader):
+    """IRRA writes ``yaml.dump(vars(args))``: tuples (img_size) come as python/tuple tags; nothing else is built."""
+
+
+_IrraArgsLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                                lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
+def is_irra_run(url: str) -> bool:
+    from shards.storage import filesystem, join
+
+    fs, _ = filesystem(url)
+    return all(fs.exists(filesystem(join(url, f))[1]) for f in IRRA_FILES)
+
+
+def read_irra_run(url: str, what: str = "model.pretrained") -> IrraRun:
+    from shards.storage import join
+
+    path = local_copy(url)
+    with open(os.path.join(path, "configs.yaml")) as f:
+        try:
+            args = yaml.load(f, Loader=_IrraArgsLoader) or {}
+        except yaml.YAMLError as e:
+            raise WeightLoadError(f"{what}: {join(url, 'configs.yaml')} is not IRRA's configs.yaml: {e}") from None
+    try:
+        ckpt = torch.load(os.path.join(path, "best.pth"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightLoadError(f"{what}: cannot read {join(url, 'best.pth')}: {type(e).__name__}: {e}") from None
+    sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not any(k.startswith("base_model.") for k in sd):
+        raise WeightLoadError(f"{what}: {join(url, 'best.pth')} holds no IRRA model ({{'model': state_dict}} with "
+                              "base_model.* keys)")
+    sd = to_fp32(sd)  # IRRA trains with fp16 linear weights
+    base = {k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}
+    heads = {k: v for k, v in sd.items() if not k.startswith("base_model.")}
+    return IrraRun(checked_clip(base, "irra-run", "quick_gelu", url, what), heads, args, url)
+
+
+def irra_heads_to_ours(heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """IRRA's head keys -> ours: cross_attn, ln_pre_t/ln_pre_i/ln_post, cross_modal_transformer resblocks (OpenAI's
+    block layout -> timm Block), mlm_head.{dense,ln,fc}, classifier."""
+    simple = {"cross_attn.": "cross.cross_attn.", "ln_pre_t.": "cross.ln_text.", "ln_pre_i.": "cross.ln_image.",
+              "ln_post.": "cross.ln_post.", "mlm_head.": "cross.mlm_head.", "classifier.": "classifier."}
+    out, unknown = {}, []
+    blocks = "cross_modal_transformer.resblocks."
+    for k, v in heads.items():
+        if k.startswith(blocks):
+            i, rest = k[len(blocks):].split(".", 1)
+            new = next((f"cross.blocks.{i}.{tm}{rest[len(oa):]}" for oa, tm in TIMM_BLOCK_KEYS.items()
+                        if rest == oa or rest.startswith(oa + ".")), None)
+        else:
+            new = next((dst + k[len(src):] for src, dst in simple.items() if k.startswith(src)), None)
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise WeightLoadError(f"model.pretrained: IRRA checkpoint has keys tbps cannot map: {', '.join(unknown[:12])}")
+    return out
+
+
+def load_irra_run(method: Method, run: IrraRun) -> None:
+    """CLIP (towers + projections) strictly; IRRA's heads where this method has them. A classifier for another
+    number of identities (fine-tuning on another dataset) keeps its fresh initialisation; that is reported."""
+    from .towers import load_clip
+
+    load_clip(method, run.clip)
+    mapped = irra_heads_to_ours(run.heads)
+    own = method.state_dict()
+    if "cross" in dict(method.named_children()):
+        cross = {k: v for k, v in mapped.items() if k.startswith("cross.")}
+        if not cross:
+            raise WeightLoadError(f"model.pretrained: {run.source} has no cross-modal encoder (trained without mlm); "
+                                  "drop mlm from method.losses or start from its CLIP weights")
+        missing = [k for k in own if k.startswith("cross.") and k not in cross]
+        shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in cross.items()
+                  if k in own and v.shape != own[k].shape]
+        extra = [k for k in cross if k not in own]
+        if missing or shapes or extra:
+            raise WeightLoadError(f"model.pretrained: IRRA cross-modal encoder of {run.source} does not fit: missing "
+                                  f"{missing[:8]}, shape mismatch {shapes[:8]}, unexpected {extra[:8]}")
+        method.load_state_dict(cross, strict=False)
+    classifier = {k: v for k, v in mapped.items() if k.startswith("classifier.")}
+    if "classifier" in dict(method.named_children()) and classifier:
+        if all(own[k].shape == v.shape for k, v in classifier.items()):
+            method.load_state_dict(classifier, strict=False)
+        else:
+            print(f"[tbps] model.pretrained: IRRA's ID classifier has {classifier['classifier.weight'].shape[0]} "
+                  f"identities, this dataset {own['classifier.weight'].shape[0]}: the classifier starts fresh")
+
+
+def irra_args_to_config(cfg, args: dict) -> None:
+    """Fit ``cfg`` (the irra preset, in place) to an IRRA run's args: losses and weights, temperature, cross-modal
+    depth, image size, patch stride, text length; the CLIP tokenizer."""
+    names = [n.strip() for n in str(args.get("loss_names", "sdm+mlm+id")).split("+") if n.strip()]
+    weight = {"id": float(args.get("id_loss_weight", 1.0)), "mlm": float(args.get("mlm_loss_weight", 1.0))}
+    cfg.method.name = "irra"
+    cfg.method.losses = [LossTerm(n, weight.get(n, 1.0)) for n in names]
+    cfg.method.temperature = float(args.get("temperature", cfg.method.temperature))
+    cfg.method.cross_layers = int(args.get("cmt_depth", cfg.method.cross_layers))
+    cfg.data.image_size = [int(x) for x in args.get("img_size", cfg.data.image_size)]
+    cfg.model.patch_stride = int(args.get("stride_size", 0))
+    cfg.data.text_length = int(args.get("text_length", cfg.data.text_length))
+    cfg.data.tokenizer = "clip"
+
+
+# ------------------------------------------------------------------------------------------------------ the entry
+def read_pretrained(url: str):
+    """A ``ClipCheckpoint`` or an ``IrraRun`` from ``model.pretrained``."""
+    if is_irra_run(url):
+        return read_irra_run(url)
+    return read_clip_checkpoint(url)
+
+
+def fit_config(cfg, checkpoint, text: TextSpec) -> str:
+    """Set the architecture fields of ``cfg.model`` from a checkpoint's weights (in place) so the saved config rebuilds
+    the same model. Returns a one-line description."""
+    clip = checkpoint.clip if isinstance(checkpoint, IrraRun) else checkpoint
+    a = clip.arch
+    if cfg.model.text_tower != "clip":
+        raise ConfigError(f"model.pretrained: {clip.source} is a CLIP checkpoint; it needs model.text_tower=clip "
+                          f"(got {cfg.model.text_tower})")
+    if a.vocab_size != text.vocab_size:
+        raise ConfigError(f"model.pretrained: {clip.source} has a vocabulary of {a.vocab_size} tokens, the tokenizer "
+                          f"{text.vocab_size}: use data.tokenizer=clip (CLIP's BPE with IRRA's mask token)")
+    if text.length > a.context_length:
+        raise ConfigError(f"data.text_length {text.length} exceeds the checkpoint's context length {a.context_length}")
+    m = cfg.model
+    if m.activation == "auto":
+        m.activation = clip.activation
+    m.image_tower = "vit_base_patch16_clip_224"  # a timm pre-norm CLIP ViT; the sizes below make it any CLIP ViT
+    m.image_overrides = {**{k: v for k, v in m.image_overrides.items() if k not in ARCH_OVERRIDES},
+                         "patch_size": a.patch_size, "embed_dim": a.vision_width, "depth": a.vision_layers,
+                         "num_heads": a.vision_heads}
+    m.text_width, m.text_layers, m.text_heads, m.embed_dim = a.text_width, a.text_layers, a.text_heads, a.embed_dim
+    if isinstance(checkpoint, IrraRun):
+        cfg.method.cross_heads = a.embed_dim // 64  # IRRA: embed_dim // 64
+    name = f"ViT-{'B' if a.vision_width == 768 else 'L' if a.vision_width == 1024 else a.vision_width}/{a.patch_size}"
+    return (f"{checkpoint.format} checkpoint {clip.source}: CLIP {name} (image {a.vision_width}x{a.vision_layers}, "
+            f"text {a.text_width}x{a.text_layers}, embedding {a.embed_dim}, {m.activation})")
+
+
+def load_weights(method: Method, cfg, checkpoint=None) -> None:
+    """Load ``checkpoint`` (from ``read_pretrained``) and the tower checkpoints of ``cfg.model`` into a built method."""
+    if checkpoint is not None:
+        method.load_pretrained(checkpoint)
+    if cfg.model.image_pretrained or cfg.model.text_pretrained:
+        method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
+
+
+def create_method(cfg, text: TextSpec, num_classes: int, log=print) -> Method:
+    """Read ``model.pretrained`` (fitting ``cfg.model`` to it), build the method, load every configured weight."""
+    checkpoint = None
+    if cfg.model.pretrained:
+        checkpoint = read_pretrained(cfg.model.pretrained)
+        description = fit_config(cfg, checkpoint, text)
+        if log:
+            log(f"[tbps] model.pretrained: {description}")
+    method = build_method(cfg, text, num_classes)
+    load_weights(method, cfg, checkpoint)
+    return method
