@@ -1,12 +1,18 @@
-"""Evaluate a saved checkpoint on a split and print R1/R5/R10/mAP/mINP.
+"""Evaluate a saved checkpoint, an official IRRA run, or a method built from pretrained weights (zero-shot) on a
+split and print R1/R5/R10/mAP/mINP.
 
     python -m tbps.evaluate --checkpoint runs/irra/best --data s3://bucket/cuhk-pedes --split test
     python -m tbps.evaluate --checkpoint runs/irra/best --checkpoint runs/pcc/best --out reports/cmp   # compare
+    python -m tbps.evaluate --checkpoint logs/CUHK-PEDES/irra --data s3://bucket/cuhk-pedes   # an IRRA output dir
+    python -m tbps.evaluate --config irra model.pretrained=s3://bucket/clip/ViT-B-16.pt --data s3://bucket/cuhk-pedes
+    python -m tbps.evaluate --config irra model.pretrained=... --data ... --save-embeddings --out emb/   # + npz
 
-With --out it writes metrics.md (one row per checkpoint), metrics.json and cmc.png (R@k against k, one curve each).
+With --out it writes metrics.md (one row per model), metrics.json and cmc.png (R@k against k, one curve each);
+--save-embeddings also writes embeddings.npz there (per model: image_emb, image_path, image_pid, text_emb, caption,
+text_pid, in the space the method's similarity uses).
 
 A checkpoint directory is any of a run's ``best/`` or Ray ``checkpoint_*`` directories (model.pt + config.yaml +
-meta.json), local or on object storage.
+meta.json), or an official IRRA output directory (best.pth + configs.yaml, detected), local or on object storage.
 """
 
 from __future__ import annotations
@@ -18,14 +24,57 @@ import sys
 import yaml
 
 
+def load_irra_run_model(run_dir: str, data_url: str | None, device: str = "cpu"):
+    """(method, cfg, tokenizer) from an official IRRA output directory: the irra preset fitted to its configs.yaml."""
+    from tbps.config import load_config
+    from tbps.data import load_tokenizer
+    from tbps.methods import TextSpec, build_method
+    from tbps.methods.pretrained import fit_config, irra_args_to_config, load_weights, read_irra_run
+
+    if not data_url:
+        raise ValueError(f"{run_dir} is an IRRA run directory, which names no tbps dataset: give --data URL")
+    run = read_irra_run(run_dir, "--checkpoint")
+    cfg = load_config("irra", [f"data.url={data_url}", f"model.pretrained={run_dir}"])
+    irra_args_to_config(cfg, run.args)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    text = TextSpec.from_tokenizer(tok, cfg.data.text_length)
+    fit_config(cfg, run, text)
+    classifier = run.heads.get("classifier.weight")
+    method = build_method(cfg, text, classifier.shape[0] if classifier is not None else 1)
+    load_weights(method, cfg, run)
+    return method.to(device).eval(), cfg, tok
+
+
+def load_config_model(config: str, overrides: list[str], data_url: str | None = None, device: str = "cpu"):
+    """(method, cfg, tokenizer) built from a preset and its configured pretrained weights, without training."""
+    from shards.storage import join
+    from tbps.config import load_config
+    from tbps.data import load_manifest, load_tokenizer
+    from tbps.methods import TextSpec, create_method
+
+    cfg = load_config(config, overrides)
+    if data_url:
+        cfg.data.url = data_url
+    if not cfg.data.url:
+        raise ValueError("give the dataset with --data URL (or data.url=...)")
+    tok = load_tokenizer(cfg.data.tokenizer or join(cfg.data.url, "tokenizer"))
+    num_classes = load_manifest(cfg.data.url).get("num_train_ids", 1)
+    method = create_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), num_classes,
+                           log=lambda m: print(m, file=sys.stderr))
+    return method.to(device).eval(), cfg, tok
+
+
 def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: str = "cpu"):
-    """(method, cfg, tokenizer) rebuilt from a checkpoint directory."""
+    """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory or an official IRRA run directory."""
     from shards.storage import join
     from tbps.config import Config, from_dict
     from tbps.data import load_tokenizer
     from tbps.engine.checkpoint import load_model_state, read_text
     from tbps.methods import TextSpec, build_method
+    from tbps.methods.pretrained import is_irra_run
 
+    if is_irra_run(checkpoint):
+        return load_irra_run_model(checkpoint, data_url, device)
     try:
         cfg = from_dict(Config, yaml.safe_load(read_text(join(checkpoint, "config.yaml"))))
         meta = json.loads(read_text(join(checkpoint, "meta.json")))
@@ -40,16 +89,21 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
     return method.to(device).eval(), cfg, tok
 
 
-def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str = "test", batch_size: int = 256,
-                        device: str = "cpu", cmc: int = 0) -> dict:
+def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
+                   embeddings_path: str | None = None) -> dict:
     from tbps.data import build_eval_loader
     from tbps.eval import evaluate
 
-    method, cfg, tok = load_checkpoint_model(checkpoint, data_url, device)
     loader = build_eval_loader(cfg.data, tok, split, batch_size)
-    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc)
+    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path)
     out["method"] = cfg.method.name
     return out
+
+
+def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str = "test", batch_size: int = 256,
+                        device: str = "cpu", cmc: int = 0, embeddings_path: str | None = None) -> dict:
+    method, cfg, tok = load_checkpoint_model(checkpoint, data_url, device)
+    return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -103,8 +157,12 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m tbps.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--checkpoint", required=True, action="append",
-                    help="checkpoint directory (local or s3://...); repeat to compare several")
+    ap.add_argument("--checkpoint", action="append", default=[],
+                    help="checkpoint directory (local or s3://...; a tbps checkpoint or an IRRA output directory); "
+                         "repeat to compare several")
+    ap.add_argument("--config", help="evaluate a method built from this preset/YAML and its pretrained weights "
+                                     "(model.pretrained=...), without training")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for --config, e.g. model.pretrained=PATH")
     ap.add_argument("--name", action="append", help="label per --checkpoint (default: its last path parts)")
     ap.add_argument("--data", help="dataset URL (default: the one each checkpoint was trained on)")
     ap.add_argument("--split", default="test")
@@ -113,12 +171,45 @@ def main(argv=None) -> int:
     ap.add_argument("--cmc", type=int, default=20, help="CMC curve up to this rank (default 20)")
     ap.add_argument("--out", help="write metrics.md, metrics.json and cmc.png here")
     ap.add_argument("--json", help="also write the metrics to this JSON file")
+    ap.add_argument("--save-embeddings", action="store_true",
+                    help="write <out>/embeddings.npz per model (gallery and query embeddings with paths, captions, ids)")
     args = ap.parse_args(argv)
-    rows = {}
+    from tbps.config import ConfigError
+    from tbps.models import WeightLoadError
+
+    if not args.checkpoint and not args.config:
+        ap.error("give --checkpoint DIR (repeatable) or --config PRESET with model.pretrained=...")
+    if args.overrides and not args.config:
+        ap.error(f"key=value overrides ({args.overrides[0]}) go with --config")
+    if args.save_embeddings and not args.out:
+        ap.error("--save-embeddings writes into --out DIR: give --out")
     try:
-        for name, ckpt in zip(_names(args.checkpoint, args.name), args.checkpoint):
-            rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        names = _names(args.checkpoint, args.name[:len(args.checkpoint)] if args.name else None)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.config:
+        label = args.name[len(args.checkpoint)] if args.name and len(args.name) > len(args.checkpoint) else \
+            f"{args.config} (pretrained)"
+        names.append(label)
+    rows = {}
+
+    def embeddings_path(i: int) -> str | None:
+        if not args.save_embeddings:
+            return None
+        import os
+
+        os.makedirs(args.out, exist_ok=True)
+        return os.path.join(args.out, "embeddings.npz" if len(names) == 1 else f"embeddings-{i}.npz")
+
+    try:
+        for i, (name, ckpt) in enumerate(zip(names, args.checkpoint)):
+            rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc,
+                                             embeddings_path(i))
+        if args.config:
+            method, cfg, tok = load_config_model(args.config, args.overrides, args.data, args.device)
+            rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
+                                             embeddings_path(len(names) - 1))
+    except (FileNotFoundError, KeyError, ValueError, ConfigError, WeightLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table({f"{name} ({args.split})": m for name, m in rows.items()}))
@@ -135,7 +226,8 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
         if args.cmc:
             plot_cmc(rows, os.path.join(args.out, "cmc.png"), f"CMC on the {args.split} split")
-        print(f"\nwrote {args.out}/metrics.md, metrics.json" + (", cmc.png" if args.cmc else ""))
+        print(f"\nwrote {args.out}/metrics.md, metrics.json" + (", cmc.png" if args.cmc else "") +
+              (", embeddings*.npz" if args.save_embeddings else ""))
     return 0
 
 

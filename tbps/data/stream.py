@@ -334,8 +334,8 @@ class EvalStream(IterableDataset):
     """The gallery (each image once) and the queries (every caption) of a split, for one rank.
 
     Each item is a batch of images with their captions flattened: ``images``, ``image_pids``, ``image_index``
-    (global position in the split, the tie-break order) and ``text_ids``, ``text_mask``, ``text_pids``,
-    ``text_index`` (unique per caption).
+    (global position in the split, the tie-break order), ``image_path`` (the raw annotation's relative path) and
+    ``text_ids``, ``text_mask``, ``text_pids``, ``text_index`` (unique per caption), ``captions`` (the raw strings).
     """
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, batch_size: int, rank: int = 0,
@@ -362,22 +362,23 @@ class EvalStream(IterableDataset):
                 yield self._batch(chunk)
 
     def _batch(self, chunk) -> dict:
-        images, pids, index, captions, cpids, cindex = [], [], [], [], [], []
+        images, pids, index, paths, captions, cpids, cindex = [], [], [], [], [], [], []
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
             images.append(resize_uint8(_decode_image(sample, size), size))
             pids.append(meta["pid"])
             index.append(i)
+            paths.append(meta.get("path", sample["__key__"]))
             for j, cap in enumerate(meta["captions"]):
                 captions.append(cap)
                 cpids.append(meta["pid"])
                 cindex.append(i * 1000 + j)
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
         return {"images": self.augment(torch.from_numpy(np.stack(images))), "image_pids": torch.tensor(pids),
-                "image_index": torch.tensor(index),
+                "image_index": torch.tensor(index), "image_path": paths,
                 "text_ids": ids, "text_mask": mask, "text_pids": torch.tensor(cpids),
-                "text_index": torch.tensor(cindex)}
+                "text_index": torch.tensor(cindex), "captions": captions}
 
 
 def build_eval_loader(cfg, tokenizer, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,

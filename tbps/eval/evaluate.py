@@ -19,10 +19,12 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def embed(model, loader, device="cpu", autocast_dtype=None) -> dict[str, torch.Tensor]:
-    """This rank's gallery and query embeddings with their pids and global indices."""
+def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool = False) -> dict:
+    """This rank's gallery and query embeddings with their pids and global indices (and, with ``keep_strings``,
+    the images' relative paths and the raw captions)."""
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx")}
+    paths, captions = [], []
     for batch in loader:
         batch = _to(batch, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
@@ -33,7 +35,25 @@ def embed(model, loader, device="cpu", autocast_dtype=None) -> dict[str, torch.T
         parts["img_idx"].append(batch["image_index"])
         parts["txt_pid"].append(batch["text_pids"])
         parts["txt_idx"].append(batch["text_index"])
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+        if keep_strings:
+            paths += batch["image_path"]
+            captions += batch["captions"]
+    out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    if keep_strings:
+        out["img_path"], out["caption"] = paths, captions
+    return out
+
+
+def save_embeddings(local: dict, path: str) -> None:
+    """``embeddings.npz``: one row per gallery image (``image_emb``, ``image_path``, ``image_pid``) and per caption
+    (``text_emb``, ``caption``, ``text_pid``), each side in split order, in the space the method's similarity uses
+    (``Method.search_vectors``: inner products = similarity). Single process."""
+    import numpy as np
+
+    io, to = local["img_idx"].argsort(), local["txt_idx"].argsort()
+    np.savez(path, image_emb=local["img_vec"][io].cpu().numpy(), image_path=np.array(local["img_path"])[io.numpy()],
+             image_pid=local["img_pid"][io].cpu().numpy(), text_emb=local["txt_vec"][to].cpu().numpy(),
+             caption=np.array(local["caption"])[to.numpy()], text_pid=local["txt_pid"][to].cpu().numpy())
 
 
 def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +71,17 @@ def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0) -> dict[str, float]:
+def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0,
+             embeddings_path: str | None = None) -> dict[str, float]:
     """R1/R5/R10/mAP/mINP (+ chance R1 and timing) of ``model`` on the split behind ``loader`` (this rank's part).
-    Every rank must call it; with one process it is the plain single-process evaluation."""
+    Every rank must call it; with one process it is the plain single-process evaluation. ``embeddings_path``
+    (single process) also writes the embeddings (``save_embeddings``)."""
     start = time.time()
-    local = embed(model, loader, device, autocast_dtype)
+    local = embed(model, loader, device, autocast_dtype, keep_strings=embeddings_path is not None)
+    if embeddings_path:
+        local["img_vec"] = model.search_vectors(local["img"], "image")
+        local["txt_vec"] = model.search_vectors(local["txt"], "text")
+        save_embeddings(local, embeddings_path)
     gallery, gallery_pids = _gather_gallery(local)
     queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
     cmc = min(cmc, len(gallery))

@@ -31,8 +31,9 @@ class CrossModalEncoder(nn.Module):
         self.ln_text = nn.LayerNorm(width)
         self.ln_image = nn.LayerNorm(width)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU)
-                                    for _ in range(layers))
+        # CLIP's residual block: timm's Block with CLIP's LayerNorm (eps 1e-5; timm's default is 1e-6) and QuickGELU
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU,
+                                          norm_layer=nn.LayerNorm) for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
         self.mlm_head = nn.Sequential(OrderedDict([("dense", nn.Linear(width, width)), ("act", QuickGELU()),
                                                    ("ln", nn.LayerNorm(width)), ("fc", nn.Linear(width, vocab_size))]))

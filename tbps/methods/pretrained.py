@@ -182,7 +182,7 @@ def fit_config(cfg, checkpoint, text: TextSpec) -> str:
                          "num_heads": a.vision_heads}
     m.text_width, m.text_layers, m.text_heads, m.embed_dim = a.text_width, a.text_layers, a.text_heads, a.embed_dim
     if isinstance(checkpoint, IrraRun):
-        cfg.method.cross_heads = a.embed_dim // 64  # IRRA: embed_dim // 64
+        cfg.method.cross_heads = max(1, a.embed_dim // 64)  # IRRA: embed_dim // 64
     name = f"ViT-{'B' if a.vision_width == 768 else 'L' if a.vision_width == 1024 else a.vision_width}/{a.patch_size}"
     return (f"{checkpoint.format} checkpoint {clip.source}: CLIP {name} (image {a.vision_width}x{a.vision_layers}, "
             f"text {a.text_width}x{a.text_layers}, embedding {a.embed_dim}, {m.activation})")

@@ -47,7 +47,9 @@ def load_clip(module: nn.Module, ckpt: ClipCheckpoint) -> None:
     sd = ckpt.state
     try:
         image = openai_visual_to_timm(sd, tuple(module.image_tower.vit.patch_embed.grid_size))
-        text = openai_text_to_transformers(sd, module.text_tower.model.config.max_position_embeddings)
+        own = module.text_tower.model.state_dict()
+        prefix = "text_model." if "text_model.final_layer_norm.weight" in own else ""
+        text = openai_text_to_transformers(sd, module.text_tower.model.config.max_position_embeddings, prefix)
         image_proj, text_proj = sd["visual.proj"].t(), sd["text_projection"].t()
     except KeyError as e:
         raise WeightLoadError(f"{what}: checkpoint {ckpt.source} lacks key {e}") from None

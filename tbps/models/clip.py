@@ -252,9 +252,9 @@ def openai_visual_to_timm(sd: dict, grid: tuple[int, int], prefix: str = "visual
     return out
 
 
-def openai_text_to_transformers(sd: dict, length: int) -> dict[str, torch.Tensor]:
-    """OpenAI's text transformer keys -> transformers ``CLIPTextModel`` keys; positions cut to ``length``."""
-    t = "text_model."
+def openai_text_to_transformers(sd: dict, length: int, t: str = "text_model.") -> dict[str, torch.Tensor]:
+    """OpenAI's text transformer keys -> transformers ``CLIPTextModel`` keys under prefix ``t`` (``text_model.``, or
+    "" where a transformers version keeps the text model's modules at the top); positions cut to ``length``."""
     out = {t + "embeddings.token_embedding.weight": sd["token_embedding.weight"],
            t + "embeddings.position_embedding.weight": sd["positional_embedding"][:length]}
     for part in ("weight", "bias"):
