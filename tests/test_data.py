@@ -220,3 +220,67 @@ def test_batch_augment_matches_torchvision_transforms(synth_tiny):
     assert 0.3 < erased < 0.7
     with pytest.raises(ValueError, match="expected uint8"):
         BatchAugment(cfg, train=True)(ref)
+
+
+@pytest.fixture(scope="module")
+def even_pairs(tmp_path_factory, synth_tiny):
+    """The tiny train split (120 images x 2 captions) as 8 shards of 15 images: 30 pairs each."""
+    import webdataset as wds
+
+    from shards.storage import join
+    from tbps.data.stream import split_shards
+
+    samples = []
+    for shard in split_shards(load_manifest(synth_tiny), "train"):
+        samples += list(wds.DataPipeline(wds.SimpleShardList([join(synth_tiny, shard["name"])]),
+                                         wds.tarfile_to_samples()))
+    clean = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in samples]
+    out = str(tmp_path_factory.mktemp("even"))
+    with DatasetWriter(out, "even", progress=False) as w:
+        w.write_split("train", iter(clean), 120, shard_counts=[15] * 8)
+        w.publish()
+    return out
+
+
+def test_pair_epochs_see_every_pair_once_across_ranks(even_pairs, synth_tiny):
+    """data.sampling=pairs: steps per epoch = pairs / global batch, every (image, caption) pair exactly once per epoch
+    across 2 ranks x 2 loader workers, equal batches per rank, and a new order each epoch."""
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    manifest = load_manifest(even_pairs)
+    assert [s["captions"] for s in manifest["splits"]["train"]["shards"]] == [30] * 8
+    cfg = DataConfig(url=even_pairs, image_size=[48, 16], batch_size=5, loader_workers=2, text_length=24,
+                     shuffle_buffer=8, sampling="pairs")
+    orders = []
+    for epoch in range(2):
+        seen, counts = [], []
+        for rank in range(2):
+            loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            counts.append(len(batches))
+            seen += [(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])]
+            captions = {(k, c): cap for b in batches for k, c, cap in
+                        zip(b["keys"], b["caption_index"], tok.batch_decode(b["text_ids"], skip_special_tokens=True))}
+            assert len(set(captions.values())) > 1
+        assert counts[0] == counts[1] == 240 // (5 * 2)  # pairs / global batch
+        assert len(seen) == len(set(seen)) == 240  # every pair, once
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    # images mode on the same shards: each image once, one caption
+    images = DataConfig(**{**cfg.__dict__, "sampling": "images"})
+    assert len(build_train_loader(images, tok, rank=0, world_size=2)) == 120 // (5 * 2)
+
+
+def test_pair_epochs_need_caption_counts(even_pairs, tmp_path, synth_tiny):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(even_pairs, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for s in manifest["splits"]["train"]["shards"]:
+        del s["captions"]  # as shards.build wrote it before pair-level epochs
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    with pytest.raises(ValueError, match="no per-shard caption counts.*data.sampling=images"):
+        build_train_loader(DataConfig(url=str(old), sampling="pairs"), tok)
+    build_train_loader(DataConfig(url=str(old), sampling="images", batch_size=8, loader_workers=1), tok)

@@ -151,3 +151,29 @@ def test_mlm_masking_follows_irra_on_clip_ids():
     forced, forced_labels = mask_tokens(ids[:4], mask[:4], tok.all_special_ids, 1e-9, tok.mask_token_id, len(tok), g)
     assert (forced[:, 1] == 49405).all() and torch.equal(forced_labels[:, 1], ids[:4, 1])
     assert ((forced_labels != -100).sum(1) == 1).all()
+
+
+def test_per_epoch_schedule_equals_irras_scheduler():
+    """optim.schedule_per=epoch (the irra preset): the lr of epoch e (0-based) is IRRA's LRSchedulerWithWarmup at
+    last_epoch = e (linear warm-up from 0.1 over 5 epochs, then cosine to 0 over the rest), constant within it."""
+    import math
+
+    from tbps.optim import build_scheduler
+
+    cfg = load_config("irra")
+    assert cfg.optim.schedule_per == "epoch" and cfg.train.epochs == 60
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=cfg.optim.lr)
+    spe = 3
+    sched = build_scheduler(opt, cfg.optim, steps_per_epoch=spe, epochs=60)
+
+    def official(e):  # solver/lr_scheduler.py, mode cosine, warmup linear, target_lr 0
+        if e < 5:
+            alpha = e / 5
+            return 1e-5 * (0.1 * (1 - alpha) + alpha)
+        return 1e-5 * 0.5 * (1 + math.cos(math.pi * (e - 5) / (60 - 5)))
+    for e in range(60):
+        for _ in range(spe):
+            assert opt.param_groups[0]["lr"] == pytest.approx(official(e), rel=1e-9, abs=1e-15), e
+            opt.step()
+            sched.step()

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import read_split
 from raw_fixtures import make_records, write_raw
+from shards.build import convert
 from shards.build import main as build_main
 from shards.readers import FORMATS
 from shards.writer import DatasetWriter, plan_shards
@@ -178,3 +179,26 @@ def test_conversion_to_s3_and_streaming_back(tmp_path, s3_server):
     assert not keys[0] & keys[1]
     gallery = sum(len(b["images"]) for b in build_eval_loader(cfg, tok, "test", batch_size=3))
     assert gallery == len([r for r in records if r["split"] == "test"])
+
+
+def test_train_records_are_written_in_a_seeded_shuffled_order(tmp_path):
+    """Annotation files are often grouped by identity; train shards must not be (batches would hold ~20x more
+    same-identity pairs than a global shuffle). Val/test keep annotation order (the gallery order breaks ties)."""
+    records = []
+    for p in range(12):
+        for j in range(3):
+            records.append({"split": "train" if p < 10 else "test", "id": p + 1, "file_path": f"p{p}/{j}.jpg",
+                            "captions": [f"person {p} view {j}.", f"another caption {p} {j}."]})
+    write_raw(str(tmp_path / "raw"), "cuhk-pedes", records)
+    orders = []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        convert("cuhk-pedes", str(tmp_path / "raw"), str(tmp_path / run), shard_size=10, min_shards=1, seed=seed,
+                log=open(os.devnull, "w"))
+        orders.append([r["path"] for r in read_split(str(tmp_path / run), "train")])
+    annotation = [r["file_path"] for r in records if r["split"] == "train"]
+    assert sorted(orders[0]) == sorted(annotation) and orders[0] != annotation
+    assert orders[0] == orders[1] and orders[0] != orders[2]  # deterministic per seed
+    assert [r["path"] for r in read_split(str(tmp_path / "a"), "test")] == \
+        [r["file_path"] for r in records if r["split"] == "test"]
+    # no shard is one identity's: the first shard holds many identities
+    assert len({p.split("/")[0] for p in orders[0][:10]}) >= 5
