@@ -21,6 +21,7 @@ SCRIPTS = {
     "overhead": "overhead.py",  # issue #4: Ray Train + DeepSpeed vs a plain loop
     "eval": "eval.py",  # issue #7: retrieval_metrics vs full argsort + Python loop
     "train_step": "train_step.py",  # issue #7: samples/s per method (MFU on GPU)
+    "batch_mix": "batch_mix.py",  # issue #13: same-identity pairs per batch vs a global shuffle
 }
 
 

@@ -152,7 +152,9 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
                                          ("overhead.py", ["plain PyTorch", "plain PyTorch beside Ray",
                                                          "Ray Train + DeepSpeed ZeRO-0"]),
                                          ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
-                                                            "| pcc_tiny |"])])
+                                                            "| pcc_tiny |"]),
+                                         ("batch_mix.py", ["| tbps (shuffled shards", "| annotation-order shards",
+                                                           "| global shuffle"])])
 def test_bench_quick_modes(script, rows, tmp_path):
     """Every benchmark runs its comparison end to end in --quick mode (correctness, not timings)."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick"], cwd=ROOT,
