@@ -39,6 +39,9 @@ class DataConfig:
     pad: int = 10  # pad then random crop back to image_size (0 = off)
     random_erasing: float = 0.5  # probability of random erasing (0 = off)
     erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    erasing_value: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # fill, in normalised units (IRRA:
+    # the CLIP mean's numbers, as its RandomErasing(value=mean) after Normalize does)
+    interpolation: str = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     tokenizer: str = ""  # clip (CLIP BPE + IRRA's <|mask|>, built in) | a transformers tokenizer dir (local or

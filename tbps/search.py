@@ -106,7 +106,7 @@ def build_gallery(method, cfg, gallery: str, split: str, device: str = "cpu", ba
     t0 = time.time()
     for sample in shard_samples(urls):
         meta = json.loads(sample["json"])
-        batch.append(resize_uint8(_decode_image(sample, size), size))
+        batch.append(resize_uint8(_decode_image(sample, size), size, cfg.data.interpolation))
         pids.append(int(meta["pid"]))
         keys.append(sample["__key__"])
         shards.append(os.path.basename(sample["__url__"]))

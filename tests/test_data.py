@@ -284,3 +284,24 @@ def test_pair_epochs_need_caption_counts(even_pairs, tmp_path, synth_tiny):
     with pytest.raises(ValueError, match="no per-shard caption counts.*data.sampling=images"):
         build_train_loader(DataConfig(url=str(old), sampling="pairs"), tok)
     build_train_loader(DataConfig(url=str(old), sampling="images", batch_size=8, loader_workers=1), tok)
+
+
+def test_irra_resize_and_erasing_fill(synth_tiny):
+    """IRRA's transforms: bilinear resize (T.Resize's default) and RandomErasing(value=mean) after Normalize, i.e.
+    boxes filled with the mean's numbers in normalised units."""
+    import numpy as np
+    from PIL import Image
+
+    from tbps.data.transforms import BatchAugment, build_transform, resize_uint8
+
+    mean = [0.48145466, 0.4578275, 0.40821073]
+    cfg = DataConfig(image_size=[96, 32], interpolation="bilinear", erasing_value=mean, pad=0, flip=0.0,
+                     random_erasing=1.0)
+    pil = [Image.open(io.BytesIO(s["image"])).convert("RGB") for s in read_split(synth_tiny, "val")[:6]]
+    pixels = torch.from_numpy(np.stack([resize_uint8(im, (96, 32), "bilinear") for im in pil]))
+    ref = torch.stack([build_transform(cfg, train=False)(im) for im in pil])
+    torch.testing.assert_close(BatchAugment(cfg, train=False)(pixels), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(pixels, torch.from_numpy(np.stack([resize_uint8(im, (96, 32)) for im in pil])))
+    out = BatchAugment(cfg, train=True)(pixels, torch.Generator().manual_seed(0))
+    filled = (out == torch.tensor(mean).view(1, 3, 1, 1)).all(dim=1)
+    assert (filled.flatten(1).sum(1) >= 0.02 * 96 * 32 * 0.9).all()  # every image got a mean-filled box

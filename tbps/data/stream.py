@@ -225,7 +225,7 @@ class ShardStream(IterableDataset):
         size = tuple(self.cfg.image_size)
         index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
         caption = meta["captions"][index]
-        out = {"image": resize_uint8(_decode_image(sample, size), size), "caption": caption, "caption_index": index,
+        out = {"image": resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation), "caption": caption, "caption_index": index,
                "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
                "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
@@ -366,7 +366,7 @@ class EvalStream(IterableDataset):
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
-            images.append(resize_uint8(_decode_image(sample, size), size))
+            images.append(resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation))
             pids.append(meta["pid"])
             index.append(i)
             paths.append(meta.get("path", sample["__key__"]))

@@ -28,7 +28,7 @@ def _size(cfg) -> tuple[int, int]:
 
 def build_transform(cfg, train: bool):
     size = _size(cfg)
-    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    steps = [T.Resize(size, interpolation=T.InterpolationMode(cfg.interpolation))]
     if train:
         if cfg.flip > 0:
             steps.append(T.RandomHorizontalFlip(cfg.flip))
@@ -36,15 +36,22 @@ def build_transform(cfg, train: bool):
             steps += [T.Pad(cfg.pad), T.RandomCrop(size)]
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if train and cfg.random_erasing > 0:
-        steps.append(T.RandomErasing(cfg.random_erasing, scale=tuple(cfg.erasing_scale), value=0))
+        steps.append(T.RandomErasing(cfg.random_erasing, scale=tuple(cfg.erasing_scale),
+                                     value=list(cfg.erasing_value)))
     return T.Compose(steps)
 
 
-def resize_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB image -> uint8 [H, W, 3] at (height, width) = size (bicubic with antialiasing, as T.Resize on PIL)."""
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_uint8(img: Image.Image, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """RGB image -> uint8 [H, W, 3] at (height, width) = size (bicubic or bilinear with antialiasing, as T.Resize on
+    PIL)."""
     h, w = size
+    if interpolation not in RESAMPLE:
+        raise ValueError(f"data.interpolation must be one of {', '.join(RESAMPLE)}, got {interpolation!r}")
     if img.size != (w, h):
-        img = img.resize((w, h), Image.BICUBIC)
+        img = img.resize((w, h), RESAMPLE[interpolation])
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -57,6 +64,7 @@ class BatchAugment:
         self.flip, self.pad = (cfg.flip, cfg.pad) if train else (0.0, 0)
         self.erasing = cfg.random_erasing if train else 0.0
         self.scale = tuple(cfg.erasing_scale)
+        self.fill = torch.tensor(cfg.erasing_value, dtype=torch.float32).view(3, 1, 1)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
 
@@ -82,7 +90,7 @@ class BatchAugment:
         return out.contiguous()
 
     def _erase(self, img: torch.Tensor, gen) -> None:
-        """torchvision RandomErasing (value 0): a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries."""
+        """torchvision RandomErasing (value ``data.erasing_value``): a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries."""
         _, H, W = img.shape
         area = H * W
         lo, hi = math.log(0.3), math.log(1 / 0.3)
@@ -94,5 +102,5 @@ class BatchAugment:
             if h < H and w < W:
                 i = int(torch.randint(0, H - h + 1, (1,), generator=gen))
                 j = int(torch.randint(0, W - w + 1, (1,), generator=gen))
-                img[:, i:i + h, j:j + w] = 0
+                img[:, i:i + h, j:j + w] = self.fill
                 return
