@@ -282,6 +282,10 @@ def test_bad_pretrained_checkpoints_are_clear_errors(ref, tmp_path):
     torch.save(sd, tmp_path / "vocab.pt")
     with pytest.raises(ConfigError, match="vocabulary of 1000 tokens.*data.tokenizer=clip"):
         _method(str(tmp_path / "vocab.pt"))
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+    with pytest.raises(WeightLoadError, match="whole CLIP checkpoint; give it as model.pretrained"):
+        tower_only = load_config("irra_tiny", [f"model.image_pretrained={tmp_path / 'clip.pt'}"])
+        create_method(tower_only, TextSpec(60, 48, 0, 1, 2, 3), 10, log=None)
 
 
 # ----------------------------------------------------------------------------------------------------- IRRA

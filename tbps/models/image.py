@@ -9,7 +9,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .weights import load_into, read_state_dict
+from .weights import WeightLoadError, load_into, read_state_dict
 
 
 class ImageTower(nn.Module):
@@ -36,6 +36,9 @@ class ImageTower(nn.Module):
         """Load timm or foreign (e.g. OpenAI CLIP) weights: the model module's ``checkpoint_filter_fn`` converts keys
         and resizes position embeddings to this tower's grid (e.g. 14x14 -> 24x8)."""
         sd = read_state_dict(url, "model.image_pretrained")
+        if "visual.proj" in sd and "text_projection" in sd:
+            raise WeightLoadError(f"model.image_pretrained: {url} is a whole CLIP checkpoint; give it as "
+                                  "model.pretrained (both towers and CLIP's projections, QuickGELU, IRRA's grid resize)")
         filter_fn = getattr(sys.modules[type(self.vit).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
             sd = filter_fn(sd, self.vit)
