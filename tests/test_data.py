@@ -19,22 +19,26 @@ from tbps.data import (DataNeeds, assign_shards, batches_per_epoch, build_eval_l
 from tbps.data.text import mla_texts, phrase_pieces
 
 
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory, synth_tiny):
-    """The tiny train split re-written into deliberately uneven shards (17, 1, 9, 30, 2, 23, 5, 33 samples)."""
+def _train_samples(url: str) -> list[dict]:
+    """The raw samples (key, jpg, json) of a dataset's train split, ready to be written again."""
     import webdataset as wds
 
     from shards.storage import join
     from tbps.data.stream import split_shards
 
     samples = []
-    for shard in split_shards(load_manifest(synth_tiny), "train"):
-        samples += list(wds.DataPipeline(wds.SimpleShardList([join(synth_tiny, shard["name"])]),
-                                         wds.tarfile_to_samples()))
+    for shard in split_shards(load_manifest(url), "train"):
+        samples += list(wds.DataPipeline(wds.SimpleShardList([join(url, shard["name"])]), wds.tarfile_to_samples()))
+    return [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in samples]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory, synth_tiny):
+    """The tiny train split re-written into deliberately uneven shards (17, 1, 9, 30, 2, 23, 5, 33 samples)."""
+    clean = _train_samples(synth_tiny)
     out = str(tmp_path_factory.mktemp("uneven"))
     counts = [17, 1, 9, 30, 2, 23, 5, 33]
-    assert sum(counts) == len(samples) == 120
-    clean = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in samples]
+    assert sum(counts) == len(clean) == 120
     with DatasetWriter(out, "uneven", progress=False) as w:
         w.write_split("train", iter(clean), len(clean), stats={"images": 120}, shard_counts=counts)
         w.publish()
@@ -225,16 +229,7 @@ def test_batch_augment_matches_torchvision_transforms(synth_tiny):
 @pytest.fixture(scope="module")
 def even_pairs(tmp_path_factory, synth_tiny):
     """The tiny train split (120 images x 2 captions) as 8 shards of 15 images: 30 pairs each."""
-    import webdataset as wds
-
-    from shards.storage import join
-    from tbps.data.stream import split_shards
-
-    samples = []
-    for shard in split_shards(load_manifest(synth_tiny), "train"):
-        samples += list(wds.DataPipeline(wds.SimpleShardList([join(synth_tiny, shard["name"])]),
-                                         wds.tarfile_to_samples()))
-    clean = [{k: v for k, v in s.items() if k in ("__key__", "jpg", "json")} for s in samples]
+    clean = _train_samples(synth_tiny)
     out = str(tmp_path_factory.mktemp("even"))
     with DatasetWriter(out, "even", progress=False) as w:
         w.write_split("train", iter(clean), 120, shard_counts=[15] * 8)
