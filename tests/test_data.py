@@ -45,6 +45,13 @@ def uneven(tmp_path_factory, synth_tiny):
     return out
 
 
+def _rank_epoch(cfg, tok, rank: int, epoch: int) -> list[dict]:
+    """Every batch rank ``rank`` of 2 yields in ``epoch``."""
+    loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
 @pytest.mark.parametrize("sampling", ["images", "pairs"])
 def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(uneven, synth_tiny, sampling):
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
@@ -53,9 +60,7 @@ def test_two_ranks_over_uneven_shards_get_equal_batches_and_disjoint_samples(une
     for epoch in range(2):
         counts, keys = [], []
         for rank in range(2):
-            loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
-            loader.set_epoch(epoch)
-            batches = list(loader)
+            batches = _rank_epoch(cfg, tok, rank, epoch)
             counts.append(len(batches))
             # an image (images) or an (image, caption) pair (pairs)
             keys.append([(k, c if sampling == "pairs" else 0) for b in batches
@@ -245,18 +250,23 @@ def test_pair_epochs_see_every_pair_once_across_ranks(even_pairs, synth_tiny):
     assert [s["captions"] for s in manifest["splits"]["train"]["shards"]] == [30] * 8
     cfg = DataConfig(url=even_pairs, image_size=[48, 16], batch_size=5, loader_workers=2, text_length=24,
                      shuffle_buffer=8, sampling="pairs")
+    truth = {s["__key__"]: json.loads(s["json"])["captions"] for s in _train_samples(even_pairs)}
+
+    def decoded(text: str) -> str:  # a caption as the pipeline tokenises it (24 tokens), decoded
+        from tbps.data.text import tokenize
+
+        return tok.decode(tokenize(tok, [text], cfg.text_length)[0][0], skip_special_tokens=True)
     orders = []
     for epoch in range(2):
         seen, counts = [], []
         for rank in range(2):
-            loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
-            loader.set_epoch(epoch)
-            batches = list(loader)
+            batches = _rank_epoch(cfg, tok, rank, epoch)
             counts.append(len(batches))
             seen += [(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])]
-            captions = {(k, c): cap for b in batches for k, c, cap in
-                        zip(b["keys"], b["caption_index"], tok.batch_decode(b["text_ids"], skip_special_tokens=True))}
-            assert len(set(captions.values())) > 1
+            for b in batches:  # the tokenised caption is the one caption_index names
+                for k, c, text in zip(b["keys"], b["caption_index"],
+                                      tok.batch_decode(b["text_ids"], skip_special_tokens=True)):
+                    assert text == decoded(truth[k][c])
         assert counts[0] == counts[1] == 240 // (5 * 2)  # pairs / global batch
         assert len(seen) == len(set(seen)) == 240  # every pair, once
         orders.append(seen)

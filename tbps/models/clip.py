@@ -39,7 +39,6 @@ class ClipArch:
     vision_width: int
     vision_layers: int
     patch_size: int
-    grid: int  # the square position grid it was trained with (14 for ViT-B/16 at 224)
     context_length: int
     vocab_size: int
     text_width: int
@@ -202,10 +201,9 @@ def arch_of(sd: dict) -> ClipArch:
     """The architecture from the weights' shapes (OpenAI's ``build_model``)."""
     def count(prefix):
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     return ClipArch(embed_dim=sd["text_projection"].shape[1], vision_width=sd["visual.conv1.weight"].shape[0],
                     vision_layers=count("visual.transformer.resblocks."), patch_size=sd["visual.conv1.weight"].shape[-1],
-                    grid=grid, context_length=sd["positional_embedding"].shape[0],
+                    context_length=sd["positional_embedding"].shape[0],
                     vocab_size=sd["token_embedding.weight"].shape[0], text_width=sd["ln_final.weight"].shape[0],
                     text_layers=count("transformer.resblocks."))
 
@@ -261,11 +259,6 @@ def openai_text_to_transformers(sd: dict, length: int, t: str = "text_model.") -
         out[f"{t}final_layer_norm.{part}"] = sd[f"ln_final.{part}"]
     out.update(openai_layers_to_hf(sd, "transformer.resblocks.", t + "encoder.layers."))
     return out
-
-
-def grid_of(image_size: tuple[int, int], patch: int, stride: int) -> tuple[int, int]:
-    stride = stride or patch
-    return (image_size[0] - patch) // stride + 1, (image_size[1] - patch) // stride + 1
 
 
 _KNOWN = re.compile(r"^(visual\.(class_embedding|positional_embedding|conv1\.weight|ln_pre\.(weight|bias)|"
