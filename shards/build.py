@@ -3,7 +3,9 @@
     python -m shards.build --dataset cuhk-pedes --root /data/CUHK-PEDES --out s3://bucket/cuhk-pedes
 
 One sample per image: the original image bytes (``jpg``/``png``/...) and a ``json`` record with all captions, the
-original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path. Train records
+original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path; with
+``--attributes FILE`` (IVT's attribute annotation, ``cuhk_pedes_att.json`` layout) also ``caption_attributes``: per caption,
+its attribute phrases (IVT's word-level texts). Train records
 are written in a seeded shuffled order (``--seed``), so no shard holds one identity's images (annotation files are
 often grouped by identity); val and test keep annotation order (the gallery order breaks ties).
 """
@@ -29,12 +31,41 @@ def split_stats(records: list[RawRecord]) -> dict:
     }
 
 
+def read_attributes(file: str) -> dict[tuple[str, str], list[str]]:
+    """IVT's attribute annotation (``cuhk_pedes_att.json``: ``{split: [{"file_path", "captions", "att": {name:
+    phrase}, ...}]}``, one item per (image, caption)) -> {(image path, caption): [phrase, ...]} in the file's order.
+    Errors name the file, the split and the item."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadRecord(file, None, f"cannot read the attribute file: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise BadRecord(file, None, "an attribute file maps split names to lists of items ({'train': [...], ...})")
+    out: dict[tuple[str, str], list[str]] = {}
+    for split, items in data.items():
+        for i, item in enumerate(items):
+            where = f"{split}[{i}]"
+            if not isinstance(item, dict) or not isinstance(item.get("file_path"), str) or \
+                    not isinstance(item.get("captions"), str):
+                raise BadRecord(file, None, f"item {where} needs a file_path string and a captions string")
+            att = item.get("att", {})
+            if not isinstance(att, dict) or not all(isinstance(v, str) for v in att.values()):
+                raise BadRecord(file, None, f"item {where} ({item['file_path']}): att must map attribute names to "
+                                            f"phrases, got {type(att).__name__}")
+            out[(item["file_path"], item["captions"].strip())] = [v for v in att.values()]
+    return out
+
+
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
-            skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0) -> dict:
+            skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0, attributes: str | None = None) -> dict:
     """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
     log = log or sys.stderr
     fmt = FORMATS[dataset]
     file = os.path.join(root, fmt.annotation_file)
+    phrases = read_attributes(attributes) if attributes else None
     records, skipped = read_annotations(dataset, root, skip_bad=skip_bad)
 
     # Check every image before writing anything: a bad image found half-way would leave a partial dataset.
@@ -80,20 +111,26 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
     train_pids = sorted({r.pid for r in by_split["train"]})
     train_id = {pid: i for i, pid in enumerate(train_pids)}  # contiguous 0..N-1 for the ID classifier
     random.Random(seed).shuffle(by_split["train"])
+    if phrases is not None:
+        matched = sum(1 for r in good for c in r.captions if (r.path, c.strip()) in phrases)
+        total = sum(len(r.captions) for r in good)
+        if matched == 0:
+            raise BadRecord(attributes, None, f"no caption of {file} is in the attribute file (items are matched by "
+                                              "file_path, relative to imgs/, and caption text)")
+        print(f"attributes: {matched} of {total} captions have attribute phrases ({attributes})", file=log)
 
     def samples(split: str):
         for i, rec in enumerate(by_split[split]):
             data, ext = load_image(root, rec, file)
-            yield {
-                "__key__": f"{split}-{i:08d}",
-                ext: data,
-                "json": {
-                    "pid": rec.pid,
-                    "train_id": train_id.get(rec.pid, -1) if split == "train" else -1,
-                    "captions": rec.captions,
-                    "path": rec.path,
-                },
+            meta = {
+                "pid": rec.pid,
+                "train_id": train_id.get(rec.pid, -1) if split == "train" else -1,
+                "captions": rec.captions,
+                "path": rec.path,
             }
+            if phrases is not None:  # per caption; [] where the file has none (the word level falls back)
+                meta["caption_attributes"] = [phrases.get((rec.path, c.strip()), []) for c in rec.captions]
+            yield {"__key__": f"{split}-{i:08d}", ext: data, "json": meta}
 
     with DatasetWriter(out, dataset=dataset, shard_size=shard_size, min_shards=min_shards) as writer:
         for split in fmt.splits:
@@ -130,10 +167,12 @@ def main(argv=None) -> int:
                                                             "stopping")
     ap.add_argument("--workers", type=int, default=8, help="threads that check images")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order of the train records")
+    ap.add_argument("--attributes", help="IVT's attribute annotation JSON (cuhk_pedes_att.json layout): stores each "
+                                         "caption's attribute phrases for IVT's word-level texts")
     args = ap.parse_args(argv)
     try:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
-                           args.workers, seed=args.seed)
+                           args.workers, seed=args.seed, attributes=args.attributes)
     except BadRecord as e:
         print(f"error: {e}\nnothing was published to {args.out}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ class DataConfig:
     erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
     erasing_value: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # fill, in normalised units (IRRA:
     # the CLIP mean's numbers, as its RandomErasing(value=mean) after Normalize does)
+    erasing_mode: str = "constant"  # constant (erasing_value) | pixel (per-pixel N(0, 1) noise: timm's mode
+    # 'pixel', as IVT)
     interpolation: str = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -65,16 +67,18 @@ class MethodConfig:
                                                             LossTerm("id", 1.0)])
     temperature: float = 0.02  # SDM / ITC / CMR temperature tau (logits = cos / tau)
     learnable_temperature: bool = False  # CLIP-style learnable logit scale, initialised from temperature
-    mask_ratio: float = 0.15  # IRRA: fraction of caption tokens masked for IRR; IVT: max token drop ratio (BMM)
+    mask_ratio: float = 0.15  # IRRA: fraction of caption tokens masked for IRR
+    cmpm_norm: str = "l2"  # CMPM label rows: l2 (q = y / ||y||_2, the official IVT/IRRA code) | sum (q = y / sum y)
+    bmm_max_drop: float = 0.2  # IVT BMM: per batch drop k ~ U{0..floor(this x N)} of the N token positions
     cross_layers: int = 4  # IRRA: transformer layers of the cross-modal encoder
     cross_heads: int = 8  # IRRA: heads of its cross-attention
-    mla_word_max: int = 3  # IVT: most attribute clauses in the word-level text
     num_parts: int = 8  # PCC: learnable part tokens shared by both modalities
     decoder_layers: int = 2  # PCC: layers of the shared part decoder
     margin: float = 0.2  # PCC: base margin of the commonality-based margin ranking loss
     commonality: bool = True  # PCC: scale each part's margin by its distinctiveness (False = fixed margin)
     part_weight: float = 0.5  # PCC: weight of part similarity in retrieval (similarity = global + w * parts)
-    gather: bool = True  # contrastive losses see features gathered from all ranks (global negatives)
+    gather: Optional[bool] = None  # contrastive losses see features gathered from all ranks (global negatives);
+    # null = the method's choice (IVT: local batches, as its official code; clip/irra/pcc: global)
     mlm_pad_mask: bool = False  # IRRA: mask padding in the cross-modal encoder (the official code does not)
 
 
@@ -82,6 +86,9 @@ class MethodConfig:
 class ModelConfig:
     pretrained: str = ""  # a whole model to start from (local path or s3://): a CLIP checkpoint (OpenAI .pt,
     # open_clip, transformers CLIPModel dir) or an IRRA run dir; sets the architecture fields below from it
+    pretrained_grid: str = "keep"  # an IVT checkpoint whose patch grid differs (IVT's pretrained model at stride 16
+    # fine-tuned at 12): keep (the official: its position/type tables are skipped, the ones already there stay) |
+    # resize (bilinear, CLS kept)
     activation: str = "auto"  # auto | quick_gelu | gelu: towers' MLP activation (auto: model.pretrained's, else the
     # towers' own defaults)
     image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
@@ -99,7 +106,8 @@ class ModelConfig:
     shared_width: int = 768  # IVT shared tower width
     shared_layers: int = 12
     shared_heads: int = 12
-    drop_path: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0; IVT 0.1)
+    text_dropout: float = 0.0  # IVT: dropout after the text embeddings (BERT's hidden_dropout_prob; IVT 0.1)
 
 
 @dataclass
@@ -117,6 +125,9 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.1  # lr starts at lr * this and rises linearly
     min_lr: float = 0.0  # cosine floor
+    scheduler: str = "cosine"  # cosine: linear warm-up, then cosine over the remaining steps (IRRA) | timm_cosine:
+    # timm's CosineLRScheduler as IVT runs it (epochs counted from 1, cosine over the whole run, warm-up start lr *
+    # warmup_start_factor and floor min_lr the same absolute values for every group)
     schedule_per: str = "iteration"  # iteration | epoch (the lr stays constant within an epoch: IRRA, IVT)
     grad_clip: float = 0.0  # max grad norm (0 = off)
 
@@ -218,10 +229,22 @@ def _convert(value: Any, tp, key: str):
     return value
 
 
+# keys earlier versions wrote into saved configs, with what replaced them: read with a warning and ignored, so
+# checkpoints saved before still load
+RETIRED = {"method.mla_word_max": "IVT's word level now follows the official code (attribute phrases)"}
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types (messages name the key)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    retired = [k for k in data if k not in names and prefix + k in RETIRED]
+    if retired:
+        import warnings
+
+        for k in retired:
+            warnings.warn(f"config key {prefix}{k} is no longer used ({RETIRED[prefix + k]}); ignored")
+        data = {k: v for k, v in data.items() if k not in retired}
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under "

@@ -6,13 +6,20 @@ split and print R1/R5/R10/mAP/mINP.
     python -m tbps.evaluate --checkpoint logs/CUHK-PEDES/irra --data s3://bucket/cuhk-pedes   # an IRRA output dir
     python -m tbps.evaluate --config irra model.pretrained=s3://bucket/clip/ViT-B-16.pt --data s3://bucket/cuhk-pedes
     python -m tbps.evaluate --config irra model.pretrained=... --data ... --save-embeddings --out emb/   # + npz
+    python -m tbps.evaluate --checkpoint ivt/checkpoint_best.pth --data s3://bucket/cuhk-pedes \
+        data.tokenizer=s3://bucket/bert-base-uncased --ap trapezoid     # an official IVT model, + IVT's protocol
 
 With --out it writes metrics.md (one row per model), metrics.json and cmc.png (R@k against k, one curve each);
 --save-embeddings also writes embeddings.npz there (per model: image_emb, image_path, image_pid, text_emb, caption,
 text_pid, in the space the method's similarity uses).
 
 A checkpoint directory is any of a run's ``best/`` or Ray ``checkpoint_*`` directories (model.pt + config.yaml +
-meta.json), or an official IRRA output directory (best.pth + configs.yaml, detected), local or on object storage.
+meta.json), an official IRRA output directory (best.pth + configs.yaml, detected) or an official IVT checkpoint
+file (``{"state_dict": ...}`` with encoder_vl.* keys, detected; built from the ivt preset, key=value overrides apply),
+local or on object storage.
+
+--ap trapezoid adds a second row per model computed as IVT's tables are (trapezoid AP over a gallery of every second
+caption row; docs/methods.md "Metric comparability"). Our metrics stay the first row.
 """
 
 from __future__ import annotations
@@ -64,15 +71,33 @@ def load_config_model(config: str, overrides: list[str], data_url: str | None = 
     return method.to(device).eval(), cfg, tok
 
 
-def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: str = "cpu"):
-    """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory or an official IRRA run directory."""
+def is_model_file(url: str) -> bool:
+    from shards.storage import filesystem
+
+    fs, path = filesystem(url)
+    return fs.isfile(path)
+
+
+def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: str = "cpu",
+                          overrides: list[str] | None = None):
+    """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory, an official IRRA run directory or an
+    official IVT checkpoint file (``overrides`` apply to the last, built from the ivt preset)."""
     from shards.storage import join
     from tbps.config import Config, from_dict
     from tbps.data import load_tokenizer
     from tbps.engine.checkpoint import load_model_state, read_text
     from tbps.methods import TextSpec, build_method
-    from tbps.methods.pretrained import is_irra_run
+    from tbps.methods.pretrained import IvtCheckpoint, is_irra_run, read_pretrained
 
+    if is_model_file(checkpoint):
+        if not isinstance(read_pretrained(checkpoint), IvtCheckpoint):
+            raise ValueError(f"{checkpoint} is a file but not an official IVT checkpoint; --checkpoint takes a tbps "
+                             "checkpoint directory, an IRRA output directory or an IVT .pth (CLIP weights: --config "
+                             "PRESET model.pretrained=FILE)")
+        return load_config_model("ivt", [f"model.pretrained={checkpoint}", *(overrides or [])], data_url, device)
+    if overrides:
+        raise ValueError(f"key=value overrides ({overrides[0]}) apply to --config and to official IVT checkpoint "
+                         f"files; {checkpoint} is a directory whose config is fixed")
     if is_irra_run(checkpoint):
         return load_irra_run_model(checkpoint, data_url, device)
     try:
@@ -90,20 +115,21 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
 
 
 def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
-                   embeddings_path: str | None = None) -> dict:
+                   embeddings_path: str | None = None, ap: str = "standard") -> dict:
     from tbps.data import build_eval_loader
     from tbps.eval import evaluate
 
     loader = build_eval_loader(cfg.data, tok, split, batch_size)
-    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path)
+    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path, ap=ap)
     out["method"] = cfg.method.name
     return out
 
 
 def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str = "test", batch_size: int = 256,
-                        device: str = "cpu", cmc: int = 0, embeddings_path: str | None = None) -> dict:
-    method, cfg, tok = load_checkpoint_model(checkpoint, data_url, device)
-    return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path)
+                        device: str = "cpu", cmc: int = 0, embeddings_path: str | None = None,
+                        overrides: list[str] | None = None, ap: str = "standard") -> dict:
+    method, cfg, tok = load_checkpoint_model(checkpoint, data_url, device, overrides)
+    return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path, ap)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -113,6 +139,11 @@ def markdown_table(rows: dict[str, dict]) -> str:
         lines.append("| " + " | ".join([name, m.get("method", "")] +
                                        [f"{m[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP", "chance_R1")] +
                                        [str(m.get("queries", "")), str(m.get("gallery", ""))]) + " |")
+        if "ivt" in m:  # IVT's protocol (--ap trapezoid): no mINP or chance level
+            v = m["ivt"]
+            lines.append("| " + " | ".join([f"{name} (IVT protocol)", m.get("method", "")] +
+                                           [f"{v[k]:.2f}" for k in ("R1", "R5", "R10", "mAP")] + ["", "",
+                                           str(m.get("queries", "")), str(v["gallery"])]) + " |")
     return "\n".join(lines)
 
 
@@ -162,7 +193,8 @@ def main(argv=None) -> int:
                          "repeat to compare several")
     ap.add_argument("--config", help="evaluate a method built from this preset/YAML and its pretrained weights "
                                      "(model.pretrained=...), without training")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides for --config, e.g. model.pretrained=PATH")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for --config (e.g. model.pretrained=PATH) or "
+                                                  "for an official IVT checkpoint file (e.g. data.tokenizer=DIR)")
     ap.add_argument("--name", action="append", help="label per --checkpoint (default: its last path parts)")
     ap.add_argument("--data", help="dataset URL (default: the one each checkpoint was trained on)")
     ap.add_argument("--split", default="test")
@@ -171,6 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cmc", type=int, default=20, help="CMC curve up to this rank (default 20)")
     ap.add_argument("--out", help="write metrics.md, metrics.json and cmc.png here")
     ap.add_argument("--json", help="also write the metrics to this JSON file")
+    ap.add_argument("--ap", choices=("standard", "trapezoid"), default="standard",
+                    help="trapezoid: also report each model by IVT's protocol (trapezoid AP, gallery = every second "
+                         "caption row), as a second row")
     ap.add_argument("--save-embeddings", action="store_true",
                     help="write <out>/embeddings.npz per model (gallery and query embeddings with paths, captions, ids)")
     args = ap.parse_args(argv)
@@ -179,8 +214,8 @@ def main(argv=None) -> int:
 
     if not args.checkpoint and not args.config:
         ap.error("give --checkpoint DIR (repeatable) or --config PRESET with model.pretrained=...")
-    if args.overrides and not args.config:
-        ap.error(f"key=value overrides ({args.overrides[0]}) go with --config")
+    if args.overrides and not args.config and not all(is_model_file(c) for c in args.checkpoint):
+        ap.error(f"key=value overrides ({args.overrides[0]}) go with --config or official IVT checkpoint files")
     if args.save_embeddings and not args.out:
         ap.error("--save-embeddings writes into --out DIR: give --out")
     try:
@@ -204,15 +239,20 @@ def main(argv=None) -> int:
     try:
         for i, (name, ckpt) in enumerate(zip(names, args.checkpoint)):
             rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc,
-                                             embeddings_path(i))
+                                             embeddings_path(i), None if args.config else args.overrides, args.ap)
         if args.config:
             method, cfg, tok = load_config_model(args.config, args.overrides, args.data, args.device)
             rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
-                                             embeddings_path(len(names) - 1))
+                                             embeddings_path(len(names) - 1), args.ap)
     except (FileNotFoundError, KeyError, ValueError, ConfigError, WeightLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table({f"{name} ({args.split})": m for name, m in rows.items()}))
+    table = {}
+    for name, m in rows.items():
+        table[f"{name} ({args.split})"] = m
+        if "ivt" in m:
+            table[f"{name} (IVT protocol)"] = m["ivt"]
+    print(format_table(table))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows if len(rows) > 1 else next(iter(rows.values())), f, indent=1)

@@ -13,10 +13,18 @@ import torch.nn.functional as F
 LOSSES = ("itc", "sdm", "cmpm", "id", "mlm", "cmr")
 
 
-def _identity_targets(row_pids: torch.Tensor, col_pids: torch.Tensor) -> torch.Tensor:
-    """q_ij = y_ij / sum_k y_ik with y_ij = 1[pid_i = pid_j]."""
+CMPM_NORMS = ("l2", "sum")
+
+
+def _identity_targets(row_pids: torch.Tensor, col_pids: torch.Tensor, norm: str = "sum") -> torch.Tensor:
+    """y_ij = 1[pid_i = pid_j] normalised per row: ``sum``: q_ij = y_ij / sum_k y_ik (a distribution, SDM);
+    ``l2``: q_ij = y_ij / ||y_i||_2 = y_ij / sqrt(#positives of row i) (the official CMPM code of IVT and IRRA)."""
     y = (row_pids[:, None] == col_pids[None, :]).float()
-    return y / y.sum(dim=1, keepdim=True).clamp_min(1.0)
+    if norm == "sum":
+        return y / y.sum(dim=1, keepdim=True).clamp_min(1.0)
+    if norm == "l2":
+        return y / y.sum(dim=1, keepdim=True).clamp_min(1.0).sqrt()
+    raise ValueError(f"label-row normalisation must be one of {', '.join(CMPM_NORMS)}, got {norm!r}")
 
 
 def _kl_to_identity(logits: torch.Tensor, q: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -57,16 +65,23 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: t
 
 
 def cmpm_rows(rows: torch.Tensor, cols: torch.Tensor, row_pids: torch.Tensor, col_pids: torch.Tensor,
-              epsilon: float = 1e-8) -> torch.Tensor:
+              epsilon: float = 1e-8, norm: str = "l2") -> torch.Tensor:
     """One direction of CMPM: p = softmax_j(x_i . x̂_j) with only the columns unit-normalised."""
-    return _kl_to_identity(rows @ F.normalize(cols, dim=-1).t(), _identity_targets(row_pids, col_pids), epsilon)
+    return _kl_to_identity(rows @ F.normalize(cols, dim=-1).t(), _identity_targets(row_pids, col_pids, norm),
+                           epsilon)
 
 
 def cmpm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor,
-              epsilon: float = 1e-8) -> torch.Tensor:
-    """Cross-modal projection matching (Zhang & Lu 2018): KL(p || q) image->text + text->image."""
-    return (cmpm_rows(image_feats, text_feats, pids, pids, epsilon)
-            + cmpm_rows(text_feats, image_feats, pids, pids, epsilon))
+              epsilon: float = 1e-8, norm: str = "l2") -> torch.Tensor:
+    """Cross-modal projection matching (Zhang & Lu 2018): KL(p || q) image->text + text->image,
+    sum_i sum_j p_ij (log p_ij - log(q_ij + eps)) / N per direction.
+
+    ``norm="l2"`` (default): q_ij = y_ij / ||y_i||_2, as the official implementations compute it (IVT's
+    loss/cmps_loss.py, IRRA's compute_cmpm). q is then not a distribution when a row has several positives.
+    ``norm="sum"``: q_ij = y_ij / sum_k y_ik, the paper's "normalized" matching distribution. The two agree when every
+    row has exactly one positive."""
+    return (cmpm_rows(image_feats, text_feats, pids, pids, epsilon, norm)
+            + cmpm_rows(text_feats, image_feats, pids, pids, epsilon, norm))
 
 
 def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

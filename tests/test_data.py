@@ -16,7 +16,7 @@ from shards.writer import DatasetWriter
 from tbps.config import DataConfig
 from tbps.data import (DataNeeds, assign_shards, batches_per_epoch, build_eval_loader, build_train_loader,
                        load_manifest, load_tokenizer)
-from tbps.data.text import mla_texts, phrase_pieces
+from tbps.data.text import mla_texts, phrase_pieces, word_fallback_pieces
 
 
 def _train_samples(url: str) -> list[dict]:
@@ -137,18 +137,38 @@ def test_tokenizer_loads_from_s3(synth_tiny, s3_server, tmp_path, monkeypatch):
         load_tokenizer("s3://tbps/nothing")
 
 
-def test_mla_levels():
+def test_mla_phrase_and_word_candidates_are_the_official_ones():
+    """Hand-derived from the official code (processor.get_phrase_level_txt, datasets/bases.py split_txt): per
+    sentence the longest comma clause and the rest re-joined; pieces over 5 characters before trimming."""
     caption = "A person has long black hair, wears a red coat and carries a bag. They wear white shoes."
-    assert phrase_pieces(caption) == ["A person has long black hair", "wears a red coat and carries a bag",
-                                      "They wear white shoes"]
+    assert phrase_pieces(caption.lower()) == ["wears a red coat and carries a bag", "a person has long black hair",
+                                              "they wear white shoes"]
+    bracketed = "[a man in a blue shirt, jeans, and black shoes.]"
+    assert phrase_pieces(bracketed) == ["a man in a blue shirt", "jeans, and black shoes"]
+    assert word_fallback_pieces(bracketed) == ["[a man in a blue shirt", "jeans, and black shoes"]  # '[' kept
+    assert phrase_pieces("aaaaaa,bbbbbb") == ["aaaaaa", "bbbbbb"]  # ties: the first clause is the longest
     rng = random.Random(0)
-    for _ in range(20):
-        sentence, phrase, word = mla_texts(caption, rng, word_max=2)
-        assert sentence == caption
-        assert phrase in ("wears a red coat and carries a bag", "A person has long black hair, They wear white shoes")
-        parts = word.split(", ")
-        assert 1 <= len(parts) <= 2 and all(p in phrase_pieces(caption) for p in parts)
-    assert mla_texts("tiny. ok", rng) == ("tiny. ok",) * 3
+    seen = set()
+    for _ in range(50):
+        sentence, phrase, word = mla_texts(caption, rng)
+        assert sentence == caption.lower()
+        assert phrase in phrase_pieces(caption.lower()) and word in word_fallback_pieces(caption.lower())
+        seen.add(phrase)
+    assert len(seen) == 3
+    assert mla_texts("Tiny. ok", rng) == ("tiny. ok",) * 3  # no piece over 5 characters: the caption itself
+
+
+def test_mla_word_level_is_a_random_subset_of_the_attribute_phrases():
+    rng = random.Random(1)
+    attributes = ["black hair", "red coat", "white shoes"]
+    sizes, orders = set(), set()
+    for _ in range(300):
+        _, _, word = mla_texts("A person in a red coat.", rng, attributes)
+        parts = word.split(",")
+        assert set(parts) <= set(attributes) and len(set(parts)) == len(parts) >= 1
+        sizes.add(len(parts))
+        orders.add(word)
+    assert sizes == {1, 2, 3} and len(orders) == 3 + 6 + 6  # every non-empty subset in every order
 
 
 # ------------------------------------------------------------------------------------------------ SynthPEDES

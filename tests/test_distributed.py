@@ -22,7 +22,8 @@ def _setup(name, url):
     losses = {"clip": "[{name: itc, weight: 1}]", "irra": "[{name: sdm, weight: 1}, {name: id, weight: 1}]",
               "ivt": "[{name: cmpm, weight: 1}]"}[name]
     cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
-                                       f"method.losses={losses}", "method.mask_ratio=0.0"])
+                                       f"method.losses={losses}", "method.mask_ratio=0.0",
+                                       "method.bmm_max_drop=0.0", "method.gather=true"])
     tok = load_tokenizer(os.path.join(url, "tokenizer"))
     torch.manual_seed(0)
     method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
@@ -65,7 +66,13 @@ def test_two_ranks_equal_one_rank_with_double_batch(name, synth_tiny, tmp_path):
 
 
 def test_without_gather_ranks_see_only_local_negatives(synth_tiny):
-    """The switch matters: local-only ITC on half batches differs from the global loss."""
+    """The switch matters: local-only ITC on half batches differs from the global loss. Unset, it is the method's
+    choice: IVT's official loss uses each GPU's batch, the others gather."""
+    from tbps.config import load_config
+    from tbps.methods import METHODS
+
+    assert METHODS["ivt"].default_gather is False and METHODS["irra"].default_gather is True
+    assert load_config("ivt").method.gather is False and load_config("irra").method.gather is None
     method, batch = _setup("clip", synth_tiny)
     with torch.no_grad():
         full = method(batch)["loss"]

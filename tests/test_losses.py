@@ -18,14 +18,14 @@ def _cos(a, b):
     return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
-def _kl_rows(rows, cols, pids, score, eps=1e-8):
+def _kl_rows(rows, cols, pids, score, eps=1e-8, norm="sum"):
     total = 0.0
     for i, r in enumerate(rows):
         logits = [score(r, c) for c in cols]
         z = sum(math.exp(x) for x in logits)
         p = [math.exp(x) / z for x in logits]
         y = [1.0 if pids[i] == pids[j] else 0.0 for j in range(len(cols))]
-        q = [v / sum(y) for v in y]
+        q = [v / (sum(y) if norm == "sum" else math.sqrt(sum(v * v for v in y))) for v in y]
         total += sum(p[j] * (math.log(p[j]) - math.log(q[j] + eps)) for j in range(len(cols)))
     return total / len(rows)
 
@@ -42,12 +42,32 @@ def test_sdm_matches_hand_computation():
     assert abs(got.item() - expected) < 1e-6
 
 
-def test_cmpm_matches_hand_computation():
+# several positives per row, as in every IVT batch (identity-sampled, 3 views x 3 text levels)
+V4 = [[1.0, 0.0, 0.5], [0.6, 0.8, -0.2], [0.0, 2.0, 1.0], [0.3, -0.4, 0.9], [-1.0, 0.2, 0.1]]
+T4 = [[0.8, 0.6, 0.0], [1.0, 1.0, -1.0], [-1.0, 0.5, 0.3], [0.2, 0.2, 0.7], [0.5, -0.9, 0.4]]
+PIDS4 = [4, 4, 4, 9, 9]
+
+
+@pytest.mark.parametrize("norm", ["l2", "sum"])
+@pytest.mark.parametrize("data", [(V, T, PIDS), (V4, T4, PIDS4)], ids=["two_positives", "three_positives"])
+def test_cmpm_matches_hand_computation(norm, data):
+    v, t, pids = data
+
     def score(a, b):  # a . b / |b|
         return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(y * y for y in b))
-    expected = _kl_rows(V, T, PIDS, score) + _kl_rows(T, V, PIDS, score)
-    got = L.cmpm_loss(_t(V), _t(T), torch.tensor(PIDS))
+    expected = _kl_rows(v, t, pids, score, norm=norm) + _kl_rows(t, v, pids, score, norm=norm)
+    got = L.cmpm_loss(_t(v), _t(t), torch.tensor(pids), norm=norm)
     assert abs(got.item() - expected) < 1e-6
+
+
+def test_cmpm_default_is_the_official_l2_form_and_differs_from_sum_with_several_positives():
+    v, t, pids = _t(V4), _t(T4), torch.tensor(PIDS4)
+    assert L.cmpm_loss(v, t, pids).item() == L.cmpm_loss(v, t, pids, norm="l2").item()
+    assert abs(L.cmpm_loss(v, t, pids, norm="l2").item() - L.cmpm_loss(v, t, pids, norm="sum").item()) > 0.1
+    one = torch.tensor([0, 1, 2, 3, 4])  # one positive per row: the forms agree
+    assert abs(L.cmpm_loss(v, t, one, norm="l2").item() - L.cmpm_loss(v, t, one, norm="sum").item()) < 1e-12
+    with pytest.raises(ValueError, match="l2, sum"):
+        L.cmpm_loss(v, t, pids, norm="max")
 
 
 def test_itc_matches_hand_computation():
@@ -63,13 +83,14 @@ def test_itc_matches_hand_computation():
     assert abs(L.itc_loss(_t(V), _t(T), s).item() - expected) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["sdm", "cmpm", "itc"])
+@pytest.mark.parametrize("name", ["sdm", "cmpm", "cmpm_sum", "itc"])
 def test_gradients(name):
     torch.manual_seed(0)
     v = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     pids = torch.tensor([0, 0, 1, 2, 2])
     fn = {"sdm": lambda a, b: L.sdm_loss(a, b, pids, 5.0), "cmpm": lambda a, b: L.cmpm_loss(a, b, pids),
+          "cmpm_sum": lambda a, b: L.cmpm_loss(a, b, pids, norm="sum"),
           "itc": lambda a, b: L.itc_loss(a, b, 5.0)}[name]
     assert torch.autograd.gradcheck(fn, (v, t))
 

@@ -177,3 +177,54 @@ def test_per_epoch_schedule_equals_irras_scheduler():
             assert opt.param_groups[0]["lr"] == pytest.approx(official(e), rel=1e-9, abs=1e-15), e
             opt.step()
             sched.step()
+
+
+def test_ivt_schedule_equals_timm_cosine_scheduler_as_ivt_runs_it():
+    """optim.scheduler=timm_cosine (the ivt preset): per group, the lr of epoch e (0-based) is timm's
+    CosineLRScheduler configured as IVT's solver/scheduler_factory.py and stepped as its loop does
+    (scheduler.step(epoch) with epoch = 1, 2, ...): warm-up from 0.01 x lr, floor 0.002 x lr, absolute for every group."""
+    from timm.scheduler import CosineLRScheduler
+
+    from tbps.optim import build_scheduler
+
+    cfg = load_config("ivt")
+    assert (cfg.optim.scheduler, cfg.optim.schedule_per, cfg.train.epochs) == ("timm_cosine", "epoch", 120)
+    base = cfg.optim.lr
+
+    def groups():
+        return [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": base},
+                {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2 * base}]  # biases: 2 x lr
+    ours = torch.optim.SGD(groups(), lr=base, momentum=0.9)
+    theirs = torch.optim.SGD(groups(), lr=base, momentum=0.9)
+    spe = 2
+    sched = build_scheduler(ours, cfg.optim, steps_per_epoch=spe, epochs=120)
+    ref = CosineLRScheduler(theirs, t_initial=120, lr_min=0.002 * base, cycle_mul=1.0, cycle_decay=0.1,
+                            warmup_lr_init=0.01 * base, warmup_t=5, cycle_limit=1, t_in_epochs=True)
+    for e in range(120):
+        ref.step(e + 1)
+        for _ in range(spe):
+            for g_ours, g_ref in zip(ours.param_groups, theirs.param_groups):
+                assert g_ours["lr"] == pytest.approx(g_ref["lr"], rel=1e-9, abs=1e-15), e
+            ours.step()
+            sched.step()
+    assert ours.param_groups[1]["lr"] == pytest.approx(0.002 * base)  # the last epoch sits on the floor
+    method_cfg = load_config("ivt_tiny")
+    assert method_cfg.optim.scheduler == "cosine"  # the CPU preset keeps the plain per-iteration schedule
+
+
+def test_ivt_param_groups_follow_the_official_solver():
+    """solver/make_optimizer.py make_optimizer_triplet: '"bias" in name' -> lr x BIAS_LR_FACTOR (2) and
+    WEIGHT_DECAY_BIAS (1e-4); every other parameter, norms and embeddings included, lr and WEIGHT_DECAY (1e-4)."""
+    cfg = load_config("ivt", ["model.shared_width=32", "model.shared_layers=2", "model.shared_heads=2",
+                              "data.image_size=[48, 16]", "data.text_length=16"])
+    method = build_method(cfg, TextSpec(vocab_size=50, length=16, pad_id=0, mask_id=1, bos_id=2, eos_id=3), 10)
+    opt = build_optimizer(method, cfg.optim)
+    names = {id(p): n for n, p in method.named_parameters()}
+    seen = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            lr, wd = (0.005 * 2, 1e-4) if "bias" in name else (0.005, 1e-4)
+            assert (group["lr"], group["weight_decay"]) == (pytest.approx(lr), pytest.approx(wd)), name
+            seen += 1
+    assert seen == len(names) and isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9

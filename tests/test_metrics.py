@@ -51,3 +51,38 @@ def test_chunking_does_not_change_results():
 
 def test_chance_level():
     assert chance_level(torch.tensor([1, 2]), torch.tensor([1, 1, 2, 3])) == pytest.approx(100 * (0.5 + 0.25) / 2)
+
+
+def test_trapezoid_ap_is_ivts_compute_map():
+    """IVT's utils/metrics.py compute_mAP: sum over correct images of (1/n) (p_before + p) / 2."""
+    from tbps.eval.metrics import chunk_stats, finish
+
+    m = finish(chunk_stats(SIM, QUERIES, GALLERY, ap="trapezoid"))
+    # q0: correct at ranks 1, 3, 5: (1 + 1)/2, (1/2 + 2/3)/2, (2/4 + 3/5)/2;  q1: rank 3: (0/2 + 1/3)/2
+    q0 = ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 4 + 3 / 5) / 2) / 3
+    q1 = (0 + 1 / 3) / 2
+    assert m["mAP"] == pytest.approx(100 * (q0 + q1) / 2)
+    assert m["R1"] == pytest.approx(100 / 3)  # R@k do not depend on the AP variant
+    with pytest.raises(ValueError, match="standard or trapezoid"):
+        chunk_stats(SIM, QUERIES, GALLERY, ap="11-point")
+
+
+def test_ivt_protocol_gallery_is_every_second_caption_row():
+    """Images with 2, 3 and 1 captions: caption rows (image of each) 0 0 1 1 1 2 -> rows 0, 2, 4 -> images 0, 1, 1."""
+    from tbps.eval.evaluate import ivt_protocol
+
+    class Cosine:
+        def similarity(self, t, v):
+            return t @ v.t()
+
+    img = torch.eye(3)
+    local = {"img": img, "img_pid": torch.tensor([5, 6, 7]), "img_idx": torch.tensor([0, 1, 2]),
+             "txt": torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0]]),
+             "txt_pid": torch.tensor([5, 6, 7, 5, 5, 6]),
+             "txt_idx": torch.tensor([0, 1000, 2000, 1, 2, 1001]), "txt_img": torch.tensor([0, 1, 2, 0, 0, 1])}
+    # split order of the rows: txt_idx 0, 1, 2 (image 0), 1000, 1001 (image 1), 2000 (image 2)
+    # -> rows 0, 2, 4 = image 0, image 0, image 1 (image 2 is left out of the gallery, as IVT's [::2] would)
+    out = ivt_protocol(Cosine(), local)
+    assert out["gallery"] == 3
+    # the pid-7 query has no correct image: a miss in R1, skipped in mAP; pid 5 queries find image 0 (twice)
+    assert out["R1"] == pytest.approx(100 * 5 / 6)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from tbps.models import ImageTower, SharedTower, TextTower, WeightLoadError
-from tbps.models.shared import bmm_image_keep, bmm_text_keep
+from tbps.models.shared import bmm_keep, trim_padding
 
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -124,27 +124,23 @@ def test_ivt_shared_tower_initialises_from_vit_and_bert(tmp_path):
                     patch=8).load_vit(str(tmp_path / "vit.safetensors"))
 
 
-def test_bmm_never_drops_cls_and_stays_within_bound():
+def test_bmm_keeps_cls_and_draws_the_count_from_0_to_the_bound():
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        keep = bmm_image_keep(4, 1 + 24, 0.2, g)
-        assert (keep[:, 0] == 0).all()
-        assert keep.shape[1] - 1 >= int(24 * 0.8)
-        assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)
-    mask = torch.zeros(3, 20, dtype=torch.long)
-    mask[0, :20] = 1
-    mask[1, :11] = 1
-    mask[2, :2] = 1
-    seen_drop = False
-    for _ in range(200):
-        kept = bmm_text_keep(mask, 0.2, g)
-        assert kept[:, 0].all()
-        assert not (kept & ~mask.bool()).any()  # padding never comes back
-        real = mask.sum(1) - 1
-        dropped = mask.sum(1) - kept.sum(1)
-        assert (dropped <= (real.float() * 0.2).floor()).all()
-        seen_drop |= bool(dropped.sum() > 0)
-    assert seen_drop
+    counts = set()
+    for _ in range(400):
+        keep = bmm_keep(25, 0.2, g)  # N = 25 positions: k in 0..floor(0.2 * 25) = 0..5
+        assert keep[0] == 0 and (keep.diff() > 0).all()
+        counts.add(25 - len(keep))
+    assert counts == set(range(6))
+    assert len(bmm_keep(3, 0.99, g)) >= 1  # never more than N - 1 dropped
+    assert torch.equal(bmm_keep(10, 0.0, g), torch.arange(10))
+
+
+def test_trim_padding_cuts_to_the_longest_caption_of_the_batch():
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 0, 0, 0, 0]])
+    mask = (ids > 0).long()
+    t_ids, t_mask = trim_padding(ids, mask)
+    assert t_ids.shape == (2, 3) and torch.equal(t_mask, mask[:, :3])
 
 
 def test_attention_runs_through_pytorch_sdpa():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -202,3 +203,69 @@ def test_train_records_are_written_in_a_seeded_shuffled_order(tmp_path):
         [r["file_path"] for r in records if r["split"] == "test"]
     # no shard is one identity's: the first shard holds many identities
     assert len({p.split("/")[0] for p in orders[0][:10]}) >= 5
+
+
+def test_attribute_phrases_are_stored_per_caption_and_feed_the_word_level(tmp_path, capsys):
+    """--attributes FILE (IVT's cuhk_pedes_att.json layout: one item per (image, caption), att = {name: phrase})."""
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.data.stream import DataNeeds
+
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = write_raw(root, "cuhk-pedes")
+    items = {"train": [], "test": []}
+    for r in records:
+        for k, c in enumerate(r["captions"]):
+            if k == 0:  # first captions only: the others fall back to phrase pieces
+                items.setdefault(r["split"], []).append({
+                    "file_path": r["file_path"], "id": r["id"], "captions": c, "processed_tokens": [],
+                    "att": {"hair": f"hair of {r['id']}", "upper": f"coat {k}"}})
+    att = tmp_path / "cuhk_pedes_att.json"
+    att.write_text(json.dumps(items))
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out, "--shard-size", "3",
+                       "--min-shards", "2", "--attributes", str(att)]) == 0
+    assert f"attributes: {len(records)} of {sum(len(r['captions']) for r in records)} captions" in \
+        capsys.readouterr().err
+    back = {s["path"]: s for s in read_split(out, "train")}
+    for r in records:
+        if r["split"] == "train":
+            s = back[r["file_path"]]
+            assert s["caption_attributes"] == [[f"hair of {r['id']}", "coat 0"]] + [[]] * (len(r["captions"]) - 1)
+    # the training stream draws the word level from them
+    from tbps.data.text import build_tokenizer
+
+    build_tokenizer([c for r in records for c in r["captions"]] + ["hair of coat"], str(tmp_path / "tok"))
+    cfg = load_config("ivt_tiny", [f"data.url={out}", "data.loader_workers=0", "data.batch_size=2",
+                                   "data.sampling=pairs"])
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    loader = build_train_loader(cfg.data, tok, DataNeeds(views=3, mla=True))
+    stream = loader.stream
+    words = []
+    for sample in itertools.islice(stream_samples(stream), 40):
+        words.append((sample["caption_index"], sample["mla"][2]))
+    assert any(i == 0 and "hair of" in w for i, w in words)
+    assert all("hair of" not in w for i, w in words if i > 0)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": [{"file_path": "x.jpg", "captions": "c", "att": ["not", "a", "dict"]}]}))
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", str(tmp_path / "o2"),
+                       "--attributes", str(bad)]) == 2
+    assert "train[0] (x.jpg): att must map attribute names to phrases" in capsys.readouterr().err
+    none = tmp_path / "none.json"
+    none.write_text(json.dumps({"train": [{"file_path": "elsewhere.jpg", "captions": "c", "att": {}}]}))
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", str(tmp_path / "o3"),
+                       "--attributes", str(none)]) == 2
+    assert "no caption of" in capsys.readouterr().err and not os.path.exists(tmp_path / "o3" / "manifest.json")
+
+
+def stream_samples(stream):
+    """The per-sample dicts a ShardStream makes (before batching), in stream order."""
+    import random as _random
+
+    from shards.storage import join
+    from tbps.data.stream import pair_passes, pair_stream
+
+    urls = [join(stream.url, s["name"]) for w in stream.assignment()[0] for s in w]
+    rng = _random.Random(0)
+    for raw in pair_stream(urls, pair_passes(stream.shards), 0, 0, 0, 0):
+        yield stream._sample(raw, rng)

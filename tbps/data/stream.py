@@ -51,8 +51,7 @@ class DataNeeds:
 
     views: int = 1  # augmented views per image (IVT: 3)
     mlm_ratio: float = 0.0  # > 0: add BERT-style masked captions (IRRA's IRR)
-    mla: bool = False  # IVT: sentence / phrase / word texts per caption
-    mla_word_max: int = 3
+    mla: bool = False  # IVT: sentence / phrase / word texts per caption (word: the caption's attribute phrases)
 
 
 def load_manifest(url: str) -> dict:
@@ -229,7 +228,8 @@ class ShardStream(IterableDataset):
                "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
                "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
-            out["mla"] = mla_texts(caption, rng, self.needs.mla_word_max)
+            attributes = meta.get("caption_attributes")
+            out["mla"] = mla_texts(caption, rng, attributes[index] if attributes else None)
         return out
 
     # -- per batch (runs in the loader worker)
@@ -335,7 +335,8 @@ class EvalStream(IterableDataset):
 
     Each item is a batch of images with their captions flattened: ``images``, ``image_pids``, ``image_index``
     (global position in the split, the tie-break order), ``image_path`` (the raw annotation's relative path) and
-    ``text_ids``, ``text_mask``, ``text_pids``, ``text_index`` (unique per caption), ``captions`` (the raw strings).
+    ``text_ids``, ``text_mask``, ``text_pids``, ``text_index`` (unique per caption, in split order),
+    ``text_image`` (the ``image_index`` of each caption's image), ``captions`` (the raw strings).
     """
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, batch_size: int, rank: int = 0,
@@ -362,7 +363,7 @@ class EvalStream(IterableDataset):
                 yield self._batch(chunk)
 
     def _batch(self, chunk) -> dict:
-        images, pids, index, paths, captions, cpids, cindex = [], [], [], [], [], [], []
+        images, pids, index, paths, captions, cpids, cindex, cimage = [], [], [], [], [], [], [], []
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
@@ -374,11 +375,12 @@ class EvalStream(IterableDataset):
                 captions.append(cap)
                 cpids.append(meta["pid"])
                 cindex.append(i * 1000 + j)
+                cimage.append(i)
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
         return {"images": self.augment(torch.from_numpy(np.stack(images))), "image_pids": torch.tensor(pids),
                 "image_index": torch.tensor(index), "image_path": paths,
                 "text_ids": ids, "text_mask": mask, "text_pids": torch.tensor(cpids),
-                "text_index": torch.tensor(cindex), "captions": captions}
+                "text_index": torch.tensor(cindex), "text_image": torch.tensor(cimage), "captions": captions}
 
 
 def build_eval_loader(cfg, tokenizer, split: str, batch_size: int = 256, rank: int = 0, world_size: int = 1,

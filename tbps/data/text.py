@@ -101,31 +101,44 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 
 # ------------------------------------------------------------------------------------------------- IVT's MLA levels
-def phrase_pieces(caption: str, min_chars: int = 6) -> list[str]:
-    """Split a caption on '.' then ',' into clauses, dropping pieces of 5 characters or fewer."""
-    pieces = []
-    for sentence in caption.split("."):
-        for clause in sentence.split(","):
-            clause = clause.strip()
-            if len(clause) >= min_chars:
-                pieces.append(clause)
-    return pieces
+def _longest_and_rest(sentences: list[str]) -> list[str]:
+    """Per sentence: its longest comma clause (the first, on ties) and the other clauses re-joined by ',' -- each kept
+    if longer than 5 characters before trimming spaces, as the official code filters them."""
+    out = []
+    for sentence in sentences:
+        clauses = sentence.split(",")
+        i = max(range(len(clauses)), key=lambda k: (len(clauses[k]), -k))
+        rest = (",".join(clauses[:i]) + "," + ",".join(clauses[i + 1:])).strip(",")
+        out += [c for c in (clauses[i], rest) if len(c) > 5]
+    return [c.strip(" ") for c in out]
 
 
-def mla_texts(caption: str, rng: random.Random, word_max: int = 3) -> tuple[str, str, str]:
-    """IVT multi-level alignment texts: (sentence, phrase, word).
+def phrase_pieces(caption: str) -> list[str]:
+    """IVT's phrase-level candidates (processor.get_phrase_level_txt): the caption split into sentences on '.'
+    (after stripping '.', '[' and ']' from its ends), and per sentence the longest comma clause and the rest."""
+    return _longest_and_rest(caption.strip(".").strip("[").strip("]").split("."))
 
-    sentence: the whole caption. phrase: one sampled clause, either the longest clause or the rest re-joined.
-    word: a random subset (1..word_max) of the short clauses (attribute mentions), joined by ', '.
-    A caption with a single clause uses it for every level.
+
+def word_fallback_pieces(caption: str) -> list[str]:
+    """IVT's word-level candidates for a caption without attribute phrases (datasets/bases.py ``split_txt``): as
+    ``phrase_pieces`` but only '.' stripped from the ends."""
+    return _longest_and_rest(caption.strip(".").split("."))
+
+
+def mla_texts(caption: str, rng: random.Random, attributes: list[str] | None = None) -> tuple[str, str, str]:
+    """IVT multi-level alignment texts (sentence, phrase, word) as the official training builds them.
+
+    sentence: the caption, lower-cased. phrase: one of ``phrase_pieces``. word: a random non-empty subset of the
+    caption's attribute phrases (uniform size, then a uniform subset, in drawn order) joined by ','; without
+    attribute phrases, one of ``word_fallback_pieces``. Where the official code would sample from an empty list (a
+    caption with no piece over 5 characters) the level is the caption itself.
     """
-    pieces = phrase_pieces(caption)
-    if len(pieces) <= 1:
-        return caption, caption, caption
-    longest = max(pieces, key=len)
-    rest = ", ".join(p for p in pieces if p is not longest)
-    phrase = rng.choice([longest, rest])
-    short = sorted(pieces, key=len)[: max(1, (len(pieces) + 1) // 2)]
-    k = rng.randint(1, min(word_max, len(short)))
-    word = ", ".join(rng.sample(short, k))
-    return caption, phrase, word
+    caption = caption.lower()
+    phrases = phrase_pieces(caption)
+    phrase = rng.choice(phrases) if phrases else caption
+    if attributes:
+        word = ",".join(rng.sample(attributes, rng.randint(1, len(attributes))))
+    else:
+        pieces = word_fallback_pieces(caption)
+        word = rng.choice(pieces) if pieces else caption
+    return caption, phrase, word or caption

@@ -37,7 +37,7 @@ def build_transform(cfg, train: bool):
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if train and cfg.random_erasing > 0:
         steps.append(T.RandomErasing(cfg.random_erasing, scale=tuple(cfg.erasing_scale),
-                                     value=list(cfg.erasing_value)))
+                                     value="random" if cfg.erasing_mode == "pixel" else list(cfg.erasing_value)))
     return T.Compose(steps)
 
 
@@ -64,6 +64,9 @@ class BatchAugment:
         self.flip, self.pad = (cfg.flip, cfg.pad) if train else (0.0, 0)
         self.erasing = cfg.random_erasing if train else 0.0
         self.scale = tuple(cfg.erasing_scale)
+        if cfg.erasing_mode not in ("constant", "pixel"):
+            raise ValueError(f"data.erasing_mode must be constant or pixel, got {cfg.erasing_mode!r}")
+        self.pixel = cfg.erasing_mode == "pixel"
         self.fill = torch.tensor(cfg.erasing_value, dtype=torch.float32).view(3, 1, 1)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -90,7 +93,8 @@ class BatchAugment:
         return out.contiguous()
 
     def _erase(self, img: torch.Tensor, gen) -> None:
-        """torchvision RandomErasing (value ``data.erasing_value``): a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries."""
+        """torchvision RandomErasing: a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries, filled with
+        ``data.erasing_value`` or, ``erasing_mode: pixel``, per-pixel N(0, 1) noise (timm's mode 'pixel', IVT)."""
         _, H, W = img.shape
         area = H * W
         lo, hi = math.log(0.3), math.log(1 / 0.3)
@@ -102,5 +106,5 @@ class BatchAugment:
             if h < H and w < W:
                 i = int(torch.randint(0, H - h + 1, (1,), generator=gen))
                 j = int(torch.randint(0, W - w + 1, (1,), generator=gen))
-                img[:, i:i + h, j:j + w] = self.fill
+                img[:, i:i + h, j:j + w] = torch.randn((3, h, w), generator=gen) if self.pixel else self.fill
                 return

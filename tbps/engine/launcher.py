@@ -38,7 +38,11 @@ def preflight(cfg: Config) -> dict:
                           f"{cfg.train.worker_niceness}")
     for key, value, valid in (("data.sampling", cfg.data.sampling, ("pairs", "images")),
                               ("optim.schedule_per", cfg.optim.schedule_per, ("iteration", "epoch")),
-                              ("model.activation", cfg.model.activation, ("auto", "quick_gelu", "gelu"))):
+                              ("model.activation", cfg.model.activation, ("auto", "quick_gelu", "gelu")),
+                              ("method.cmpm_norm", cfg.method.cmpm_norm, ("l2", "sum")),
+                              ("model.pretrained_grid", cfg.model.pretrained_grid, ("keep", "resize")),
+                              ("optim.scheduler", cfg.optim.scheduler, ("cosine", "timm_cosine")),
+                              ("data.erasing_mode", cfg.data.erasing_mode, ("constant", "pixel"))):
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.train.num_workers < 1:

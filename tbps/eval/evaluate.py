@@ -23,7 +23,7 @@ def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool =
     """This rank's gallery and query embeddings with their pids and global indices (and, with ``keep_strings``,
     the images' relative paths and the raw captions)."""
     model.eval()
-    parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx")}
+    parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx", "txt_img")}
     paths, captions = [], []
     for batch in loader:
         batch = _to(batch, device)
@@ -35,6 +35,7 @@ def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool =
         parts["img_idx"].append(batch["image_index"])
         parts["txt_pid"].append(batch["text_pids"])
         parts["txt_idx"].append(batch["text_index"])
+        parts["txt_img"].append(batch["text_image"])
         if keep_strings:
             paths += batch["image_path"]
             captions += batch["captions"]
@@ -70,12 +71,38 @@ def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return emb[order], pid[order].to(emb.device)
 
 
+def ivt_protocol(model, local: dict, chunk: int = 1024) -> dict[str, float]:
+    """R1/R5/R10/mAP as IVT's tables compute them (utils/metrics.py ``R1_mAP_CUHK``): the gallery is the image of
+    every second caption row in split order (rows 0, 2, 4, ...: each image once when every image has two captions,
+    some twice or not at all otherwise) and AP is the trapezoid variant (``chunk_stats(ap="trapezoid")``). Ties are
+    ordered by gallery row (IVT's reversed argsort orders them the other way). Single process."""
+    if world()[1] > 1:
+        raise RuntimeError("the IVT protocol is computed in a single process (tbps.evaluate)")
+    rows = local["txt_idx"].argsort()
+    gallery_images = local["txt_img"][rows][::2]
+    position = {int(i): p for p, i in enumerate(local["img_idx"].tolist())}
+    take = torch.tensor([position[int(i)] for i in gallery_images], dtype=torch.long)
+    gallery, gallery_pids = local["img"][take.to(local["img"].device)], local["img_pid"][take.to(local["img_pid"].device)]
+    queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
+    gallery_pids = gallery_pids.to(gallery.device)
+    stats = torch.zeros(len(KS) + 4, dtype=torch.float64, device=gallery.device)
+    for s in range(0, len(queries), chunk):
+        sim = model.similarity(queries[s:s + chunk], gallery).float()
+        stats += chunk_stats(sim, query_pids[s:s + chunk], gallery_pids, ap="trapezoid")
+    out = {k: v for k, v in finish(stats).items() if k != "mINP"}
+    out["gallery"] = len(gallery)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0,
-             embeddings_path: str | None = None) -> dict[str, float]:
+             embeddings_path: str | None = None, ap: str = "standard") -> dict[str, float]:
     """R1/R5/R10/mAP/mINP (+ chance R1 and timing) of ``model`` on the split behind ``loader`` (this rank's part).
     Every rank must call it; with one process it is the plain single-process evaluation. ``embeddings_path``
-    (single process) also writes the embeddings (``save_embeddings``)."""
+    (single process) also writes the embeddings (``save_embeddings``). ``ap="trapezoid"`` (single process) adds
+    ``ivt``: the metrics by IVT's protocol (``ivt_protocol``), beside ours."""
+    if ap not in ("standard", "trapezoid"):
+        raise ValueError(f"ap must be standard or trapezoid, got {ap!r}")
     start = time.time()
     local = embed(model, loader, device, autocast_dtype, keep_strings=embeddings_path is not None)
     if embeddings_path:
@@ -99,6 +126,8 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
     out["chance_R1"] = chance_level(all_qpids, gallery_pids.cpu(), 1)
     out["queries"] = int(stats[len(KS) + 3])
     out["gallery"] = len(gallery)
+    if ap == "trapezoid":
+        out["ivt"] = ivt_protocol(model, local, chunk)
     out["eval_seconds"] = time.time() - start
     return out
 

@@ -77,9 +77,15 @@ def _numpy_ranks(sim: torch.Tensor, qi: torch.Tensor, gi: torch.Tensor) -> torch
 
 
 def chunk_stats(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
-                ks: tuple[int, ...] = KS, cmc: int = 0) -> torch.Tensor:
+                ks: tuple[int, ...] = KS, cmc: int = 0, ap: str = "standard") -> torch.Tensor:
     """Sums for a block of queries: [hits@k for k in ks..., sum AP, sum INP, queries with a match, queries], then,
-    with ``cmc`` > 0, how many queries have their first correct image at rank 1, 2, ..., cmc (for the CMC curve)."""
+    with ``cmc`` > 0, how many queries have their first correct image at rank 1, 2, ..., cmc (for the CMC curve).
+
+    ``ap="trapezoid"``: IVT's AP (utils/metrics.py ``compute_mAP``): mean over the n correct images of
+    (p_i + p_{i-1}') / 2, p_i = i / r_i the precision at the i-th correct image's rank and
+    p_{i-1}' = (i - 1) / (r_i - 1) the precision just before it (1 at rank 1)."""
+    if ap not in ("standard", "trapezoid"):
+        raise ValueError(f"ap must be standard or trapezoid, got {ap!r}")
     Q = len(sim)
     qi, ranks = positive_ranks(sim, query_pids, gallery_pids)
     dev, f64 = sim.device, torch.float64
@@ -93,7 +99,12 @@ def chunk_stats(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch
     num_rel = torch.bincount(qi, minlength=Q)
     start = torch.cumsum(num_rel, 0) - num_rel
     position = torch.arange(len(qi), device=dev) - start[qi] + 1  # i-th correct image of its query
-    ap = torch.zeros(Q, dtype=f64, device=dev).index_add_(0, qi, position.to(f64) / ranks.to(f64))
+    precision = position.to(f64) / ranks.to(f64)
+    if ap == "trapezoid":
+        before = torch.where(ranks > 1, (position - 1).to(f64) / (ranks - 1).clamp_min(1).to(f64),
+                             torch.ones_like(precision))
+        precision = (precision + before) / 2
+    ap = torch.zeros(Q, dtype=f64, device=dev).index_add_(0, qi, precision)
     valid = num_rel > 0
     first = ranks[start[valid]]  # best rank of a correct image
     last = ranks[(start + num_rel - 1)[valid]]

@@ -56,6 +56,7 @@ class Method(nn.Module):
     # method.* config fields this method reads, each mapped to the loss it needs ("" = always read). Sweeps use
     # this to give a method only the parameters it has (a conditional search space).
     method_fields: dict[str, str] = {}
+    default_gather = True  # method.gather: null picks this (global negatives unless the paper used local batches)
 
     @classmethod
     def hyperparameters(cls, losses) -> set[str]:
@@ -64,6 +65,8 @@ class Method(nn.Module):
         fields = {"gather"} if names & {"sdm", "itc", "cmpm"} else set()
         if names & {"sdm", "itc"}:  # the contrastive temperature (cmpm and cmr have none)
             fields |= {"temperature", "learnable_temperature"}
+        if "cmpm" in names:
+            fields |= {"cmpm_norm"}
         return fields | {f for f, loss in cls.method_fields.items() if not loss or loss in names}
 
     def __init__(self, cfg, text: TextSpec, num_classes: int):
@@ -124,16 +127,22 @@ class Method(nn.Module):
     def wants(self, name: str) -> bool:
         return name in self.loss_weights
 
+    @property
+    def gathers(self) -> bool:
+        """``method.gather``, or the method's own choice when it is null."""
+        return self.default_gather if self.mcfg.gather is None else bool(self.mcfg.gather)
+
     def contrastive(self, kind: str, v: torch.Tensor, t: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-        """sdm / itc / cmpm of image features ``v`` and text features ``t``; with ``method.gather`` and several
-        ranks, local rows are scored against the features of the whole global batch."""
-        gather = self.mcfg.gather and world()[1] > 1
+        """sdm / itc / cmpm of image features ``v`` and text features ``t``; with ``method.gather`` (``gathers``)
+        and several ranks, local rows are scored against the features of the whole global batch."""
+        gather = self.gathers and world()[1] > 1
         V, T = (gather_with_grad(v), gather_with_grad(t)) if gather else (v, t)
         P = gather_no_grad(pids) if gather else pids
         if kind == "sdm":
             return L.sdm_rows(v, T, pids, P, self.logit_scale) + L.sdm_rows(t, V, pids, P, self.logit_scale)
         if kind == "cmpm":
-            return L.cmpm_rows(v, T, pids, P) + L.cmpm_rows(t, V, pids, P)
+            norm = self.mcfg.cmpm_norm
+            return L.cmpm_rows(v, T, pids, P, norm=norm) + L.cmpm_rows(t, V, pids, P, norm=norm)
         if kind == "itc":
             targets = torch.arange(len(v), device=v.device) + (row_offset(len(v)) if gather else 0)
             return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2

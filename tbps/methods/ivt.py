@@ -1,9 +1,12 @@
 """IVT (Shu et al., ECCV 2022 workshops): one shared network, multi-level alignment (MLA), bidirectional mask
-modelling (BMM), CMPM over every image view and every text level.
+modelling (BMM), CMPM over every image view and every text level — as the official code trains it
+(processor.do_train_cuhkpedes_uvt_level_data).
 
 Training batch: ``images`` [B, 3, C, H, W] (three augmented views) and ``mla_ids``/``mla_mask`` [B, 3, L]
-(sentence, phrase, word). All 3B images and 3B texts go through one CMPM whose positives are all same-id pairs,
-across levels too. BMM drops a random 0..``method.mask_ratio`` fraction of the tokens of both modalities.
+(sentence, phrase, word). All 3B images go through one forward and all 3B texts through another, so BMM removes the
+same positions from every image and from every text of the batch; one CMPM takes all same-identity pairs as
+positives, across views and levels. Contrastive losses use this rank's batch only by default (``method.gather``),
+as each official GPU does.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from torch import nn
 
 from tbps import losses as L
 from tbps.data.stream import DataNeeds
-from tbps.models import SharedTower
+from tbps.models import SharedTower, WeightLoadError
+from tbps.models.shared import grid_of
 
 from .base import Method, register
 
@@ -22,15 +26,20 @@ from .base import Method, register
 class IVT(Method):
     supported_losses = ("cmpm", "sdm", "id")
     backbone_prefixes = ("tower.",)
-    method_fields = {"mask_ratio": "", "mla_word_max": ""}
+    method_fields = {"bmm_max_drop": ""}
+    default_gather = False  # the official code computes CMPM on each GPU's local batch
 
     def __init__(self, cfg, text, num_classes):
         super().__init__(cfg, text, num_classes)
         m = cfg.model
+        if not 0 <= self.mcfg.bmm_max_drop < 1:
+            from tbps.config import ConfigError
+
+            raise ConfigError(f"method.bmm_max_drop must be in [0, 1), got {self.mcfg.bmm_max_drop}")
         patch = int(m.image_overrides.get("patch_size", 16))
         self.tower = SharedTower(text.vocab_size, text.length, tuple(cfg.data.image_size), m.shared_width,
                                  m.shared_layers, m.shared_heads, patch=patch, stride=m.patch_stride,
-                                 pad_id=text.pad_id, drop_path=m.drop_path)
+                                 pad_id=text.pad_id, drop_path=m.drop_path, text_dropout=m.text_dropout)
         if self.wants("id"):
             self.classifier = nn.Linear(m.shared_width, num_classes)
 
@@ -40,8 +49,47 @@ class IVT(Method):
         if text_url:
             self.tower.load_bert(text_url)
 
+    def load_pretrained(self, checkpoint) -> None:
+        """An official IVT checkpoint (``tbps.methods.pretrained.IvtCheckpoint``), strictly: every tower key must
+        come from it, except the position / type tables of a pretrained model whose grid differs
+        (``model.pretrained_grid``)."""
+        if getattr(checkpoint, "format", "") != "ivt":
+            return super().load_pretrained(checkpoint)
+        state = dict(checkpoint.state)
+        n = self.tower.position_embeddings.num_embeddings
+        state["position_embeddings.weight"] = state["position_embeddings.weight"][:n]
+        own = self.tower.state_dict()
+        skipped = []
+        if state["pos_embed"].shape != own["pos_embed"].shape:
+            if self.cfg.model.pretrained_grid == "resize":
+                old = self._checkpoint_grid(checkpoint)
+                for key in ("pos_embed", "type_embed"):
+                    state[key] = _resize_table(state[key], old, self.tower.grid)
+            else:  # official: copy_ fails on the shape, the tables already there stay
+                skipped = ["pos_embed", "type_embed"]
+                for key in skipped:
+                    state.pop(key)
+        self.tower._load_mapped(state, [k for k in own if k not in skipped], checkpoint.source, "model.pretrained")
+        if skipped:
+            where = "the ImageNet ViT's (model.image_pretrained)" if self.cfg.model.image_pretrained else \
+                "their random initialisation (set model.image_pretrained as the official fine-tuning does)"
+            print(f"[tbps] model.pretrained: the position and type tables of {checkpoint.source} "
+                  f"({checkpoint.grid_tokens} patches) do not fit the {self.tower.grid[0]}x{self.tower.grid[1]} grid "
+                  f"and were skipped, as the official code does; they stay {where}. "
+                  "model.pretrained_grid=resize resizes them instead")
+
+    def _checkpoint_grid(self, checkpoint) -> tuple[int, int]:
+        from .pretrained import stride_for
+
+        stride = stride_for(checkpoint.grid_tokens, self.cfg.data.image_size, self.tower.patch)
+        if not stride:
+            raise WeightLoadError(f"model.pretrained: cannot tell the patch grid of {checkpoint.source} "
+                                  f"({checkpoint.grid_tokens} patches) at data.image_size {self.cfg.data.image_size}; "
+                                  "use model.pretrained_grid=keep")
+        return grid_of(self.cfg.data.image_size, self.tower.patch, stride)
+
     def data_needs(self):
-        return DataNeeds(views=3, mla=True, mla_word_max=self.mcfg.mla_word_max)
+        return DataNeeds(views=3, mla=True)
 
     def encode_image(self, images):
         return self.tower.forward_image(images)
@@ -53,12 +101,14 @@ class IVT(Method):
         images = batch["images"]
         if images.ndim == 4:  # a single view (e.g. a plain batch): treat as one level
             images = images[:, None]
-        ids = batch.get("mla_ids", batch["text_ids"][:, None])
-        mask = batch.get("mla_mask", batch["text_mask"][:, None])
+        if "mla_ids" in batch:
+            ids, mask = batch["mla_ids"], batch["mla_mask"]
+        else:  # one text level
+            ids, mask = batch["text_ids"][:, None], batch["text_mask"][:, None]
         B, V = images.shape[:2]
-        r = self.mcfg.mask_ratio if self.training else 0.0
-        v = self.tower.forward_image(images.flatten(0, 1), drop_ratio=r)  # [B*V, D]
-        t = self.tower.forward_text(ids.flatten(0, 1), mask.flatten(0, 1), drop_ratio=r)  # [B*levels, D]
+        r = self.mcfg.bmm_max_drop if self.training else 0.0
+        v = self.tower.forward_image(images.flatten(0, 1), bmm_max_drop=r)  # [B*V, D]
+        t = self.tower.forward_text(ids.flatten(0, 1), mask.flatten(0, 1), bmm_max_drop=r)  # [B*levels, D]
         pids_v = batch["pids"].repeat_interleave(V)
         pids_t = batch["pids"].repeat_interleave(ids.shape[1])
         if len(pids_v) != len(pids_t):
@@ -70,3 +120,13 @@ class IVT(Method):
         if self.wants("id"):
             out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"].repeat_interleave(V))
         return out
+
+
+def _resize_table(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """[1, 1 + h*w, D] on grid ``old`` -> grid ``new``, bilinear, CLS row kept."""
+    from timm.layers import resample_abs_pos_embed
+
+    if tuple(old) == tuple(new):
+        return table
+    return resample_abs_pos_embed(table, new_size=list(new), old_size=list(old), num_prefix_tokens=1,
+                                  interpolation="bilinear", antialias=False)

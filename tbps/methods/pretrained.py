@@ -8,8 +8,11 @@
   ``CLIPModel`` directory): the architecture fields of ``cfg.model`` are set from its weights, then both towers, both
   projections and, for a learnable temperature, the logit scale are loaded;
 - an official IRRA output directory (``best.pth`` holding ``{"model": state_dict}`` + ``configs.yaml``): CLIP as
-  above plus IRRA's cross-modal encoder, MLM head and ID classifier.
-``model.image_pretrained`` / ``model.text_pretrained`` load the towers alone, after it.
+  above plus IRRA's cross-modal encoder, MLM head and ID classifier;
+- an official IVT checkpoint (``{"state_dict": ...}`` with ``encoder_vl.*`` keys): a released fine-tuned model or
+  IVT's vision-language pretrained model, mapped onto the shared tower (``IvtCheckpoint``).
+``model.image_pretrained`` / ``model.text_pretrained`` load the towers alone: after a CLIP checkpoint (overriding
+a tower), before an IVT one (as the official fine-tuning loads ImageNet ViT + BERT, then IVT's checkpoint over them).
 
 Weights are read once, after the method is built and never inside a constructor: an evaluation copy built with
 ``build_method`` gets its weights from the training copy's state dict instead of re-reading storage.
@@ -17,6 +20,7 @@ Weights are read once, after the method is built and never inside a constructor:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,7 +30,8 @@ import yaml
 from tbps.config import ConfigError, LossTerm
 from tbps.data.remote import local_copy
 from tbps.models import WeightLoadError
-from tbps.models.clip import ClipCheckpoint, TIMM_BLOCK_KEYS, to_fp32, checked_clip, read_clip_checkpoint
+from tbps.models.clip import ClipCheckpoint, TIMM_BLOCK_KEYS, to_fp32, checked_clip, read_model_file
+from tbps.models.shared import grid_of, is_ivt_state, ivt_to_ours
 
 from .base import Method, TextSpec, build_method
 
@@ -152,17 +157,100 @@ def irra_args_to_config(cfg, args: dict) -> None:
     cfg.data.tokenizer = "clip"
 
 
+# ------------------------------------------------------------------------------------------------------ IVT
+@dataclass
+class IvtCheckpoint:
+    """An official IVT checkpoint mapped onto ``SharedTower`` keys (``state``); ``ignored`` lists the official
+    model's keys retrieval never uses. ``kind``: ``finetuned`` (a text-based person search model) or ``pretraining``
+    (IVT's vision-language pretrained model: fusion encoder + ITM head beside the shared encoder)."""
+
+    state: dict[str, torch.Tensor]
+    ignored: list[str]
+    kind: str
+    source: str
+    format: str = "ivt"
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.state["pos_embed"].shape[1] - 1
+
+
+def ivt_checkpoint(sd: dict, source: str) -> IvtCheckpoint:
+    state, ignored = ivt_to_ours(to_fp32(sd), source)
+    for key in ("pos_embed", "patch_embed.weight", "word_embeddings.weight", "position_embeddings.weight"):
+        if key not in state:
+            raise WeightLoadError(f"model.pretrained: IVT checkpoint {source} has no {key} (encoder_vl.*); is it whole?")
+    kind = "pretraining" if any(k.removeprefix("module.").startswith(("encoder_fusion.", "itm.")) for k in ignored) \
+        else "finetuned"
+    return IvtCheckpoint(state, ignored, kind, source)
+
+
+def stride_for(tokens: int, image_size, patch: int) -> int:
+    """The patch stride giving ``tokens`` patches over ``image_size`` (0 if none)."""
+    for stride in range(patch, 0, -1):
+        rows, cols = grid_of(image_size, patch, stride)
+        if rows * cols == tokens:
+            return stride
+    return 0
+
+
+def fit_ivt_config(cfg, ckpt: IvtCheckpoint, text: TextSpec) -> str:
+    if cfg.method.name != "ivt":
+        raise ConfigError(f"model.pretrained: {ckpt.source} is an IVT checkpoint; it needs method.name=ivt "
+                          f"(got {cfg.method.name})")
+    vocab, width = ckpt.state["word_embeddings.weight"].shape
+    if vocab != text.vocab_size:
+        raise ConfigError(f"model.pretrained: {ckpt.source} has a vocabulary of {vocab} tokens, the tokenizer "
+                          f"{text.vocab_size}: set data.tokenizer to the BERT-base uncased tokenizer IVT uses")
+    positions = ckpt.state["position_embeddings.weight"].shape[0]
+    if text.length > positions:
+        raise ConfigError(f"data.text_length {text.length} exceeds the checkpoint's {positions} text positions")
+    m = cfg.model
+    patch = ckpt.state["patch_embed.weight"].shape[-1]
+    m.image_overrides = {**m.image_overrides, "patch_size": patch}
+    m.shared_width = width
+    m.shared_layers = 1 + max(int(k.split(".")[1]) for k in ckpt.state if k.startswith("blocks."))
+    if width % m.shared_heads:
+        raise ConfigError(f"model.shared_heads {m.shared_heads} does not divide the checkpoint's width {width}")
+    stride = m.patch_stride or patch
+    note = ""
+    if ckpt.grid_tokens != math.prod(grid_of(cfg.data.image_size, patch, stride)):
+        found = stride_for(ckpt.grid_tokens, cfg.data.image_size, patch)
+        if ckpt.kind == "finetuned":
+            if not found:
+                raise ConfigError(f"model.pretrained: {ckpt.source} has {ckpt.grid_tokens} patch positions, which no "
+                                  f"patch stride gives at data.image_size {cfg.data.image_size}; set the image size "
+                                  "it was trained at")
+            m.patch_stride = found
+            note = f", patch stride {found} (from its position table)"
+        else:
+            note = (f"; its {ckpt.grid_tokens}-patch position/type tables do not fit this grid: "
+                    f"model.pretrained_grid={m.pretrained_grid}")
+    return (f"IVT {ckpt.kind} checkpoint {ckpt.source}: shared tower {width} x {m.shared_layers}, patch {patch}{note}"
+            + (f"; not loaded (unused by retrieval): {_summarise(ckpt.ignored)}" if ckpt.ignored else ""))
+
+
+def _summarise(keys: list[str]) -> str:
+    heads = sorted({k.removeprefix("module.").split(".")[0] for k in keys})
+    return ", ".join(heads)
+
+
 # ------------------------------------------------------------------------------------------------------ the entry
 def read_pretrained(url: str):
-    """A ``ClipCheckpoint`` or an ``IrraRun`` from ``model.pretrained``."""
+    """A ``ClipCheckpoint``, an ``IrraRun`` or an ``IvtCheckpoint`` from ``model.pretrained``."""
     if is_irra_run(url):
         return read_irra_run(url)
-    return read_clip_checkpoint(url)
+    sd, fmt, activation, source = read_model_file(url)
+    if is_ivt_state(sd):
+        return ivt_checkpoint(sd, source)
+    return checked_clip(sd, fmt, activation, source, "model.pretrained")
 
 
 def fit_config(cfg, checkpoint, text: TextSpec) -> str:
     """Set the architecture fields of ``cfg.model`` from a checkpoint's weights (in place) so the saved config rebuilds
     the same model. Returns a one-line description."""
+    if isinstance(checkpoint, IvtCheckpoint):
+        return fit_ivt_config(cfg, checkpoint, text)
     clip = checkpoint.clip if isinstance(checkpoint, IrraRun) else checkpoint
     a = clip.arch
     if cfg.model.text_tower != "clip":
@@ -189,10 +277,14 @@ def fit_config(cfg, checkpoint, text: TextSpec) -> str:
 
 
 def load_weights(method: Method, cfg, checkpoint=None) -> None:
-    """Load ``checkpoint`` (from ``read_pretrained``) and the tower checkpoints of ``cfg.model`` into a built method."""
+    """Load ``checkpoint`` (from ``read_pretrained``) and the tower checkpoints of ``cfg.model`` into a built method:
+    the towers after a CLIP checkpoint, before an IVT one (the official IVT order)."""
+    towers = cfg.model.image_pretrained or cfg.model.text_pretrained
+    if towers and isinstance(checkpoint, IvtCheckpoint):
+        method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
     if checkpoint is not None:
         method.load_pretrained(checkpoint)
-    if cfg.model.image_pretrained or cfg.model.text_pretrained:
+    if towers and not isinstance(checkpoint, IvtCheckpoint):
         method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
 
 

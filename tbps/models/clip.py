@@ -141,6 +141,13 @@ def _openai_from_transformers(sd: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------- reading
 def read_clip_checkpoint(url: str, what: str = "model.pretrained") -> ClipCheckpoint:
     """Any supported whole-CLIP checkpoint (local path or s3:// URL) in OpenAI's layout, with its architecture."""
+    return checked_clip(*read_model_file(url, what), what)
+
+
+def read_model_file(url: str, what: str = "model.pretrained") -> tuple[dict, str, str, str]:
+    """(state dict, format, activation, url of the file read) of a whole-model checkpoint: a transformers CLIPModel
+    directory (converted to OpenAI's keys), a TorchScript archive, or a torch / safetensors state dict (a training
+    checkpoint's ``state_dict`` unwrapped, DDP's ``module.`` prefix removed)."""
     try:
         path = local_copy(url)
     except FileNotFoundError:
@@ -158,7 +165,7 @@ def read_clip_checkpoint(url: str, what: str = "model.pretrained") -> ClipCheckp
             except KeyError as e:
                 raise WeightLoadError(f"{what}: {url} is not a transformers CLIPModel checkpoint: no key {e}") from None
             act = hf["vision_config"].get("hidden_act", "quick_gelu")
-            return checked_clip(sd, "transformers", act, url, what)
+            return sd, "transformers", act, url
         found = [f for f in OPEN_CLIP_FILES + WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
         if not found:
             raise WeightLoadError(f"{what}: {url} holds no CLIP checkpoint (config.json + weights of a transformers "
@@ -182,7 +189,7 @@ def read_clip_checkpoint(url: str, what: str = "model.pretrained") -> ClipCheckp
         sd = _strip_module(raw)
     sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
     # open_clip's GELU models and OpenAI's QuickGELU ones share one layout; the file does not say which
-    return checked_clip(sd, fmt, "gelu" if fmt == "open_clip" else "quick_gelu", url, what)
+    return sd, fmt, "gelu" if fmt == "open_clip" else "quick_gelu", url
 
 
 def checked_clip(sd: dict, fmt: str, activation: str, url: str, what: str) -> ClipCheckpoint:
