@@ -52,8 +52,10 @@ def load_irra_run_model(run_dir: str, data_url: str | None, device: str = "cpu")
     return method.to(device).eval(), cfg, tok
 
 
-def load_config_model(config: str, overrides: list[str], data_url: str | None = None, device: str = "cpu"):
-    """(method, cfg, tokenizer) built from a preset and its configured pretrained weights, without training."""
+def load_config_model(config: str, overrides: list[str], data_url: str | None = None, device: str = "cpu",
+                      checkpoint=None):
+    """(method, cfg, tokenizer) built from a preset and its configured pretrained weights, without training
+    (``checkpoint``: model.pretrained already read)."""
     from shards.storage import join
     from tbps.config import load_config
     from tbps.data import load_manifest, load_tokenizer
@@ -67,7 +69,7 @@ def load_config_model(config: str, overrides: list[str], data_url: str | None = 
     tok = load_tokenizer(cfg.data.tokenizer or join(cfg.data.url, "tokenizer"))
     num_classes = load_manifest(cfg.data.url).get("num_train_ids", 1)
     method = create_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), num_classes,
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=lambda m: print(m, file=sys.stderr), checkpoint=checkpoint)
     return method.to(device).eval(), cfg, tok
 
 
@@ -90,11 +92,13 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
     from tbps.methods.pretrained import IvtCheckpoint, is_irra_run, read_pretrained
 
     if is_model_file(checkpoint):
-        if not isinstance(read_pretrained(checkpoint), IvtCheckpoint):
+        weights = read_pretrained(checkpoint)  # read once, handed on
+        if not isinstance(weights, IvtCheckpoint):
             raise ValueError(f"{checkpoint} is a file but not an official IVT checkpoint; --checkpoint takes a tbps "
                              "checkpoint directory, an IRRA output directory or an IVT .pth (CLIP weights: --config "
                              "PRESET model.pretrained=FILE)")
-        return load_config_model("ivt", [f"model.pretrained={checkpoint}", *(overrides or [])], data_url, device)
+        return load_config_model("ivt", [f"model.pretrained={checkpoint}", *(overrides or [])], data_url, device,
+                                 weights)
     if overrides:
         raise ValueError(f"key=value overrides ({overrides[0]}) apply to --config and to official IVT checkpoint "
                          f"files; {checkpoint} is a directory whose config is fixed")

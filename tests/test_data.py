@@ -330,3 +330,21 @@ def test_irra_resize_and_erasing_fill(synth_tiny):
     out = BatchAugment(cfg, train=True)(pixels, torch.Generator().manual_seed(0))
     filled = (out == torch.tensor(mean).view(1, 3, 1, 1)).all(dim=1)
     assert (filled.flatten(1).sum(1) >= 0.02 * 96 * 32 * 0.9).all()  # every image got a mean-filled box
+
+
+def test_mla_batches_come_padded_to_their_longest_text(synth_tiny):
+    """IVT's one tokenizer call pads the 3B texts to the longest: BMM counts those positions (done in the loader)."""
+    from tbps.config import load_config
+    from tbps.data import build_train_loader
+    from tbps.data.stream import DataNeeds
+
+    cfg = load_config("ivt_tiny", [f"data.url={synth_tiny}", "data.loader_workers=0", "data.batch_size=8"])
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    batch = next(iter(build_train_loader(cfg.data, tok, DataNeeds(views=3, mla=True))))
+    mask, length = batch["mla_mask"], batch["mla_length"]
+    assert mask.shape == (8, 3, cfg.data.text_length) and length < cfg.data.text_length
+    assert mask[..., length - 1].any() and not mask[..., length:].any()  # the longest text of all levels
+    from tbps.data.text import trim_padding
+
+    ids, cut = trim_padding(batch["mla_ids"], mask, length)
+    assert cut.shape == (8, 3, length) and torch.equal(trim_padding(batch["mla_ids"], mask)[1], cut)

@@ -32,7 +32,7 @@ def _setup(name, url):
 
 
 def _slice(batch, lo, hi):
-    return {k: v[lo:hi] if torch.is_tensor(v) else v[lo:hi] for k, v in batch.items()}
+    return {k: v[lo:hi] if isinstance(v, (list, torch.Tensor)) else v for k, v in batch.items()}  # ints stay
 
 
 def _rank_main(rank, name, url, port, out_dir):

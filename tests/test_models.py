@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from tbps.models import ImageTower, SharedTower, TextTower, WeightLoadError
-from tbps.models.shared import bmm_keep, trim_padding
+from tbps.data.text import trim_padding
+from tbps.models.shared import bmm_keep
 
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 

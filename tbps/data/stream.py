@@ -258,6 +258,9 @@ class ShardStream(IterableDataset):
                                           for k in range(3)))
             batch["mla_ids"] = torch.stack(level_ids, dim=1)
             batch["mla_mask"] = torch.stack(level_mask, dim=1)
+            # the longest text of all levels: IVT's one tokenizer call pads the 3B texts to it (an int, so the
+            # model can cut the padding without a device sync)
+            batch["mla_length"] = max(1, int(batch["mla_mask"].sum(dim=-1).max()))
         return batch
 
     def __iter__(self) -> Iterator[dict]:

@@ -101,6 +101,16 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 
 # ------------------------------------------------------------------------------------------------- IVT's MLA levels
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut right padding down to ``length`` or the longest caption of ``mask`` (any leading shape), as the official
+    IVT tokenizer call pads to 'longest'. Masked padding leaves the CLS outputs unchanged; BMM's position count
+    (padding included) then matches the official one. The loader gives the length (``mla_length``): measured on a
+    GPU tensor it would cost a device sync every step."""
+    if length is None:
+        length = max(1, int(mask.sum(dim=-1).max()))
+    return ids[..., :length], mask[..., :length]
+
+
 def _longest_and_rest(sentences: list[str]) -> list[str]:
     """Per sentence: its longest comma clause (the first, on ties) and the other clauses re-joined by ',' -- each kept
     if longer than 5 characters before trimming spaces, as the official code filters them."""

@@ -78,13 +78,11 @@ def ivt_protocol(model, local: dict, chunk: int = 1024) -> dict[str, float]:
     ordered by gallery row (IVT's reversed argsort orders them the other way). Single process."""
     if world()[1] > 1:
         raise RuntimeError("the IVT protocol is computed in a single process (tbps.evaluate)")
-    rows = local["txt_idx"].argsort()
-    gallery_images = local["txt_img"][rows][::2]
-    position = {int(i): p for p, i in enumerate(local["img_idx"].tolist())}
-    take = torch.tensor([position[int(i)] for i in gallery_images], dtype=torch.long)
-    gallery, gallery_pids = local["img"][take.to(local["img"].device)], local["img_pid"][take.to(local["img_pid"].device)]
-    queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
-    gallery_pids = gallery_pids.to(gallery.device)
+    gallery_images = local["txt_img"][local["txt_idx"].argsort()][::2].tolist()
+    position = {i: p for p, i in enumerate(local["img_idx"].tolist())}
+    take = torch.tensor([position[i] for i in gallery_images], dtype=torch.long, device=local["img"].device)
+    gallery, gallery_pids = local["img"][take], local["img_pid"].to(take.device)[take]
+    queries, query_pids = local["txt"], local["txt_pid"].to(take.device)
     stats = torch.zeros(len(KS) + 4, dtype=torch.float64, device=gallery.device)
     for s in range(0, len(queries), chunk):
         sim = model.similarity(queries[s:s + chunk], gallery).float()

@@ -16,7 +16,10 @@ from torch import nn
 
 from tbps import losses as L
 from tbps.data.stream import DataNeeds
+from tbps.data.text import trim_padding
+from tbps.config import ConfigError
 from tbps.models import SharedTower, WeightLoadError
+from tbps.models.clip import resize_grid
 from tbps.models.shared import grid_of
 
 from .base import Method, register
@@ -33,8 +36,6 @@ class IVT(Method):
         super().__init__(cfg, text, num_classes)
         m = cfg.model
         if not 0 <= self.mcfg.bmm_max_drop < 1:
-            from tbps.config import ConfigError
-
             raise ConfigError(f"method.bmm_max_drop must be in [0, 1), got {self.mcfg.bmm_max_drop}")
         patch = int(m.image_overrides.get("patch_size", 16))
         self.tower = SharedTower(text.vocab_size, text.length, tuple(cfg.data.image_size), m.shared_width,
@@ -64,12 +65,12 @@ class IVT(Method):
             if self.cfg.model.pretrained_grid == "resize":
                 old = self._checkpoint_grid(checkpoint)
                 for key in ("pos_embed", "type_embed"):
-                    state[key] = _resize_table(state[key], old, self.tower.grid)
+                    state[key] = resize_grid(state[key][0], self.tower.grid, old)
             else:  # official: copy_ fails on the shape, the tables already there stay
                 skipped = ["pos_embed", "type_embed"]
                 for key in skipped:
                     state.pop(key)
-        self.tower._load_mapped(state, [k for k in own if k not in skipped], checkpoint.source, "model.pretrained")
+        self.tower.load_mapped(state, [k for k in own if k not in skipped], checkpoint.source, "model.pretrained")
         if skipped:
             where = "the ImageNet ViT's (model.image_pretrained)" if self.cfg.model.image_pretrained else \
                 "their random initialisation (set model.image_pretrained as the official fine-tuning does)"
@@ -102,9 +103,9 @@ class IVT(Method):
         if images.ndim == 4:  # a single view (e.g. a plain batch): treat as one level
             images = images[:, None]
         if "mla_ids" in batch:
-            ids, mask = batch["mla_ids"], batch["mla_mask"]
+            ids, mask = trim_padding(batch["mla_ids"], batch["mla_mask"], batch.get("mla_length"))
         else:  # one text level
-            ids, mask = batch["text_ids"][:, None], batch["text_mask"][:, None]
+            ids, mask = trim_padding(batch["text_ids"][:, None], batch["text_mask"][:, None])
         B, V = images.shape[:2]
         r = self.mcfg.bmm_max_drop if self.training else 0.0
         v = self.tower.forward_image(images.flatten(0, 1), bmm_max_drop=r)  # [B*V, D]
@@ -121,12 +122,3 @@ class IVT(Method):
             out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"].repeat_interleave(V))
         return out
 
-
-def _resize_table(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """[1, 1 + h*w, D] on grid ``old`` -> grid ``new``, bilinear, CLS row kept."""
-    from timm.layers import resample_abs_pos_embed
-
-    if tuple(old) == tuple(new):
-        return table
-    return resample_abs_pos_embed(table, new_size=list(new), old_size=list(old), num_prefix_tokens=1,
-                                  interpolation="bilinear", antialias=False)

@@ -288,11 +288,11 @@ def load_weights(method: Method, cfg, checkpoint=None) -> None:
         method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
 
 
-def create_method(cfg, text: TextSpec, num_classes: int, log=print) -> Method:
-    """Read ``model.pretrained`` (fitting ``cfg.model`` to it), build the method, load every configured weight."""
-    checkpoint = None
+def create_method(cfg, text: TextSpec, num_classes: int, log=print, checkpoint=None) -> Method:
+    """Read ``model.pretrained`` (fitting ``cfg.model`` to it), build the method, load every configured weight.
+    ``checkpoint``: ``model.pretrained`` already read by ``read_pretrained`` (not read again)."""
     if cfg.model.pretrained:
-        checkpoint = read_pretrained(cfg.model.pretrained)
+        checkpoint = checkpoint or read_pretrained(cfg.model.pretrained)
         description = fit_config(cfg, checkpoint, text)
         if log:
             log(f"[tbps] model.pretrained: {description}")

@@ -216,16 +216,20 @@ def arch_of(sd: dict) -> ClipArch:
 
 
 # ---------------------------------------------------------------------------------------------------- converting
-def resize_grid(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[1 + g*g, D] -> [1, 1 + h*w, D]: the square grid resized bilinearly (no antialias), CLS kept — as IRRA's
-    ``resize_pos_embed`` does. A table that already has h*w positions (an IRRA run's) is taken as it is."""
+def resize_grid(pos: torch.Tensor, grid: tuple[int, int], old: tuple[int, int] | None = None) -> torch.Tensor:
+    """[1 + h'*w', D] -> [1, 1 + h*w, D]: the grid ``old`` (default: square) resized bilinearly (no antialias), CLS
+    kept — as IRRA's and IVT's ``resize_pos_embed`` do. A table that already has h*w positions (an IRRA run's) is
+    taken as it is."""
     pos = pos[None]
     if pos.shape[1] - 1 == grid[0] * grid[1]:
         return pos
-    old = round((pos.shape[1] - 1) ** 0.5)
-    if old * old != pos.shape[1] - 1:
-        raise WeightLoadError(f"position table of {pos.shape[1] - 1} patches is neither square nor the {grid} grid")
-    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[old, old], num_prefix_tokens=1,
+    if old is None:
+        side = round((pos.shape[1] - 1) ** 0.5)
+        if side * side != pos.shape[1] - 1:
+            raise WeightLoadError(f"position table of {pos.shape[1] - 1} patches is neither square nor the {grid} "
+                                  "grid")
+        old = (side, side)
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(old), num_prefix_tokens=1,
                                   interpolation="bilinear", antialias=False)
 
 

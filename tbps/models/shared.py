@@ -7,8 +7,9 @@ per-position type embedding [1, N+1, D], then dropout; text through BERT's embed
 0, LayerNorm eps 1e-12, dropout) and nothing else. Output: the CLS token of each modality (no projection head).
 
 Bidirectional mask modelling (BMM), in training: per forward, one count k ~ U{0..floor(r * N)} over the N token
-positions (CLS and, for text, padding included: the batch is padded to its longest caption first, as the official
-``padding='longest'``) and one set of k positions (never CLS) removed from every sequence of the batch.
+positions (CLS and, for text, padding included: training batches come padded to their longest caption, as the
+official ``padding='longest'``; ``tbps.data.text.trim_padding``) and one set of k positions (never CLS) removed from
+every sequence of the batch.
 """
 
 from __future__ import annotations
@@ -32,13 +33,6 @@ def bmm_keep(num_tokens: int, max_drop: float, generator: torch.Generator | None
     keep = torch.ones(num_tokens, dtype=torch.bool)
     keep[dropped] = False
     return keep.nonzero()[:, 0].to(device) if device is not None else keep.nonzero()[:, 0]
-
-
-def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut right padding down to the batch's longest caption (the official tokenizer call pads to 'longest'). The
-    CLS outputs are unchanged (padding is masked); BMM's position count then matches the official one."""
-    length = max(1, int(mask.sum(dim=1).max()))
-    return ids[:, :length], mask[:, :length]
 
 
 class SharedBlock(nn.Module):
@@ -68,7 +62,7 @@ class SharedTower(nn.Module):
                  drop_path: float = 0.0, text_dropout: float = 0.0, dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         stride = stride or patch
-        self.patch, self.stride, self.image_size = patch, stride, tuple(image_size)
+        self.patch = patch
         self.grid = grid_of(image_size, patch, stride)
         tokens = 1 + self.grid[0] * self.grid[1]
         self.patch_embed = nn.Conv2d(3, width, patch, stride)
@@ -115,7 +109,6 @@ class SharedTower(nn.Module):
 
     def forward_text(self, ids: torch.Tensor, mask: torch.Tensor, bmm_max_drop: float = 0.0,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        ids, mask = trim_padding(ids, mask)
         x, keep = self.embed_text(ids), mask.bool()
         if bmm_max_drop > 0:
             kept = bmm_keep(x.shape[1], bmm_max_drop, generator, x.device)
@@ -127,7 +120,7 @@ class SharedTower(nn.Module):
         return self.norm(x)[:, 0]
 
     # ------------------------------------------------------------------------------------------ initialisation
-    def _load_mapped(self, mapped: dict[str, torch.Tensor], required: list[str], source: str, what: str):
+    def load_mapped(self, mapped: dict[str, torch.Tensor], required: list[str], source: str, what: str):
         own = self.state_dict()
         unknown = [k for k in mapped if k not in own]
         shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items()
@@ -160,7 +153,7 @@ class SharedTower(nn.Module):
                 if int(i) < len(self.blocks):
                     mapped[f"blocks.{i}.{rest}"] = v
         required = [k for k in self.state_dict() if not self._is_text_key(k) and k != "type_embed"]
-        self._load_mapped(mapped, required, url, "model.image_pretrained")
+        self.load_mapped(mapped, required, url, "model.image_pretrained")
 
     def load_bert(self, url: str) -> None:
         """Text embeddings and text FFNs from a BERT checkpoint (transformers layout, with or without 'bert.')."""
@@ -181,7 +174,7 @@ class SharedTower(nn.Module):
                 elif rest.startswith("output.dense."):
                     mapped[f"blocks.{i}.mlp.text.fc2.{rest.rsplit('.', 1)[1]}"] = v
         required = [k for k in self.state_dict() if self._is_text_key(k)]
-        self._load_mapped(mapped, required, url, "model.text_pretrained")
+        self.load_mapped(mapped, required, url, "model.text_pretrained")
 
     def _fit_positions(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """BERT's 512-row position table cut to data.text_length rows."""
