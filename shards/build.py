@@ -8,6 +8,10 @@ original person id, the contiguous train id (train split; -1 elsewhere) and the 
 its attribute phrases (IVT's word-level texts). Train records
 are written in a seeded shuffled order (``--seed``), so no shard holds one identity's images (annotation files are
 often grouped by identity); val and test keep annotation order (the gallery order breaks ties).
+
+``--group-ids`` writes the train split by identity instead (what ``data.sampler=identity``, IVT's identity-sampled
+batches, needs): identities in a seeded random order, each identity's images together and never split between
+shards, and each shard's per-identity image and caption counts (``id_counts``) in the manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
-from .writer import DatasetWriter
+from .writer import DatasetWriter, group_shard_counts
 
 
 def split_stats(records: list[RawRecord]) -> dict:
@@ -59,8 +63,31 @@ def read_attributes(file: str) -> dict[tuple[str, str], list[str]]:
     return out
 
 
+def group_by_identity(records: list, pid_of, caption_count, seed: int, shard_size: int, min_shards: int):
+    """``records`` reordered by identity (identities and each identity's images in a seeded random order), the
+    samples per shard (shards never split an identity) and each shard's manifest extras: ``id_counts``, one
+    ``[images, captions]`` per identity of the shard, what ``data.sampler=identity`` counts its batches from."""
+    rng = random.Random(seed)
+    groups: dict = defaultdict(list)
+    for rec in records:
+        groups[pid_of(rec)].append(rec)
+    pids = list(groups)
+    rng.shuffle(pids)
+    ordered_groups = []
+    for pid in pids:
+        members = groups[pid]
+        rng.shuffle(members)
+        ordered_groups.append(members)
+    ranges = group_shard_counts([len(g) for g in ordered_groups], shard_size, min_shards)
+    counts = [sum(len(g) for g in ordered_groups[a:b]) for a, b in ranges]
+    extras = [{"id_counts": [[len(g), sum(caption_count(r) for r in g)] for g in ordered_groups[a:b]]}
+              for a, b in ranges]
+    return [r for g in ordered_groups for r in g], counts, extras
+
+
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
-            skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0, attributes: str | None = None) -> dict:
+            skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0, attributes: str | None = None,
+            group_ids: bool = False) -> dict:
     """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
     log = log or sys.stderr
     fmt = FORMATS[dataset]
@@ -110,7 +137,13 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
         raise BadRecord(file, None, "no usable train records")
     train_pids = sorted({r.pid for r in by_split["train"]})
     train_id = {pid: i for i, pid in enumerate(train_pids)}  # contiguous 0..N-1 for the ID classifier
-    random.Random(seed).shuffle(by_split["train"])
+    layout: dict = {}
+    if group_ids:
+        by_split["train"], counts, extras = group_by_identity(by_split["train"], lambda r: r.pid,
+                                                              lambda r: len(r.captions), seed, shard_size, min_shards)
+        layout = {"shard_counts": counts, "shard_extras": extras}
+    else:
+        random.Random(seed).shuffle(by_split["train"])
     if phrases is not None:
         matched = sum(1 for r in good for c in r.captions if (r.path, c.strip()) in phrases)
         total = sum(len(r.captions) for r in good)
@@ -135,7 +168,9 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
     with DatasetWriter(out, dataset=dataset, shard_size=shard_size, min_shards=min_shards) as writer:
         for split in fmt.splits:
             if by_split.get(split):
-                writer.write_split(split, samples(split), len(by_split[split]), stats=split_stats(by_split[split]))
+                grouped = layout if split == "train" else {}
+                stats = {**split_stats(by_split[split]), **({"layout": "by_identity"} if grouped else {})}
+                writer.write_split(split, samples(split), len(by_split[split]), stats=stats, **grouped)
         return writer.publish(extra={
             "num_train_ids": len(train_pids),
             "source": os.path.abspath(root),
@@ -169,10 +204,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order of the train records")
     ap.add_argument("--attributes", help="IVT's attribute annotation JSON (cuhk_pedes_att.json layout): stores each "
                                          "caption's attribute phrases for IVT's word-level texts")
+    ap.add_argument("--group-ids", action="store_true",
+                    help="write the train split by identity (shards never split an identity, per-identity counts "
+                         "in the manifest), as data.sampler=identity (IVT's identity-sampled batches) needs")
     args = ap.parse_args(argv)
     try:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
-                           args.workers, seed=args.seed, attributes=args.attributes)
+                           args.workers, seed=args.seed, attributes=args.attributes, group_ids=args.group_ids)
     except BadRecord as e:
         print(f"error: {e}\nnothing was published to {args.out}", file=sys.stderr)
         return 2

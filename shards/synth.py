@@ -288,8 +288,9 @@ def _tasks(idents, images_per_id, seed):
 def generate(out: str | None = None, raw: str | None = None, size: str = "tiny", seed: int = 0,
              train: int | None = None, val: int | None = None, test: int | None = None,
              images_per_id: int | None = None, shard_size: int = 1000, min_shards: int = 8, workers: int = 1,
-             progress: bool = True) -> dict:
-    """Generate SynthPEDES as shards at ``out`` and/or in the CUHK-PEDES raw layout at ``raw``."""
+             progress: bool = True, group_ids: bool = False) -> dict:
+    """Generate SynthPEDES as shards at ``out`` and/or in the CUHK-PEDES raw layout at ``raw``; ``group_ids``
+    writes the train shards by identity (as ``shards.build --group-ids``)."""
     if not out and not raw:
         raise ValueError("give out (shards) and/or raw (CUHK-PEDES layout)")
     if size not in SIZES:
@@ -305,8 +306,17 @@ def generate(out: str | None = None, raw: str | None = None, size: str = "tiny",
     pool = Pool(workers) if workers > 1 else None
     imap = pool.imap if pool else map
 
+    tasks = {split: _tasks(by_split[split], ipi, seed) for split in by_split}
+    grouped: dict = {}
+    if group_ids and out:
+        from .build import group_by_identity
+
+        tasks["train"], counts, extras = group_by_identity(tasks["train"], lambda t: t[0].pid, lambda t: 2,
+                                                           seed, shard_size, min_shards)  # make_caption x 2
+        grouped = {"shard_counts": counts, "shard_extras": extras}
+
     def rendered(split):
-        return zip(_tasks(by_split[split], ipi, seed), imap(render_image, _tasks(by_split[split], ipi, seed)))
+        return zip(tasks[split], imap(render_image, tasks[split]))
 
     summary = {"size": size, "seed": seed, **spec}
     try:
@@ -338,8 +348,10 @@ def generate(out: str | None = None, raw: str | None = None, size: str = "tiny",
                                progress=progress) as w:
                 for split in ("train", "val", "test"):
                     n = len(by_split[split]) * ipi
+                    layout = grouped if split == "train" else {}
                     w.write_split(split, samples(split), n, stats={
-                        "images": n, "captions": 2 * n, "ids": len(by_split[split])})
+                        "images": n, "captions": 2 * n, "ids": len(by_split[split]),
+                        **({"layout": "by_identity"} if layout else {})}, **layout)
                 return w.publish(extra={"num_train_ids": len(train_ids), "synth": summary})
     finally:
         if pool:
@@ -362,11 +374,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--min-shards", type=int, default=8)
     ap.add_argument("--workers", type=int, default=1, help="processes that draw images")
+    ap.add_argument("--group-ids", action="store_true",
+                    help="write the train shards by identity, as data.sampler=identity needs (shards.build --group-ids)")
     args = ap.parse_args(argv)
     if not args.out and not args.raw:
         ap.error("give --out and/or --raw")
     info = generate(args.out, args.raw, args.size, args.seed, args.train, args.val, args.test, args.images_per_id,
-                    args.shard_size, args.min_shards, args.workers)
+                    args.shard_size, args.min_shards, args.workers, group_ids=args.group_ids)
     if "splits" in info:
         from .build import summarize
         print(summarize(info))

@@ -10,8 +10,10 @@ If anything fails before step 4, the shards of this run are removed and no manif
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
+import itertools
 import json
 import math
 import posixpath
@@ -63,6 +65,29 @@ def plan_shards(num_samples: int, shard_size: int, min_shards: int) -> list[int]
     n = max(math.ceil(num_samples / shard_size), min(min_shards, num_samples))
     base, extra = divmod(num_samples, n)
     return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def group_shard_counts(group_sizes: list[int], shard_size: int, min_shards: int) -> list[tuple[int, int]]:
+    """Shards that never split a group (an identity): ``[(first group, end group), ...]`` per shard, cut at the group
+    boundary nearest each of :func:`plan_shards`' boundaries. A shard can pass ``shard_size`` by up to half a group,
+    and there are fewer shards than planned when groups are larger than shards."""
+    if any(n <= 0 for n in group_sizes):
+        raise ValueError("every group needs at least one sample")
+    total = sum(group_sizes)
+    if total == 0:
+        return []
+    ends = list(itertools.accumulate(group_sizes))  # samples up to and including group g
+    cuts: list[int] = []  # group indices where a new shard starts
+    for target in itertools.accumulate(plan_shards(total, shard_size, min(min_shards, len(group_sizes)))[:-1]):
+        g = bisect.bisect_left(ends, target)  # first group ending at or after the target
+        if g > 0 and target - ends[g - 1] < ends[g] - target:
+            g -= 1  # the boundary before that group is nearer
+        start = g + 1
+        if start >= len(group_sizes) or (cuts and start <= cuts[-1]):
+            continue
+        cuts.append(start)
+    bounds = [0] + cuts + [len(group_sizes)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 class Progress:
@@ -127,14 +152,17 @@ class DatasetWriter:
         self.written.clear()
 
     def write_split(self, split: str, samples: Iterable[dict], num_samples: int, stats: dict | None = None,
-                    shard_counts: list[int] | None = None):
+                    shard_counts: list[int] | None = None, shard_extras: list[dict] | None = None):
         """Write ``num_samples`` samples (dicts with ``__key__`` and encoded fields) as the shards of ``split``.
-        ``shard_counts`` overrides the planned samples per shard (they must add up to ``num_samples``)."""
+        ``shard_counts`` overrides the planned samples per shard (they must add up to ``num_samples``);
+        ``shard_extras`` adds fields to each shard's manifest entry (one dict per shard)."""
         if split in self.splits:
             raise ValueError(f"split {split!r} written twice")
         counts = shard_counts or plan_shards(num_samples, self.shard_size, self.min_shards)
         if sum(counts) != num_samples:
             raise ValueError(f"shard_counts add up to {sum(counts)}, not {num_samples}")
+        if shard_extras is not None and len(shard_extras) != len(counts):
+            raise ValueError(f"{len(shard_extras)} shard_extras for {len(counts)} shards")
         progress = Progress(f"{self.dataset}/{split}", num_samples) if self.progress else None
         it: Iterator[dict] = iter(samples)
         shards = []
@@ -158,7 +186,7 @@ class DatasetWriter:
                             progress.update(1)
             # captions: the (image, caption) pairs of the shard, what pair-level epochs balance and count
             shards.append({"name": name, "samples": count, "captions": captions, "bytes": hashing.nbytes,
-                           "sha256": hashing.sha.hexdigest()})
+                           "sha256": hashing.sha.hexdigest(), **(shard_extras[index] if shard_extras else {})})
             if progress:
                 progress.update(0, shards=1)
         if next(it, None) is not None:

@@ -50,6 +50,11 @@ class DataConfig:
     # s3://) | "" = <url>/tokenizer
     sampling: str = "pairs"  # pairs: every (image, caption) pair once per epoch (IRRA, IVT) | images: one random
     # caption per image per epoch
+    sampler: str = "random"  # batch composition: random | identity (K units per identity, IVT's sampler; needs a
+    # train split written with shards.build --group-ids)
+    instances_per_id: int = 4  # identity sampler: K pairs (or images) of one identity per group
+    identity_blocks: int = 1  # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
+    # like ranks (IVT's 4-GPU run: 4 blocks of 7, identity groups split across blocks); 1 = whole groups of K
     text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
 

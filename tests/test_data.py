@@ -348,3 +348,147 @@ def test_mla_batches_come_padded_to_their_longest_text(synth_tiny):
 
     ids, cut = trim_padding(batch["mla_ids"], mask, length)
     assert cut.shape == (8, 3, length) and torch.equal(trim_padding(batch["mla_ids"], mask)[1], cut)
+
+
+# ------------------------------------------------------------------------------------------------ identity sampler
+def _official_ddp_rank_batches(final_idxs: list, per_gpu_batch: int, world_size: int, rank: int) -> list[list]:
+    """Written from IVT's datasets/sampler_ddp.py (RandomIdentitySampler_DDP_CUHK.__iter__ and
+    __fetch_current_node_idxs) followed by torch's BatchSampler(per_gpu_batch, drop_last=True)."""
+    import math
+
+    mini = per_gpu_batch // world_size  # the official code divides the per-GPU batch by the world size
+    length = int(math.ceil(len(final_idxs) / world_size))
+    block_num = length // mini
+    target = []
+    for i in range(0, block_num * world_size, world_size):
+        target += range(mini * rank + mini * i, min(mini * rank + mini * (i + 1), len(final_idxs)))
+    mine = [final_idxs[t] for t in target]
+    return [mine[i:i + per_gpu_batch] for i in range(0, len(mine) - per_gpu_batch + 1, per_gpu_batch)]
+
+
+def _official_sample_list(groups: dict, k: int, picks: int, rng) -> list:
+    """RandomIdentitySampler_DDP_CUHK.sample_list (numpy's RNG replaced by ``rng``)."""
+    avai, pools, out = list(groups), {}, []
+    while len(avai) >= picks:
+        for pid in rng.sample(avai, picks):
+            if pid not in pools:
+                idxs = list(groups[pid])
+                if len(idxs) < k:
+                    idxs = [rng.choice(idxs) for _ in range(k)]
+                rng.shuffle(idxs)
+                pools[pid] = idxs
+            for _ in range(k):
+                out.append(pools[pid].pop(0))
+            if len(pools[pid]) < k:
+                avai.remove(pid)
+    return out
+
+
+@pytest.mark.parametrize("length", [0, 27, 28, 111, 112, 140, 169, 250, 1001])
+def test_identity_blocks_deal_batches_as_the_official_ddp_sampler(length):
+    """identity_blocks=4, batch 28: each virtual rank's batches are the official 4-GPU run's batches of that rank
+    (4 blocks of 7), and the count formula agrees with the batches made."""
+    from tbps.data.identity import batches_from_length, block_batches
+
+    seq = list(range(length))
+    ours = block_batches(seq, 28, 4)
+    official = [_official_ddp_rank_batches(seq, 28, 4, r) for r in range(4)]
+    assert sorted(map(tuple, ours)) == sorted(tuple(b) for r in official for b in r)
+    assert len(ours) == batches_from_length(length, 28, 4)
+    # blocks=1: consecutive batches (the official single-GPU sampler's DataLoader)
+    assert block_batches(seq, 28, 1) == [seq[i:i + 28] for i in range(0, length - 27, 28)]
+    assert batches_from_length(length, 28, 1) == length // 28
+
+
+def test_identity_sequence_is_the_official_chunk_sequence():
+    """Same RNG draws -> the official sample_list's sequence; chunks per identity are max(1, n // K), units distinct
+    when n >= K, drawn with replacement when n < K; the length never falls below the manifest bound."""
+    from tbps.data.identity import chunks_of, identity_sequence
+
+    groups = {pid: [(pid, u) for u in range(n)] for pid, n in enumerate([1, 3, 4, 6, 9, 2, 13, 4, 8, 5])}
+    for picks in (1, 2, 3):
+        for seed in range(5):
+            ours = identity_sequence(groups, 4, picks, random.Random(seed))
+            assert ours == _official_sample_list(groups, 4, picks, random.Random(seed))
+            chunks = [ours[i:i + 4] for i in range(0, len(ours), 4)]
+            assert all(len({pid for pid, _ in c}) == 1 for c in chunks)  # a chunk is one identity's
+            per_pid = {pid: [u for c in chunks if c[0][0] == pid for u in c] for pid in groups}
+            for pid, units in per_pid.items():
+                n = len(groups[pid])
+                if picks == 1:
+                    assert len(units) == 4 * chunks_of(n, 4)
+                if n >= 4:
+                    assert len(set(units)) == len(units)
+                assert set(units) <= set(groups[pid])
+            total = sum(chunks_of(len(g), 4) for g in groups.values())
+            lost = sum(sorted((chunks_of(len(g), 4) for g in groups.values()), reverse=True)[:picks - 1])
+            assert len(chunks) >= total - lost
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory, synth_tiny):
+    """SynthPEDES tiny (40 train ids) with 5 images per identity (10 pairs), written by identity in 8 shards."""
+    out = str(tmp_path_factory.mktemp("grouped"))
+    generate(out=out, size="tiny", seed=0, images_per_id=5, min_shards=8, group_ids=True, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_tiny, blocks):
+    """data.sampler=identity on 2 ranks x 2 loader workers: equal batch counts (the manifest bound), batches made of
+    identity groups of K pairs (blocks=1: B/K whole groups of distinct identities), no pair twice in an epoch across
+    ranks, each identity's pairs at most 4 * floor(10 / 4), and a new composition each epoch."""
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=grouped, image_size=[48, 16], batch_size=8, loader_workers=2, text_length=24,
+                     sampler="identity", instances_per_id=4, identity_blocks=blocks)
+    truth = {s["__key__"]: json.loads(s["json"]) for s in _train_samples(grouped)}
+    compositions = []
+    for epoch in range(2):
+        counts, seen = [], []
+        for rank in range(2):
+            loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            counts.append((len(batches), len(loader)))
+            for b in batches:
+                pids = b["pids"].tolist()
+                assert len(pids) == 8
+                assert pids == [truth[k]["pid"] for k in b["keys"]]
+                groups = [pids[i:i + 4] for i in range(0, 8, 4)]
+                if blocks == 1:
+                    assert all(len(set(g)) == 1 for g in groups) and groups[0][0] != groups[1][0]
+                else:  # blocks of 4 = one chunk each (block = K): each block one identity, possibly repeated
+                    assert all(len(set(g)) == 1 for g in groups)
+                seen += list(zip(b["keys"], b["caption_index"]))
+                compositions.append(tuple(pids))
+        assert counts[0][0] == counts[1][0] == counts[0][1] == counts[1][1] > 0
+        assert len(seen) == len(set(seen))  # 10 pairs per identity >= K: no pair drawn twice
+        per_pid = {}
+        for key, _ in seen:
+            per_pid[truth[key]["pid"]] = per_pid.get(truth[key]["pid"], 0) + 1
+        assert max(per_pid.values()) <= 8
+    assert compositions[: len(compositions) // 2] != compositions[len(compositions) // 2:]
+
+
+def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):
+    from tbps.config import Config, ConfigError
+    from tbps.engine.launcher import preflight
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    with pytest.raises(ValueError, match="by identity.*shards.build --group-ids.*data.sampler=random"):
+        build_train_loader(DataConfig(url=synth_tiny, sampler="identity", batch_size=8), tok)
+    with pytest.raises(ValueError, match="data.identity_blocks must be >= 1 and divide data.batch_size"):
+        build_train_loader(DataConfig(url=grouped, sampler="identity", batch_size=10, identity_blocks=4), tok)
+    with pytest.raises(ValueError, match="data.sampler must be one of random, identity"):
+        build_train_loader(DataConfig(url=grouped, sampler="pk"), tok)
+    cfg = Config()
+    cfg.data.url, cfg.data.sampler, cfg.data.batch_size = synth_tiny, "identity", 8
+    cfg.data.tokenizer = os.path.join(synth_tiny, "tokenizer")
+    with pytest.raises(ConfigError, match="shards.build --group-ids"):
+        preflight(cfg)
+    cfg.data.url, cfg.data.sampler = grouped, "random"
+    preflight(cfg)
+    assert "written by identity (shards.build --group-ids) and data.sampler=random" in capsys.readouterr().err
+    # one loader worker (the whole rank's shards in one pool)
+    assert len(build_train_loader(DataConfig(url=grouped, sampler="identity", batch_size=8, loader_workers=1,
+                                             image_size=[48, 16], text_length=24), tok)) > 0

@@ -13,7 +13,7 @@ from raw_fixtures import make_records, write_raw
 from shards.build import convert
 from shards.build import main as build_main
 from shards.readers import FORMATS
-from shards.writer import DatasetWriter, plan_shards
+from shards.writer import DatasetWriter, group_shard_counts, plan_shards
 
 
 @pytest.mark.parametrize("dataset", sorted(FORMATS))
@@ -203,6 +203,58 @@ def test_train_records_are_written_in_a_seeded_shuffled_order(tmp_path):
         [r["file_path"] for r in records if r["split"] == "test"]
     # no shard is one identity's: the first shard holds many identities
     assert len({p.split("/")[0] for p in orders[0][:10]}) >= 5
+
+
+def test_group_shard_counts_cut_at_group_boundaries():
+    assert group_shard_counts([3] * 10, 1000, 4) == [(0, 3), (3, 5), (5, 8), (8, 10)]  # targets 8/15/23 -> 9/15/24
+    assert group_shard_counts([1] * 10, 3, 1) == [(0, 3), (3, 6), (6, 8), (8, 10)]  # as plan_shards when groups are 1
+    assert group_shard_counts([10, 1, 1], 1000, 8) == [(0, 1), (1, 3)]  # fewer shards than planned: groups are whole
+    assert group_shard_counts([5], 2, 8) == [(0, 1)]
+    assert group_shard_counts([], 10, 8) == []
+    with pytest.raises(ValueError, match="at least one sample"):
+        group_shard_counts([2, 0], 10, 8)
+
+
+def test_group_ids_writes_each_identity_whole_with_its_counts(tmp_path):
+    """shards.build --group-ids (data.sampler=identity's layout): identities in a seeded random order, never split
+    between shards, and id_counts per shard = [images, captions] of each of its identities, in order."""
+    records = []
+    for p in range(12):
+        for j in range(1 + p % 4):  # 1-4 images per identity, 2 or 3 captions each
+            records.append({"split": "train" if p < 10 else "test", "id": p + 1, "file_path": f"p{p}/{j}.jpg",
+                            "captions": [f"person {p} view {j} caption {c}." for c in range(2 + (p + j) % 2)]})
+    write_raw(str(tmp_path / "raw"), "cuhk-pedes", records)
+    assert build_main(["--dataset", "cuhk-pedes", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "a"),
+                       "--group-ids", "--shard-size", "6", "--min-shards", "3"]) == 0
+    manifest = json.load(open(tmp_path / "a" / "manifest.json"))
+    train = manifest["splits"]["train"]
+    assert train["layout"] == "by_identity" and "layout" not in manifest["splits"]["test"]
+    import webdataset as wds
+
+    seen_in: dict[int, set] = {}
+    pid_order = []
+    for shard in train["shards"]:
+        samples = list(wds.DataPipeline(wds.SimpleShardList([str(tmp_path / "a" / shard["name"])]),
+                                        wds.tarfile_to_samples()))
+        metas = [json.loads(s["json"]) for s in samples]
+        pids = [m["pid"] for m in metas]
+        runs = [p for i, p in enumerate(pids) if i == 0 or p != pids[i - 1]]  # each identity contiguous
+        assert len(runs) == len(set(runs))
+        counts = [[pids.count(p), sum(len(m["captions"]) for m in metas if m["pid"] == p)] for p in runs]
+        assert shard["id_counts"] == counts and shard["samples"] == len(samples)
+        for p in runs:
+            seen_in.setdefault(p, set()).add(shard["name"])
+        pid_order += runs
+    assert all(len(v) == 1 for v in seen_in.values()) and len(seen_in) == 10  # whole identities, all of them
+    assert len(train["shards"]) >= 3 and pid_order != sorted(pid_order)  # shuffled identity order
+    # deterministic per seed; another seed gives another order
+    convert("cuhk-pedes", str(tmp_path / "raw"), str(tmp_path / "b"), shard_size=6, min_shards=3, group_ids=True,
+            log=open(os.devnull, "w"))
+    convert("cuhk-pedes", str(tmp_path / "raw"), str(tmp_path / "c"), shard_size=6, min_shards=3, group_ids=True,
+            seed=1, log=open(os.devnull, "w"))
+    order = [r["path"] for r in read_split(str(tmp_path / "a"), "train")]
+    assert order == [r["path"] for r in read_split(str(tmp_path / "b"), "train")]
+    assert order != [r["path"] for r in read_split(str(tmp_path / "c"), "train")]
 
 
 def test_attribute_phrases_are_stored_per_caption_and_feed_the_word_level(tmp_path, capsys):

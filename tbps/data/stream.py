@@ -11,6 +11,9 @@ Two epoch definitions (``data.sampling``):
   an epoch apart, not neighbours, and batches mix identities as a global shuffle does (docs/benchmarks.md).
 - ``images``: every image once per epoch with one caption drawn at random.
 
+Two batch compositions (``data.sampler``): ``random`` (the above, through a shuffle buffer) and ``identity``
+(IVT's K pairs per identity, tbps/data/identity.py; the train split written with ``shards.build --group-ids``).
+
 Every rank yields exactly the same number of batches per epoch, computed from the manifest alone (no communication),
 so uneven shards can never leave one rank waiting on another in a collective.
 """
@@ -39,6 +42,8 @@ from shards.storage import MANIFEST, join, read_json
 from shards.writer import MANIFEST_FORMAT
 
 from . import remote
+from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
+    identity_sequence, picks_per_step
 from .text import mask_tokens, mla_texts, tokenize
 from .transforms import BatchAugment, resize_uint8
 
@@ -109,6 +114,16 @@ def assign_shards(shards: list[dict], world_size: int, num_workers: int, epoch: 
 def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int, weight: str = "samples") -> int:
     """Full batches every rank can produce: min over ranks of sum over its workers of floor(units / batch)."""
     return min(sum(sum(s[weight] for s in worker) // batch_size for worker in rank) for rank in assignment)
+
+
+def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int) -> int:
+    """Batches every rank yields in ``epoch`` of the train split (``cfg``: the DataConfig)."""
+    weight = sampling_weight(cfg.sampling)
+    assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
+    if cfg.sampler != "identity":
+        return batches_per_epoch(assignment, cfg.batch_size, weight)
+    return min(sum(identity_batch_bound(worker, cfg.batch_size, cfg.instances_per_id, cfg.identity_blocks,
+                                        weight == "captions") for worker in rank) for rank in assignment)
 
 
 def sampling_weight(sampling: str, train: bool = True) -> str:
@@ -204,6 +219,10 @@ class ShardStream(IterableDataset):
         self.weight = sampling_weight(cfg.sampling, train)
         if self.weight == "captions":
             check_pair_counts(self.shards, url)
+        check_identity_config(cfg)
+        self.identity = train and cfg.sampler == "identity"
+        if self.identity:
+            check_identity_layout(self.shards, url, split)
         self.num_workers = max(1, cfg.loader_workers)
         self.epoch = 0
         self.augment = BatchAugment(cfg, train=train)
@@ -216,6 +235,8 @@ class ShardStream(IterableDataset):
         return assign_shards(self.shards, self.world_size, self.num_workers, self.epoch, self.cfg.seed, self.weight)
 
     def num_batches(self) -> int:
+        if self.train:
+            return train_batches(self.shards, self.cfg, self.world_size, self.num_workers, self.epoch)
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
@@ -275,6 +296,9 @@ class ShardStream(IterableDataset):
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         urls = [join(self.url, s["name"]) for s in mine]
+        if self.identity:
+            yield from self._identity_batches(urls, rng, gen)
+            return
         if self.weight == "captions":
             passes = pair_passes(self.shards)
             stages = [lambda: pair_stream(urls, passes, self.cfg.seed, self.epoch, self.rank, worker)]
@@ -286,6 +310,24 @@ class ShardStream(IterableDataset):
                    wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
                                partial=not self.train)]
         yield from wds.DataPipeline(*stages)
+
+    def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator) -> Iterator[dict]:
+        """``data.sampler=identity``: this worker's shards read whole (their identities are whole), then batches of
+        K units per identity (tbps/data/identity.py); a unit is an (image, caption) pair, or an image with
+        ``data.sampling=images``."""
+        samples, groups = [], {}
+        for sample in shard_samples(urls):
+            meta = json.loads(sample["json"])
+            i = len(samples)
+            samples.append({**sample, "__meta__": meta})
+            units = [(i, c) for c in range(len(meta["captions"]))] if self.weight == "captions" else [(i, None)]
+            groups.setdefault(meta["pid"], []).extend(units)
+        cfg = self.cfg
+        sequence = identity_sequence(groups, cfg.instances_per_id,
+                                     picks_per_step(cfg.batch_size, cfg.identity_blocks, cfg.instances_per_id), rng)
+        for units in block_batches(sequence, cfg.batch_size, cfg.identity_blocks):
+            chosen = [samples[i] if c is None else {**samples[i], "__caption__": c} for i, c in units]
+            yield self._collate([self._sample(s, rng) for s in chosen], gen)
 
 
 class TrainLoader:

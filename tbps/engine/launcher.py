@@ -14,8 +14,9 @@ FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
 def preflight(cfg: Config) -> dict:
     """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
     from shards.storage import filesystem
-    from tbps.data import assign_shards, batches_per_epoch, load_manifest
-    from tbps.data.stream import check_pair_counts, sampling_weight, split_shards
+    from tbps.data import load_manifest
+    from tbps.data.identity import check_identity_config, check_identity_layout
+    from tbps.data.stream import check_pair_counts, sampling_weight, split_shards, train_batches
     from tbps.methods import METHODS
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.worker import tokenizer_path
@@ -69,8 +70,17 @@ def preflight(cfg: Config) -> dict:
             check_pair_counts(shards, cfg.data.url)
         except ValueError as e:
             raise ConfigError(f"data.sampling: {e}") from None
-    if batches_per_epoch(assign_shards(shards, cfg.train.num_workers, workers, 0, cfg.data.seed, weight),
-                         cfg.data.batch_size, weight) == 0:
+    try:
+        check_identity_config(cfg.data)
+        if cfg.data.sampler == "identity":
+            check_identity_layout(shards, cfg.data.url, cfg.data.train_split)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.sampler == "random" and manifest["splits"][cfg.data.train_split].get("layout") == "by_identity":
+        print(f"[tbps] warning: the train split of {cfg.data.url} is written by identity (shards.build --group-ids) "
+              "and data.sampler=random: batches will hold more same-identity pairs than a global shuffle; use "
+              "data.sampler=identity, or a conversion without --group-ids", file=sys.stderr)
+    if train_batches(shards, cfg.data, cfg.train.num_workers, workers, 0) == 0:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.num_workers} workers x {workers} "
                           f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
     for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.pretrained", cfg.model.pretrained),

@@ -1,0 +1,116 @@
+"""Identity-sampled training batches (``data.sampler=identity``): IVT's ``RandomIdentitySampler_DDP_CUHK``.
+
+The official sampler, over the train list of (image, caption) pairs:
+1. each identity's pairs are shuffled and cut into chunks of K (``data.instances_per_id``, 4); an identity with
+   fewer than K pairs gives one chunk drawn with replacement, a remainder below K is dropped;
+2. the chunk sequence: while at least P identities still have a chunk, draw P of them without replacement and append
+   one chunk of each, P = (batch / blocks) // K;
+3. a rank's batch: the sequence is cut into blocks of batch / blocks consecutive samples, dealt to ``blocks`` ranks in
+   turn, and each rank's batch is its next ``blocks`` blocks. The official code divides the per-GPU batch (28) by the
+   world size (4) as if it were the global batch, so its 4-GPU batches are 4 blocks of 7 samples, whose identity
+   groups are split (4+3, 1+4+2, 2+4+1 or 3+4 per block) rather than 7 whole groups of 4. ``data.identity_blocks``
+   reproduces that (the ``ivt`` preset: 4); 1 gives whole groups (the official single-GPU sampler).
+
+Ours runs this per (rank, loader worker) over the identities of the shards it streams, so the train split must keep
+identities whole within shards (``shards.build --group-ids``). Every rank still yields the same number of batches:
+the count is a lower bound computed from the manifest's per-identity counts, and the stream is cut to it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Hashable, Sequence
+
+SAMPLERS = ("random", "identity")
+
+
+def check_identity_config(cfg) -> None:
+    """The identity sampler's settings (``cfg`` is a DataConfig)."""
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
+    if cfg.sampler != "identity":
+        return
+    if cfg.instances_per_id < 1:
+        raise ValueError(f"data.instances_per_id must be >= 1, got {cfg.instances_per_id}")
+    if cfg.identity_blocks < 1 or cfg.batch_size % cfg.identity_blocks:
+        raise ValueError(f"data.identity_blocks must be >= 1 and divide data.batch_size ({cfg.batch_size}), got "
+                         f"{cfg.identity_blocks}")
+
+
+def check_identity_layout(shards: list[dict], url: str = "", split: str = "train") -> None:
+    """The identity sampler needs shards that keep identities whole, with per-identity counts in the manifest."""
+    if any("id_counts" not in s for s in shards):
+        raise ValueError(f"data.sampler=identity needs the {split!r} split of {url or 'this dataset'} written by "
+                         "identity (shards that keep each identity whole, with per-identity counts in the manifest): "
+                         "convert it with python -m shards.build --group-ids (or shards.synth --group-ids), or set "
+                         "data.sampler=random")
+
+
+def chunks_of(units: int, k: int) -> int:
+    """Chunks of K an identity with ``units`` pairs (or images) gives: at least one (drawn with replacement)."""
+    return max(1, units // k) if units > 0 else 0
+
+
+def picks_per_step(batch_size: int, blocks: int, k: int) -> int:
+    """P: identities drawn (without replacement) per step of the chunk sequence."""
+    return max(1, (batch_size // blocks) // k)
+
+
+def batches_from_length(length: int, batch_size: int, blocks: int) -> int:
+    """Full batches :func:`block_batches` makes from a sequence of ``length`` samples."""
+    if blocks == 1:
+        return length // batch_size
+    return sum(len(rank) // blocks for rank in _rank_blocks(length, batch_size // blocks, blocks))
+
+
+def _rank_blocks(length: int, block: int, blocks: int) -> list[range]:
+    """The full blocks each of ``blocks`` ranks takes from a sequence of ``length``: rank v takes blocks v, v + W,
+    ... for the first ceil(length / W) // block of its turns (the official __fetch_current_node_idxs)."""
+    full = length // block
+    turns = -(-length // blocks) // block
+    return [range(v, min(full, v + blocks * turns), blocks) for v in range(blocks)]
+
+
+def identity_batch_bound(shards: list[dict], batch_size: int, k: int, blocks: int, pairs: bool) -> int:
+    """The batches one loader worker's identity stream over ``shards`` always yields (a lower bound: with P > 1 the
+    sequence can end with up to P - 1 identities' chunks unused)."""
+    unit = 1 if pairs else 0  # id_counts: [images, captions] per identity
+    chunks = sorted((chunks_of(c[unit], k) for s in shards for c in s["id_counts"]), reverse=True)
+    lost = sum(chunks[: picks_per_step(batch_size, blocks, k) - 1])
+    return batches_from_length((sum(chunks) - lost) * k, batch_size, blocks)
+
+
+def identity_sequence(groups: dict[Hashable, list], k: int, picks: int, rng: random.Random) -> list:
+    """The official chunk sequence (steps 1-2 of the module doc) over ``{identity: [unit, ...]}``."""
+    pools: dict[Hashable, list] = {}
+    available = [pid for pid, units in groups.items() if units]
+    out: list = []
+    while len(available) >= picks:
+        for pid in rng.sample(available, picks):
+            if pid not in pools:
+                units = list(groups[pid])
+                if len(units) < k:
+                    units = [rng.choice(units) for _ in range(k)]
+                rng.shuffle(units)
+                pools[pid] = units
+            pool = pools[pid]
+            out += pool[:k]
+            del pool[:k]
+            if len(pool) < k:
+                available.remove(pid)
+    return out
+
+
+def block_batches(sequence: Sequence, batch_size: int, blocks: int) -> list[list]:
+    """Step 3 of the module doc: the batches of all ``blocks`` (virtual) ranks, rank by rank within each step."""
+    if blocks == 1:
+        return [list(sequence[i:i + batch_size]) for i in range(0, len(sequence) - batch_size + 1, batch_size)]
+    block = batch_size // blocks
+    per_rank = []
+    for turns in _rank_blocks(len(sequence), block, blocks):
+        mine = [list(sequence[b * block:(b + 1) * block]) for b in turns]
+        per_rank.append([[x for b in mine[j:j + blocks] for x in b] for j in range(0, len(mine) - blocks + 1, blocks)])
+    out = []
+    for j in range(max((len(r) for r in per_rank), default=0)):
+        out += [r[j] for r in per_rank if j < len(r)]
+    return out
