@@ -467,6 +467,12 @@ def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_t
         for key, _ in seen:
             per_pid[truth[key]["pid"]] = per_pid.get(truth[key]["pid"], 0) + 1
         assert max(per_pid.values()) <= 8
+        # coverage up to the remainder rule: K * floor(10 / K) = 8 pairs of every identity; with P = 2 identities
+        # per step (blocks=1) each of the 4 (rank, worker) pools may leave one identity's chunk unused
+        if blocks == 2:
+            assert sorted(per_pid.values()) == [8] * 40
+        else:
+            assert len(seen) >= 8 * (40 - 4)
     assert compositions[: len(compositions) // 2] != compositions[len(compositions) // 2:]
 
 
