@@ -148,7 +148,10 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
+    # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2
+    activation_checkpointing: bool = False  # towers and block stacks recompute activations in the backward
     eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
     select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
     num_to_keep: int = 2  # checkpoints kept

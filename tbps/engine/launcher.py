@@ -46,6 +46,14 @@ def preflight(cfg: Config) -> dict:
                               ("data.erasing_mode", cfg.data.erasing_mode, ("constant", "pixel"))):
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
+    if cfg.train.grad_cache and cfg.train.zero_stage == 3:
+        raise ConfigError("train.grad_cache supports ZeRO stages 0-2 (its second pass reads the batch-level losses' "
+                          "parameters outside the engine's forward, which ZeRO-3 partitions): use train.zero_stage=2")
+    if cfg.train.grad_cache and cfg.train.grad_accum == 1:
+        print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
+              "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
     if not cfg.data.url:

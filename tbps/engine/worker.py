@@ -9,7 +9,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ from tbps.config import Config, dump_yaml, from_dict
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
 from tbps.distributed import world
 from tbps.eval import evaluate
+from tbps.gradcache import grad_cache_step
 from tbps.methods import TextSpec, build_method, create_method
 from tbps.optim import build_optimizer, build_scheduler
 
@@ -49,9 +49,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # always explicit: left out, DeepSpeed clips at norm 1.0 (its default), which optim.grad_clip=0 means not to
+        "gradient_clipping": max(0.0, cfg.optim.grad_clip),
     }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
     return ds
 
 
@@ -134,14 +134,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = load_manifest(cfg.data.url)
     text = TextSpec.from_tokenizer(tok, cfg.data.text_length)
     method = create_method(cfg, text, manifest["num_train_ids"], log=log)  # fits cfg.model to model.pretrained
+    if cfg.train.activation_checkpointing:
+        switched = method.set_activation_checkpointing(True)
+        log(f"[tbps] activation checkpointing: {', '.join(switched)}")
     train_loader = build_train_loader(cfg.data, tok, method.data_needs(), rank, world_size, manifest)
+    accum = cfg.train.grad_accum
     batches = len(train_loader)
     if cfg.train.max_steps_per_epoch:
-        batches = min(batches, cfg.train.max_steps_per_epoch * cfg.train.grad_accum)
-    steps_per_epoch = max(1, batches // cfg.train.grad_accum)
+        batches = min(batches, cfg.train.max_steps_per_epoch * accum)
+    if batches < accum:
+        raise ValueError(f"train.grad_accum {accum} needs at least {accum} batches per epoch; this rank has {batches}")
+    steps_per_epoch = batches // accum
+    batches = steps_per_epoch * accum  # whole optimizer steps only: no micro-batch carries over into the next epoch
+    group_size = accum if cfg.train.grad_cache else 1  # micro-batches per call of the step
     optimizer = build_optimizer(method, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     engine, optimizer, scheduler = initialize_engine(cfg, method, optimizer, scheduler)
+
+    def step_backward(surrogate, _):
+        """grad_cache: each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)."""
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
     precision = resolve_precision(cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = dtype if cfg.train.use_gpu else None
@@ -184,24 +197,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         engine.train()
-        sums, n, seen, t0 = defaultdict(float), 0, 0, time.time()
+        # loss sums stay on the device: values are read every log_every steps, not synchronised per step
+        sums, n, seen, t0 = {}, 0, 0, time.time()
+        group = []
         for i, batch in enumerate(train_loader):
             if i >= batches:
                 break
             if epoch == start_epoch:
                 read_shards.update(batch["shards"])
-            batch = _to_device(batch, device, dtype)
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()  # applies the optimizer and the lr schedule at accumulation boundaries
+            group.append(_to_device(batch, device, dtype))
+            if len(group) < group_size:
+                continue
+            if cfg.train.grad_cache:  # one optimizer step over the group, contrastive losses over all of it
+                out = grad_cache_step(engine.module, group, forward=engine, backward=step_backward, device=device)
+            else:
+                out = engine(group[0])
+                engine.backward(out["loss"])
+                engine.step()  # applies the optimizer and the lr schedule at accumulation boundaries
+                out = {k: v.detach() for k, v in out.items()}
             global_step = engine.global_steps
-            out = {k: v.detach() for k, v in out.items()}
             for k, v in out.items():
-                sums[k] += float(v)
+                sums[k] = sums[k] + v if k in sums else v
             n += 1
-            seen += len(batch["pids"]) * world_size
+            seen += sum(len(b["pids"]) for b in group) * world_size
+            group = []
             _maybe_inject_fault(cfg.train.run_name, rank, epoch, i)
-            if rank == 0 and (i % cfg.train.log_every == 0 or i == batches - 1):
+            if rank == 0 and ((i // group_size) % cfg.train.log_every == 0 or i == batches - 1):
                 rate = seen / max(time.time() - t0, 1e-9)
                 parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
                 log(f"[tbps] epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{batches} loss "
@@ -211,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            "hostname": socket.gethostname(), "pid": os.getpid(),
                                            "niceness": niceness, "torch_threads": threads,
                                            "epoch": epoch + 1, "shards": sorted(read_shards)}, world_size)
-        train = _mean_across_ranks({k: v / max(n, 1) for k, v in sums.items()})
+        train = _mean_across_ranks({k: float(v) / max(n, 1) for k, v in sums.items()})
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": seen / max(time.time() - t0, 1e-9),
                    **{f"train_{k}": v for k, v in train.items()}}

@@ -109,13 +109,40 @@ class Method(nn.Module):
         vector index (FAISS). Default: the L2-normalised embeddings (cosine)."""
         return F.normalize(emb, dim=-1)
 
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One forward of a training batch, split by how its losses depend on the batch: ``(feats, local)``.
+
+        ``feats``: the tensors the batch-level (contrastive) losses read, each with one row per item, so features of
+        several micro-batches concatenate along dim 0 into those of the whole batch (identity labels included);
+        ``local``: the per-sample losses (ID, MLM), means over this batch. ``train.grad_cache`` relies on this split
+        (tbps/gradcache.py)."""
         raise NotImplementedError
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def batch_losses(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch-level losses of ``features``' first output (possibly of several micro-batches concatenated)."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The unweighted loss parts of one batch."""
+        feats, local = self.features(batch)
+        return {**self.batch_losses(feats), **local}
+
+    def batch_loss_parameters(self) -> list[nn.Parameter]:
+        """Parameters the batch-level losses use directly (not through ``features``): a learnable temperature."""
+        return [self.log_scale] if isinstance(self.log_scale, nn.Parameter) else []
+
+    def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.loss_weights[k] * v for k, v in parts.items())
+
+    def forward(self, batch: dict, stage: str = "loss"):
+        """``stage="loss"``: ``{"loss": weighted total, "loss_<part>": detached part, ...}``; ``stage="features"``:
+        ``features(batch)`` (so that engines wrapping the method, e.g. DeepSpeed's, see a forward)."""
+        if stage == "features":
+            return self.features(batch)
+        if stage != "loss":
+            raise ValueError(f"unknown forward stage {stage!r}")
         parts = self.losses(batch)
-        total = sum(self.loss_weights[k] * v for k, v in parts.items())
-        out = {"loss": total}
+        out = {"loss": self.weighted(parts)}
         out.update({f"loss_{k}": v.detach() for k, v in parts.items()})
         return out
 
@@ -147,6 +174,13 @@ class Method(nn.Module):
             targets = torch.arange(len(v), device=v.device) + (row_offset(len(v)) if gather else 0)
             return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2
         raise ValueError(kind)
+
+    def set_activation_checkpointing(self, enable: bool = True) -> list[str]:
+        """``train.activation_checkpointing``: every tower and block stack recomputes its activations in the
+        backward (tbps/models/checkpointing.py). Returns the modules switched."""
+        from tbps.models.checkpointing import set_activation_checkpointing
+
+        return set_activation_checkpointing(self, enable)
 
     # -- weights (called by tbps.methods.pretrained after the method is built)
     def load_tower_weights(self, image_url: str, text_url: str) -> None:

@@ -37,13 +37,13 @@ class CLIP(Method):
     def encode_text(self, ids, mask):
         return self.text_proj(text_global(self, self.text_tower(ids, mask), mask))
 
-    def losses(self, batch):
+    def features(self, batch):
         v = self.encode_image(batch["images"])
         t = self.encode_text(batch["text_ids"], batch["text_mask"])
-        out = {}
-        for kind in ("itc", "sdm"):
-            if self.wants(kind):
-                out[kind] = self.contrastive(kind, v, t, batch["pids"])
+        local = {}
         if self.wants("id"):
-            out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
-        return out
+            local["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
+        return {"v": v, "t": t, "pids": batch["pids"]}, local
+
+    def batch_losses(self, f):
+        return {kind: self.contrastive(kind, f["v"], f["t"], f["pids"]) for kind in ("itc", "sdm") if self.wants(kind)}

@@ -19,12 +19,13 @@ from torch import nn
 
 from tbps import losses as L
 from tbps.data.stream import DataNeeds
+from tbps.models.checkpointing import BlockStack
 
 from .base import Method, register
 from .towers import build_towers, image_global, load_clip, load_tower_weights, text_global
 
 
-class CrossModalEncoder(nn.Module):
+class CrossModalEncoder(BlockStack):
     def __init__(self, width: int, heads: int, layers: int, vocab_size: int, pad_mask: bool = False):
         super().__init__()
         self.pad_mask = pad_mask
@@ -65,7 +66,7 @@ class CrossModalEncoder(nn.Module):
             attn_mask = torch.zeros(text_pad_mask.shape, dtype=x.dtype, device=x.device)
             attn_mask = attn_mask.masked_fill(text_pad_mask, torch.finfo(x.dtype).min)[:, None, None, :]
         for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
+            x = self.run_block(blk, x, attn_mask)
         return self.mlm_head(self.ln_post(x))
 
 
@@ -118,16 +119,16 @@ class IRRA(Method):
         masked = self.text_proj(self.text_tower(batch["mlm_ids"], batch["text_mask"]))
         return self.cross(masked, image_tokens, text_pad_mask=~batch["text_mask"].bool())
 
-    def losses(self, batch):
+    def features(self, batch):
         image_tokens = self._image_tokens(batch["images"])
         v = image_global(self, image_tokens)
         t = self.encode_text(batch["text_ids"], batch["text_mask"])
-        out = {}
-        for kind in ("sdm", "itc"):
-            if self.wants(kind):
-                out[kind] = self.contrastive(kind, v, t, batch["pids"])
+        local = {}
         if self.wants("mlm"):
-            out["mlm"] = L.mlm_loss(self.mlm_logits(batch, image_tokens), batch["mlm_labels"])
+            local["mlm"] = L.mlm_loss(self.mlm_logits(batch, image_tokens), batch["mlm_labels"])
         if self.wants("id"):
-            out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
-        return out
+            local["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
+        return {"v": v, "t": t, "pids": batch["pids"]}, local
+
+    def batch_losses(self, f):
+        return {kind: self.contrastive(kind, f["v"], f["t"], f["pids"]) for kind in ("sdm", "itc") if self.wants(kind)}

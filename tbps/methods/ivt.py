@@ -98,7 +98,7 @@ class IVT(Method):
     def encode_text(self, ids, mask):
         return self.tower.forward_text(ids, mask)
 
-    def losses(self, batch):
+    def features(self, batch):
         images = batch["images"]
         if images.ndim == 4:  # a single view (e.g. a plain batch): treat as one level
             images = images[:, None]
@@ -114,11 +114,11 @@ class IVT(Method):
         pids_t = batch["pids"].repeat_interleave(ids.shape[1])
         if len(pids_v) != len(pids_t):
             raise ValueError(f"IVT needs as many image views as text levels, got {V} and {ids.shape[1]}")
-        out = {}
-        for kind in ("cmpm", "sdm"):
-            if self.wants(kind):
-                out[kind] = self.contrastive(kind, v, t, pids_v)
+        local = {}
         if self.wants("id"):
-            out["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"].repeat_interleave(V))
-        return out
+            local["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"].repeat_interleave(V))
+        return {"v": v, "t": t, "pids": pids_v}, local
+
+    def batch_losses(self, f):
+        return {kind: self.contrastive(kind, f["v"], f["t"], f["pids"]) for kind in ("cmpm", "sdm") if self.wants(kind)}
 

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps import losses as L
+from tbps.models.checkpointing import BlockStack
 
 from .base import Method, register
 from .towers import build_towers, load_clip, load_tower_weights
 
 
-class PartDecoder(nn.Module):
+class PartDecoder(BlockStack):
     def __init__(self, width: int, heads: int, layers: int, num_parts: int):
         super().__init__()
         self.part_tokens = nn.Parameter(torch.randn(1, num_parts, width) * 0.02)
@@ -33,7 +34,7 @@ class PartDecoder(nn.Module):
         x = self.part_tokens.expand(len(tokens), -1, -1)
         coarse = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, tokens, memory_key_padding_mask=pad_mask)
+            x = self.run_block(layer, x, tokens, None, None, None, pad_mask)
             if i == 0:
                 coarse = self.norm(x)
         return coarse, self.norm(x)
@@ -107,16 +108,21 @@ class PCC(Method):
             x[:, 1:] *= self.mcfg.part_weight / (x.shape[1] - 1)
         return x.flatten(1)
 
-    def losses(self, batch):
-        pids = batch["pids"]
+    def features(self, batch):
         vg, vc, vf = self._embed(*self._image(batch["images"]))
         tg, tc, tf = self._embed(*self._text(batch["text_ids"], batch["text_mask"]))
-        out = {}
+        local = {}
+        if self.wants("id"):
+            local["id"] = L.id_loss(self.classifier(vg), self.classifier(tg), batch["train_ids"])
+        return {"vg": vg, "tg": tg, "vc": vc.mean(1), "tc": tc.mean(1), "vf": vf, "tf": tf,
+                "pids": batch["pids"]}, local
+
+    def batch_losses(self, f):
+        out, pids = {}, f["pids"]
         for kind in ("sdm", "itc"):
             if self.wants(kind):
-                out[kind] = self.contrastive(kind, vg, tg, pids) + self.contrastive(kind, vc.mean(1), tc.mean(1), pids)
-        if self.wants("cmr"):
-            out["cmr"] = L.cmr_loss(vf, tf, pids, self.mcfg.margin, self.mcfg.commonality)
-        if self.wants("id"):
-            out["id"] = L.id_loss(self.classifier(vg), self.classifier(tg), batch["train_ids"])
+                out[kind] = self.contrastive(kind, f["vg"], f["tg"], pids) + self.contrastive(kind, f["vc"], f["tc"],
+                                                                                             pids)
+        if self.wants("cmr"):  # over this rank's (accumulated) batch: CMR does not gather
+            out["cmr"] = L.cmr_loss(f["vf"], f["tf"], pids, self.mcfg.margin, self.mcfg.commonality)
         return out

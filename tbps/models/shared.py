@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from .checkpointing import BlockStack
 from .clip import resize_grid
 from .weights import WeightLoadError, read_state_dict
 
@@ -51,7 +52,7 @@ class SharedBlock(nn.Module):
         return x + self.drop_path(self.mlp[modality](self.norm2(x)))
 
 
-class SharedTower(nn.Module):
+class SharedTower(BlockStack):
     """``drop_path``: stochastic depth, linear from 0 at the first block to this at the last (IVT 0.1);
     ``text_dropout``: dropout after BERT's embedding LayerNorm (BERT's hidden_dropout_prob, IVT 0.1); ``dropout``
     / ``attn_dropout``: after the image embeddings, in the FFNs and attention projections / on attention weights
@@ -99,7 +100,7 @@ class SharedTower(nn.Module):
         if bmm_max_drop > 0:
             x = x[:, bmm_keep(x.shape[1], bmm_max_drop, generator, x.device)]
         for blk in self.blocks:
-            x = blk(x, "image")
+            x = self.run_block(blk, x, "image")
         return self.norm(x)[:, 0]
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class SharedTower(nn.Module):
         attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
         attn_mask = attn_mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
         for blk in self.blocks:
-            x = blk(x, "text", attn_mask)
+            x = self.run_block(blk, x, "text", attn_mask)
         return self.norm(x)[:, 0]
 
     # ------------------------------------------------------------------------------------------ initialisation

@@ -1,0 +1,181 @@
+"""train.grad_cache (tbps/gradcache.py): one step over N micro-batches has the gradients of one step on the N-times
+batch -- contrastive losses over the whole (and, gathering, global) batch, per-sample losses per micro-batch --
+while plain gradient accumulation does not."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_port
+
+MICRO, N = 4, 4
+SETUPS = {  # method -> loss terms and overrides (randomness off so a reference forward is exact)
+    "clip": ("[{name: itc, weight: 1}, {name: sdm, weight: 0.5}, {name: id, weight: 0.3}]",
+             ["method.learnable_temperature=true"]),
+    "irra": ("[{name: sdm, weight: 1}, {name: mlm, weight: 1}, {name: id, weight: 1}]", ["method.mask_ratio=0.3"]),
+    "ivt": ("[{name: cmpm, weight: 1}, {name: id, weight: 0.5}]", ["method.bmm_max_drop=0.0"]),
+    "pcc": ("[{name: sdm, weight: 1}, {name: cmr, weight: 1}, {name: id, weight: 1}]", []),
+}
+
+
+def _setup(name, url, rank=0, world_size=1, extra=()):
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.methods import TextSpec, build_method
+
+    losses, overrides = SETUPS[name]
+    cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={MICRO}",
+                                       f"method.losses={losses}", "method.gather=true", "data.sampling=images",
+                                       *overrides, *extra])
+    tok = load_tokenizer(os.path.join(url, "tokenizer"))
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40).eval()  # no dropout (BERT's)
+    batches = list(build_train_loader(cfg.data, tok, method.data_needs(), rank, world_size))[:N]
+    assert len(batches) == N
+    return method, batches
+
+
+def _concat(batches: list[dict]) -> dict:
+    out = {}
+    for k, v in batches[0].items():
+        if torch.is_tensor(v):
+            out[k] = torch.cat([b[k] for b in batches])
+        elif isinstance(v, list):
+            out[k] = [x for b in batches for x in b[k]]
+        else:  # mla_length: the longest text of all
+            out[k] = max(b[k] for b in batches)
+    return out
+
+
+def _grads(method) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in method.parameters() if p.requires_grad])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of gradient vector a against b (float32 sums in another order differ around 1e-6)."""
+    return float((a - b).norm() / b.norm())
+
+
+def _three_ways(method, batches):
+    """Gradients and loss of: the N-times batch (reference), grad_cache over the micro-batches, plain accumulation."""
+    from tbps.gradcache import grad_cache_step
+
+    method.zero_grad()
+    feats, _ = method.features(_concat(batches))
+    locals_ = [method.features(b)[1] for b in batches]
+    loss = method.weighted(method.batch_losses(feats)) + sum(method.weighted(x) for x in locals_) / len(batches)
+    loss.backward()
+    reference = (_grads(method), loss.detach())
+    method.zero_grad()
+    out = grad_cache_step(method, batches)
+    cached = (_grads(method), out["loss"])
+    method.zero_grad()
+    for b in batches:
+        (method(b)["loss"] / len(batches)).backward()
+    plain = _grads(method)
+    return reference, cached, plain
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_grad_cache_equals_the_large_batch_step(name, synth_tiny):
+    method, batches = _setup(name, synth_tiny)
+    (ref, ref_loss), (gc, gc_loss), plain = _three_ways(method, batches)
+    assert torch.allclose(gc_loss, ref_loss, atol=1e-5)
+    assert _rel(gc, ref) < 1e-5
+    # plain accumulation sees one micro-batch's negatives: its gradients are another function (50-150 % off here)
+    assert _rel(plain, ref) > 0.1
+
+
+def test_grad_cache_replays_dropout_drop_path_and_bmm(synth_tiny):
+    """With every random layer on, one micro-batch through grad_cache gives the plain step's gradients: the second
+    forward replays the first's random state (otherwise its features would not match the cached gradients)."""
+    from tbps.gradcache import grad_cache_step
+
+    method, batches = _setup("ivt", synth_tiny, extra=["model.drop_path=0.2", "model.text_dropout=0.2",
+                                                       "method.bmm_max_drop=0.3"])
+    method.train()
+    torch.manual_seed(7)
+    method.zero_grad()
+    method(batches[0])["loss"].backward()
+    plain = _grads(method)
+    torch.manual_seed(7)
+    method.zero_grad()
+    grad_cache_step(method, batches[:1])
+    assert _rel(_grads(method), plain) < 1e-5
+
+
+def _rank_main(rank, url, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for name in ("irra", "ivt"):
+            method, batches = _setup(name, url, rank, 2)
+            (ref, ref_loss), (gc, gc_loss), plain = _three_ways(method, batches)
+            for g in (ref, gc, plain):
+                dist.all_reduce(g)
+            results[name] = {"ref": ref, "gc": gc, "plain": plain, "ref_loss": ref_loss, "gc_loss": gc_loss}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "gc.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_cache_with_negatives_gathered_from_two_ranks(synth_tiny, tmp_path):
+    """2 ranks x 4 micro-batches, method.gather: the summed gradients equal those of the 2 x 4-times global batch
+    (SDM with IRRA's MLM and ID per micro-batch; IVT's CMPM with ID)."""
+    mp.spawn(_rank_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "gc.pt")
+    for name, r in results.items():
+        assert torch.allclose(r["gc_loss"], r["ref_loss"], atol=1e-5), name
+        assert _rel(r["gc"], r["ref"]) < 1e-5, name
+        assert _rel(r["plain"], r["ref"]) > 0.1, name
+
+
+def _deepspeed_main(rank, url, port, out_dir):
+    """grad_cache through the DeepSpeed engine as the worker runs it (engine forward, backward without the 1/accum
+    scale, step per micro-batch): one SGD step (lr 1) moves the weights by exactly the reference gradient."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    import deepspeed
+
+    from tbps.config import load_config
+    from tbps.engine.worker import deepspeed_config
+    from tbps.gradcache import grad_cache_step
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        results = {}
+        for stage in (0, 2):
+            method, batches = _setup("irra", url)
+            (ref, _), _, _ = _three_ways(method, batches)
+            before = torch.cat([p.detach().flatten().clone() for p in method.parameters() if p.requires_grad])
+            method.zero_grad()
+            cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", f"train.grad_accum={N}", "optim.grad_clip=0",
+                                            f"train.zero_stage={stage}"])
+            engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=1.0),
+                                              config=deepspeed_config(cfg))
+            assert engine.gradient_clipping() == 0  # DeepSpeed's default would clip at 1.0
+
+            def backward(surrogate, _):
+                engine.backward(surrogate, scale_wrt_gas=False)
+                engine.step()
+
+            grad_cache_step(engine.module, batches, forward=engine, backward=backward)
+            after = torch.cat([p.detach().flatten() for p in method.parameters() if p.requires_grad])
+            results[stage] = {"step": before - after, "ref": ref, "global_steps": engine.global_steps}
+        torch.save(results, os.path.join(out_dir, "ds.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_cache_through_the_deepspeed_engine(synth_tiny, tmp_path):
+    mp.spawn(_deepspeed_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
+    for stage, r in torch.load(tmp_path / "ds.pt").items():
+        assert r["global_steps"] == 1, stage  # one optimizer step for the N micro-batches
+        assert _rel(r["step"], r["ref"]) < 1e-5, (stage, _rel(r["step"], r["ref"]))
