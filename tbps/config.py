@@ -152,6 +152,7 @@ class TrainConfig:
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
     # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2
     activation_checkpointing: bool = False  # towers and block stacks recompute activations in the backward
+    compile: bool = False  # torch.compile the training forward (Method.features) and the eval encoders; ZeRO 0-2
     eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
     select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
     num_to_keep: int = 2  # checkpoints kept

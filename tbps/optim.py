@@ -9,14 +9,17 @@ import torch
 from tbps.config import ConfigError
 
 
-def build_optimizer(method, optim) -> torch.optim.Optimizer:
+def build_optimizer(method, optim, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer over ``method.param_groups``; ``fused``: torch's single-kernel implementation (the worker asks
+    for it on GPUs: one kernel per step instead of one per parameter group and operation)."""
     groups = method.param_groups(optim)
+    extra = {"fused": True} if fused else {}
     if optim.name == "adam":
-        return torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        return torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **extra)
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **extra)
     if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, **extra)
     raise ConfigError(f"optim.name: unknown optimizer {optim.name!r}; valid: adam, adamw, sgd")
 
 

@@ -51,6 +51,10 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.grad_cache and cfg.train.zero_stage == 3:
         raise ConfigError("train.grad_cache supports ZeRO stages 0-2 (its second pass reads the batch-level losses' "
                           "parameters outside the engine's forward, which ZeRO-3 partitions): use train.zero_stage=2")
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        raise ConfigError("train.compile supports ZeRO stages 0-2: ZeRO-3 gathers each module's parameters in forward "
+                          "hooks that a compiled forward would have to trace (DeepSpeed's own compiler path is not "
+                          "supported by tbps yet); use train.zero_stage=2")
     if cfg.train.grad_cache and cfg.train.grad_accum == 1:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)

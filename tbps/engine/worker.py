@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = batches // accum
     batches = steps_per_epoch * accum  # whole optimizer steps only: no micro-batch carries over into the next epoch
     group_size = accum if cfg.train.grad_cache else 1  # micro-batches per call of the step
-    optimizer = build_optimizer(method, cfg.optim)
+    optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     engine, optimizer, scheduler = initialize_engine(cfg, method, optimizer, scheduler)
 
@@ -160,6 +160,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = dtype if cfg.train.use_gpu else None
     # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
     eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)
+    if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
+        method.compile_step()
+        eval_model.compile_encoders()
+        log("[tbps] torch.compile: the training forward and the evaluation encoders (compiled on first use)")
     outputs = RunOutputs(cfg.train.storage_path, cfg.train.run_name)
     config_yaml = dump_yaml(cfg)
     writer = None

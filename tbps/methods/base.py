@@ -175,6 +175,18 @@ class Method(nn.Module):
             return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2
         raise ValueError(kind)
 
+    def compile_step(self, **kwargs) -> None:
+        """``train.compile``: torch.compile the training forward's heavy part, ``features`` (towers, heads, per-sample
+        losses); the batch-level losses (cheap, with their collectives) and the loss bookkeeping stay eager. Compiling
+        all of ``forward`` returns a total loss without its graph when it equals a detached output (one loss of weight
+        1, torch 2.14)."""
+        self.features = torch.compile(self.features, **kwargs)
+
+    def compile_encoders(self, **kwargs) -> None:
+        """torch.compile the retrieval encoders (evaluation)."""
+        self.encode_image = torch.compile(self.encode_image, **kwargs)
+        self.encode_text = torch.compile(self.encode_text, **kwargs)
+
     def set_activation_checkpointing(self, enable: bool = True) -> list[str]:
         """``train.activation_checkpointing``: every tower and block stack recomputes its activations in the
         backward (tbps/models/checkpointing.py). Returns the modules switched."""
