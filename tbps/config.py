@@ -33,7 +33,8 @@ class DataConfig:
     test_split: str = "test"  # reported once, at the end
     image_size: list[int] = field(default_factory=lambda: [384, 128])  # (height, width) fed to the image tower
     batch_size: int = 64  # per Ray worker, per step
-    loader_workers: int = 2  # DataLoader processes per Ray worker
+    loader_workers: int = -1  # DataLoader processes per Ray worker; -1 = what the worker's CPUs allow:
+    # train.cpus_per_worker - 1 (one CPU runs the training process), at least 1; 0 = load in the training process
     shuffle_buffer: int = 1000  # samples held for in-stream shuffling
     flip: float = 0.5  # horizontal flip probability
     pad: int = 10  # pad then random crop back to image_size (0 = off)

@@ -498,3 +498,22 @@ def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):
     # one loader worker (the whole rank's shards in one pool)
     assert len(build_train_loader(DataConfig(url=grouped, sampler="identity", batch_size=8, loader_workers=1,
                                              image_size=[48, 16], text_length=24), tok)) > 0
+
+
+def test_loader_workers_default_to_what_the_worker_cpus_allow():
+    from tbps.config import ConfigError, load_config
+    from tbps.data.stream import resolve_loader_workers
+    from tbps.engine.launcher import resolve_worker_settings
+
+    assert resolve_loader_workers(-1, 8) == 7 and resolve_loader_workers(-1, 1) == 1
+    assert resolve_loader_workers(0, 8) == 0 and resolve_loader_workers(3, 8) == 3
+    assert resolve_loader_workers(-1) >= 1  # this machine's CPUs
+    cfg = load_config("irra")  # paper preset: 8 CPUs per GPU worker
+    assert cfg.data.loader_workers == -1
+    resolve_worker_settings(cfg)
+    assert cfg.data.loader_workers == 7  # fixed on the driver: pre-flight, workers and config.yaml agree
+    cfg = load_config("irra_tiny", ["data.loader_workers=-1"])
+    resolve_worker_settings(cfg)
+    assert cfg.data.loader_workers == 1
+    with pytest.raises(ConfigError, match="data.loader_workers must be >= 0, or -1"):
+        resolve_worker_settings(load_config("irra_tiny", ["data.loader_workers=-3"]))

@@ -109,3 +109,32 @@ def test_compiled_step_equals_the_eager_step(name, synth_tiny):
         g2 = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
         assert torch.allclose(out["loss"], loss0, rtol=1e-5, atol=1e-5)
         assert float((g2 - g0).norm() / g0.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["clip", "irra", "ivt", "pcc"])
+def test_every_attention_layer_runs_through_sdpa(name, synth_tiny, monkeypatch):
+    """Every attention of a training forward goes through torch's scaled_dot_product_attention (timm's fused
+    attention, transformers' "sdpa", nn.MultiheadAttention without weights): one call per attention layer and
+    forward, counted by a pass-through spy on torch.nn.functional's function (which all three call)."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    method, batch = _method(name, synth_tiny, 4)
+    cfg = method.cfg
+    method(batch)["loss"].backward()
+    if name == "ivt":  # one shared stack: the images' forward and the texts' forward
+        expected = 2 * cfg.model.shared_layers
+    else:
+        expected = int(cfg.model.image_overrides.get("depth", 12)) + cfg.model.text_layers
+        if name == "irra":  # the masked caption through the text tower again, the cross-attention and its blocks
+            expected += cfg.model.text_layers + 1 + cfg.method.cross_layers
+        if name == "pcc":  # self- and cross-attention per decoder layer, for each modality
+            expected += 2 * 2 * cfg.method.decoder_layers
+    assert len(calls) == expected, (len(calls), expected)

@@ -116,6 +116,18 @@ def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int, weigh
     return min(sum(sum(s[weight] for s in worker) // batch_size for worker in rank) for rank in assignment)
 
 
+def resolve_loader_workers(n: int, cpus: int | None = None) -> int:
+    """``data.loader_workers``: n >= 0 as given; -1 (auto) = ``cpus`` - 1, at least 1 (``cpus``: the CPUs Ray gives a
+    Train worker, train.cpus_per_worker; without it, this machine's usable CPUs)."""
+    if n >= 0:
+        return n
+    if n != -1:
+        raise ValueError(f"data.loader_workers must be >= 0, or -1 for what the CPUs allow; got {n}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - 1)
+
+
 def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int) -> int:
     """Batches every rank yields in ``epoch`` of the train split (``cfg``: the DataConfig)."""
     weight = sampling_weight(cfg.sampling)
@@ -223,7 +235,8 @@ class ShardStream(IterableDataset):
         self.identity = train and cfg.sampler == "identity"
         if self.identity:
             check_identity_layout(self.shards, url, split)
-        self.num_workers = max(1, cfg.loader_workers)
+        self.loader_workers = resolve_loader_workers(cfg.loader_workers)
+        self.num_workers = max(1, self.loader_workers)
         self.epoch = 0
         self.augment = BatchAugment(cfg, train=train)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
@@ -335,7 +348,7 @@ class TrainLoader:
 
     def __init__(self, stream: ShardStream):
         self.stream = stream
-        workers = stream.cfg.loader_workers
+        workers = stream.loader_workers
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                                  worker_init_fn=_worker_init if workers > 0 else None)
         if len(self) == 0:
@@ -433,6 +446,6 @@ def build_eval_loader(cfg, tokenizer, split: str, batch_size: int = 256, rank: i
     url = url or cfg.url
     manifest = manifest or load_manifest(url)
     stream = EvalStream(url, manifest, split, cfg, tokenizer, batch_size, rank, world_size)
-    workers = min(cfg.loader_workers, len(stream.mine))
+    workers = min(resolve_loader_workers(cfg.loader_workers), len(stream.mine))
     return DataLoader(stream, batch_size=None, num_workers=workers,
                       worker_init_fn=_worker_init if workers > 0 else None)

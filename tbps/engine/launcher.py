@@ -13,6 +13,7 @@ FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
 
 def preflight(cfg: Config) -> dict:
     """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
+    resolve_worker_settings(cfg)
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
@@ -105,6 +106,17 @@ def preflight(cfg: Config) -> dict:
     return manifest
 
 
+def resolve_worker_settings(cfg: Config) -> None:
+    """Settings that depend on the worker's resources, fixed on the driver so that the pre-flight checks, every
+    worker and the saved config agree: ``data.loader_workers: -1`` -> train.cpus_per_worker - 1 (at least 1)."""
+    from tbps.data.stream import resolve_loader_workers
+
+    try:
+        cfg.data.loader_workers = resolve_loader_workers(cfg.data.loader_workers, cfg.train.cpus_per_worker)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def ensure_ray(cfg: Config) -> None:
     """Connect to a running cluster (train.ray_address / RAY_ADDRESS / inside `ray job submit`) or start a local Ray
     with the dashboard bound to 127.0.0.1."""
@@ -145,6 +157,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 
     from tbps.engine.worker import train_loop_per_worker
 
+    resolve_worker_settings(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker

@@ -43,6 +43,7 @@ class TextTower(nn.Module):
 
         self.kind = kind
         cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id, activation)
+        cfg._attn_implementation = "sdpa"  # PyTorch's fused attention kernels (flash / memory-efficient on GPUs)
         self.model = CLIPTextModel(cfg) if kind == "clip" else BertModel(cfg, add_pooling_layer=False)
         self.width = width
         self.vocab_size = vocab_size
@@ -66,7 +67,8 @@ class TextTower(nn.Module):
             raise WeightLoadError(f"model.text_pretrained: checkpoint not found at {url}") from None
         try:
             kwargs = {"add_pooling_layer": False} if self.kind == "bert" else {}
-            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                              attn_implementation="sdpa", **kwargs)
         except Exception as e:
             raise WeightLoadError(f"model.text_pretrained: cannot load {url} as {cls.__name__}: "
                                   f"{type(e).__name__}: {e}") from None
