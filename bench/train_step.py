@@ -1,23 +1,28 @@
-"""Training-step throughput per method: samples/s of forward + backward + optimizer step on one device, and — on a
-GPU — model FLOPs utilisation (MFU) of the paper configs.
+"""Training-step throughput per method: samples/s, peak memory and model FLOPs utilisation (MFU) of forward +
+backward + optimizer step on one device, eager and compiled (``train.compile``'s ``Method.compile_step``).
 
-    python bench/train_step.py                  # CPU presets (clip_tiny, irra_tiny, ivt_tiny, pcc_tiny)
-    python bench/train_step.py --paper          # paper configs (ViT-B/16, 384x128, batch 64, bf16) on a GPU
-    python bench/train_step.py --quick          # 2 steps per method, small batch: checks everything runs (CI)
+    python bench/train_step.py                          # CPU presets (clip_tiny, irra_tiny, ivt_tiny, pcc_tiny)
+    python bench/train_step.py --paper --json OUT.json  # paper configs (ViT-B/16, 384x128) on a GPU: batch 64, 128,
+                                                        # 256, eager and compiled, bf16 autocast
+    python bench/train_step.py --paper --max-batch      # largest IRRA batch that fits, with and without
+                                                        # activation checkpointing / grad_cache
+    python bench/train_step.py --quick                  # 2 steps per method, small batch: checks everything runs (CI)
 
-Batches come from the real data pipeline (SynthPEDES tiny, generated into the cache on first use) so every method
-gets the inputs it trains on (IRR masks, IVT's three views and multi-level texts); one batch is reused, so the
-numbers are model compute only (bench/data.py measures the loader). FLOPs per step are counted with
-torch.utils.flop_counter on one step (matmuls/convolutions/attention, forward + backward); MFU = achieved FLOP/s
-over the device's dense bf16 peak. Attention runs through PyTorch SDPA (timm's fused attention, transformers'
-"sdpa" implementation); on GPU the step runs under bf16 autocast.
+Inputs are synthetic batches with the exact shapes and fields each method trains on (IRR masks, IVT's three views
+and three text levels, 4 images per identity), built without the data pipeline, so the script runs where only
+torch, timm and transformers are installed (the GPU machine); bench/data.py measures the loader. FLOPs per step are
+counted with torch.utils.flop_counter on one eager step (matmuls, convolutions, attention; forward + backward);
+MFU = achieved FLOP/s over the device's dense bf16 peak. Every attention runs through PyTorch SDPA (tested in
+tests/test_step_options.py). ``--json`` writes the rows (method, preset, batch, compiled, precision, samples_per_s,
+mfu, peak_mem_gb, device, ...) for docs/bench/train_step_<gpu>.json.
 
-Goal (issue #7): >= 45 % MFU for IRRA's paper config on an H100.
+Goal (issue #15): >= 45 % MFU for IRRA's paper step on an H100.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -30,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU_PRESETS = ("clip_tiny", "irra_tiny", "ivt_tiny", "pcc_tiny")
 PAPER_PRESETS = ("irra", "clip", "pcc", "ivt")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+# paper configs' tokenizers: size, pad, mask, bos, eos (tbps's CLIP tokenizer with IRRA's mask; BERT-base uncased)
+VOCAB = {"clip": (49408, 0, 49405, 49406, 49407), "bert": (30522, 0, 103, 101, 102)}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -39,29 +46,80 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def setup(preset: str, batch_size: int, data_url: str, device: torch.device):
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+    """A training batch of the shapes ``method`` trains on: normalised images (3 views for IVT), captions of random
+    lengths with their masks, IRR's masked captions, IVT's three text levels, 4 images per identity."""
+    g = torch.Generator().manual_seed(seed)
+    needs = method.data_needs()
+    h, w = cfg.data.image_size
+    shape = (batch_size, needs.views, 3, h, w) if needs.views > 1 else (batch_size, 3, h, w)
+    L = cfg.data.text_length
+
+    def texts(n):
+        lengths = torch.randint(L // 4, L + 1, (n,), generator=g)
+        mask = (torch.arange(L)[None] < lengths[:, None]).long()
+        low = min(1000, text.vocab_size // 2)  # ordinary words, clear of the special tokens at either end
+        ids = torch.randint(low, text.vocab_size - 10, (n, L), generator=g) * mask
+        ids[:, 0] = text.bos_id
+        ids[torch.arange(n), lengths - 1] = text.eos_id
+        return ids, mask
+
+    ids, mask = texts(batch_size)
+    pids = torch.arange(batch_size) // 4
+    batch = {"images": torch.randn(shape, generator=g), "text_ids": ids, "text_mask": mask, "pids": pids,
+             "train_ids": pids % max(1, method.num_classes)}
+    if needs.mlm_ratio > 0:
+        chosen = (torch.rand(ids.shape, generator=g) < needs.mlm_ratio) & mask.bool()
+        chosen[:, 0] = False
+        batch["mlm_ids"] = ids.masked_fill(chosen, text.mask_id)
+        batch["mlm_labels"] = ids.masked_fill(~chosen, 0)
+    if needs.mla:
+        level_ids, level_mask = zip(*(texts(batch_size) for _ in range(3)))
+        batch["mla_ids"], batch["mla_mask"] = torch.stack(level_ids, 1), torch.stack(level_mask, 1)
+        batch["mla_length"] = int(batch["mla_mask"].sum(-1).max())
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
     from tbps.config import load_config
-    from tbps.data import build_train_loader, load_tokenizer
     from tbps.methods import TextSpec, build_method
 
-    overrides = [f"data.url={data_url}", f"data.batch_size={batch_size}", "data.loader_workers=0",
-                 "data.shuffle_buffer=0"]
-    cfg = load_config(preset, overrides)
-    tok = load_tokenizer(os.path.join(data_url, "tokenizer"))
+    cfg = load_config(preset, [f"data.batch_size={batch_size}", *overrides])
+    if preset in PAPER_PRESETS:
+        size, pad, mask, bos, eos = VOCAB[cfg.model.text_tower if cfg.method.name != "ivt" else "bert"]
+        text = TextSpec(size, cfg.data.text_length, pad, mask, bos, eos)
+    else:  # the tiny presets train with SynthPEDES' word-level tokenizer (generated into the cache on first use)
+        from tbps.data import load_tokenizer
+        from tbps.demo import demo_dataset
+
+        text = TextSpec.from_tokenizer(load_tokenizer(os.path.join(demo_dataset("tiny"), "tokenizer")),
+                                       cfg.data.text_length)
     torch.manual_seed(0)
-    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40).to(device)
-    loader = build_train_loader(cfg.data, tok, method.data_needs())
-    batch = next(iter(loader))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-5, fused=device.type == "cuda")
+    method = build_method(cfg, text, 11003 if preset in PAPER_PRESETS else 40).to(device)
+    batch = synthetic_batch(cfg, method, text, batch_size, device)
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-5, fused=True)
     return cfg, method, batch, opt
 
 
-def step_fn(method, batch, opt, device: torch.device, bf16: bool):
+def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0):
     def step():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = method(batch)["loss"]
-        loss.backward()
+            if grad_cache_micro:
+                from tbps.gradcache import grad_cache_step
+
+                n = len(batch["pids"]) // grad_cache_micro
+                micro = [{k: (v[i * grad_cache_micro:(i + 1) * grad_cache_micro] if torch.is_tensor(v) else v)
+                          for k, v in batch.items()} for i in range(n)]
+                loss = grad_cache_step(method, micro, device=device)["loss"]
+            else:
+                loss = method(batch)["loss"]
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -77,18 +135,18 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(preset: str, batch_size: int, steps: int, warmup: int, data_url: str, device: torch.device,
-            compile_model: bool) -> dict:
-    cfg, method, batch, opt = setup(preset, batch_size, data_url, device)
+def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool) -> dict:
+    cfg, method, batch, opt = setup(preset, batch_size, device)
     bf16 = device.type == "cuda"
-    if compile_model:
-        method = torch.compile(method)
+    flops = count_flops(step_fn(method, batch, opt, device, bf16))  # eager: the model's FLOPs
+    if compiled:
+        method.compile_step()
     step = step_fn(method, batch, opt, device, bf16)
-    flops = count_flops(step_fn(method, batch, opt, device, bf16))
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -98,11 +156,45 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, data_url: str
     if not torch.isfinite(loss.detach()).all():
         raise RuntimeError(f"{preset}: non-finite loss {float(loss)}")
     peak = peak_flops(device)
-    return {"preset": preset, "method": cfg.method.name, "batch": batch_size,
-            "image": "x".join(map(str, cfg.data.image_size)), "params_m": sum(p.numel() for p in
-                                                                              method.parameters()) / 1e6,
-            "step_ms": seconds * 1000, "samples_s": batch_size / seconds, "tflop_step": flops / 1e12,
-            "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None}
+    return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
+            "precision": "bf16-autocast" if bf16 else "fp32", "image": "x".join(map(str, cfg.data.image_size)),
+            "params_m": sum(p.numel() for p in method.parameters()) / 1e6, "step_ms": seconds * 1000,
+            "samples_per_s": batch_size / seconds, "tflop_per_sample": flops / batch_size / 1e12,
+            "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "device": device_name(device), "torch": torch.__version__}
+
+
+def fits(preset: str, batch_size: int, device: torch.device, checkpointing: bool, micro: int) -> bool:
+    """One step of ``batch_size`` (with grad_cache: ``micro``-sized micro-batches) runs without running out of
+    memory."""
+    try:
+        cfg, method, batch, opt = setup(preset, batch_size, device)
+        if checkpointing:
+            method.set_activation_checkpointing(True)
+        step_fn(method, batch, opt, device, device.type == "cuda", micro)()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        method = batch = opt = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_batch(preset: str, device: torch.device, limit: int) -> list[dict]:
+    """Largest batch (a power of two up to ``limit``) one step fits, per memory option."""
+    rows = []
+    for checkpointing, micro in ((False, 0), (True, 0), (False, 64), (True, 64)):
+        best, b = 0, 64
+        while b <= limit and fits(preset, b, device, checkpointing, micro):
+            best, b = b, b * 2
+        rows.append({"method": preset, "preset": preset, "activation_checkpointing": checkpointing,
+                     "grad_cache_micro_batch": micro or None, "max_batch": best, "limit": limit,
+                     "device": device_name(device)})
+        print(f"| {preset} | {'yes' if checkpointing else 'no'} | {micro or '—'} | {best}"
+              f"{'+' if best == limit else ''} |", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -110,33 +202,56 @@ def main(argv=None) -> int:
     ap.add_argument("--paper", action="store_true", help="paper configs (needs a GPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--presets", nargs="*", help="override the preset list")
-    ap.add_argument("--batch", type=int, help="batch size (default: 32 on CPU presets, 64 on paper configs)")
+    ap.add_argument("--batches", nargs="*", type=int,
+                    help="batch sizes (default: 32 on CPU presets, 64 128 256 on paper configs)")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default=None,
+                    help="eager, compiled or both (default: both on a GPU, off on CPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the method")
+    ap.add_argument("--max-batch", action="store_true", help="largest IRRA batch per memory option (GPU)")
+    ap.add_argument("--max-batch-limit", type=int, default=8192)
+    ap.add_argument("--json", help="write the rows as a JSON list here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    from tbps.demo import demo_dataset
-
     device = torch.device(args.device)
-    if args.paper and device.type != "cuda":
-        print("--paper needs a GPU (the paper configs are ViT-B/16 at 384x128, batch 64, bf16)", file=sys.stderr)
+    if (args.paper or args.max_batch) and device.type != "cuda":
+        print("--paper / --max-batch need a GPU (the paper configs are ViT-B/16 at 384x128, bf16)", file=sys.stderr)
         return 2
-    presets = args.presets or (PAPER_PRESETS if args.paper else CPU_PRESETS)
-    batch = args.batch or (4 if args.quick else 64 if args.paper else 32)
-    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
-    data = demo_dataset("tiny")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
-          f"{'; torch.compile' if args.compile else ''}")
-    print("| preset | method | image | batch | params (M) | step ms | samples/s | TFLOP/step | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for preset in presets:
-        r = measure(preset, batch, steps, warmup, data, device, args.compile)
-        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
-        print(f"| {preset} | {r['method']} | {r['image']} | {r['batch']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['samples_s']:.1f} | {r['tflop_step']:.4f} | {r['tflops']:.3f} | {mfu} |", flush=True)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    rows = []
+    if args.max_batch:
+        print("| preset | activation checkpointing | grad_cache micro-batch | largest batch |\n|---|---|---|---|")
+        for preset in args.presets or ("irra",):
+            rows += max_batch(preset, device, args.max_batch_limit)
+    else:
+        presets = args.presets or (PAPER_PRESETS if args.paper else CPU_PRESETS)
+        batches = args.batches or ([4] if args.quick else [64, 128, 256] if args.paper else [32])
+        compile_modes = {"off": [False], "on": [True], "both": [False, True]}[
+            args.compile or ("both" if device.type == "cuda" and not args.quick else "off")]
+        steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+        print("| preset | method | image | batch | compiled | params (M) | step ms | samples/s | TFLOP/sample | "
+              "TFLOP/s | MFU | peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for preset in presets:
+            for batch in batches:
+                for compiled in compile_modes:
+                    try:
+                        r = measure(preset, batch, steps, warmup, device, compiled)
+                    except torch.OutOfMemoryError:
+                        print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    rows.append(r)
+                    mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
+                    mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
+                    print(f"| {preset} | {r['method']} | {r['image']} | {batch} | {'yes' if compiled else 'no'} | "
+                          f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
+                          f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 
 

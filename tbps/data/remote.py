@@ -8,8 +8,6 @@ import os
 
 import fsspec
 
-# ``import webdataset.gopen`` would give the *function* webdataset re-exports under that name, not the module
-wds_gopen = importlib.import_module("webdataset.gopen")
 
 SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory", "hdfs", "webhdfs")
 
@@ -38,6 +36,9 @@ def _fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
 def register_fsspec_gopen() -> None:
     """Make webdataset open s3://, gs://, ... URLs through fsspec. Idempotent; call again in each loader worker
     when workers are spawned rather than forked (the registration lives in module state)."""
+    # ``import webdataset.gopen`` would give the *function* webdataset re-exports under that name, not the module;
+    # imported here so that reading weights (local_copy) needs no webdataset
+    wds_gopen = importlib.import_module("webdataset.gopen")
     for scheme in SCHEMES:
         wds_gopen.gopen_schemes[scheme] = _fsspec_gopen
 
@@ -66,6 +67,3 @@ def local_copy(url: str) -> str:
         fs.get(path, tmp)
     os.replace(tmp, cache)
     return cache
-
-
-register_fsspec_gopen()

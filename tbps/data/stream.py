@@ -28,7 +28,6 @@ import os
 import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -42,21 +41,15 @@ from shards.storage import MANIFEST, join, read_json
 from shards.writer import MANIFEST_FORMAT
 
 from . import remote
+from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
 from .text import mask_tokens, mla_texts, tokenize
 from .transforms import BatchAugment, resize_uint8
 
+remote.register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-
-
-@dataclass
-class DataNeeds:
-    """What a method asks of the pipeline beyond one image and one tokenised caption."""
-
-    views: int = 1  # augmented views per image (IVT: 3)
-    mlm_ratio: float = 0.0  # > 0: add BERT-style masked captions (IRRA's IRR)
-    mla: bool = False  # IVT: sentence / phrase / word texts per caption (word: the caption's attribute phrases)
 
 
 def load_manifest(url: str) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 
 from tbps import losses as L
 from tbps.config import ConfigError
-from tbps.data.stream import DataNeeds
+from tbps.data.needs import DataNeeds
 from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
 from tbps.models import WeightLoadError
 

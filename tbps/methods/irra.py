@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from tbps import losses as L
-from tbps.data.stream import DataNeeds
+from tbps.data.needs import DataNeeds
 from tbps.models.checkpointing import BlockStack
 
 from .base import Method, register

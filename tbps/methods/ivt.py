@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tbps import losses as L
-from tbps.data.stream import DataNeeds
+from tbps.data.needs import DataNeeds
 from tbps.data.text import trim_padding
 from tbps.config import ConfigError
 from tbps.models import SharedTower, WeightLoadError
