@@ -138,3 +138,29 @@ def test_every_attention_layer_runs_through_sdpa(name, synth_tiny, monkeypatch):
         if name == "pcc":  # self- and cross-attention per decoder layer, for each modality
             expected += 2 * 2 * cfg.method.decoder_layers
     assert len(calls) == expected, (len(calls), expected)
+
+
+def test_methods_import_and_train_without_ray_deepspeed_or_webdataset():
+    """The GPU machine has torch, timm and transformers only: methods, models, losses and grad_cache import and run
+    bench/train_step.py's synthetic-batch step there (IRRA's paper preset, shrunk to run in seconds)."""
+    script = """
+import sys
+for name in ("webdataset", "ray", "deepspeed"):
+    sys.modules[name] = None  # any import of them fails
+sys.path.insert(0, "bench")
+import torch
+from train_step import count_flops, setup, step_fn
+small = ["model.image_overrides={patch_size: 16, embed_dim: 64, depth: 1, num_heads: 2}", "model.text_width=64",
+         "model.text_layers=1", "model.text_heads=2", "model.embed_dim=64", "method.cross_layers=1",
+         "method.cross_heads=2"]
+cfg, method, batch, opt = setup("irra", 4, torch.device("cpu"), small)
+flops = count_flops(step_fn(method, batch, opt, torch.device("cpu"), False))
+step_fn(method, batch, opt, torch.device("cpu"), False, grad_cache_micro=2)()
+assert sorted(batch) == ["images", "mlm_ids", "mlm_labels", "pids", "text_ids", "text_mask", "train_ids"]
+print("ok", flops > 0)
+"""
+    root = os.path.dirname(HERE)
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["ok", "True"]
