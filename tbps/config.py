@@ -56,6 +56,8 @@ class DataConfig:
     instances_per_id: int = 4  # identity sampler: K pairs (or images) of one identity per group
     identity_blocks: int = 1  # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
     # like ranks (IVT's 4-GPU run: 4 blocks of 7, identity groups split across blocks); 1 = whole groups of K
+    on_bad_shard: str = "error"  # a shard missing or differing from its manifest entry (size, sha256), or not a
+    # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
     text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
 

@@ -86,11 +86,13 @@ def index_key(checkpoint: str, gallery: str, split: str) -> str:
 def build_gallery(method, cfg, gallery: str, split: str, device: str = "cpu", batch_size: int = 128,
                   log=None) -> GalleryIndex:
     from tbps.data import load_manifest
-    from tbps.data.stream import _decode_image, shard_samples, split_shards
+    from tbps.data.stream import ShardCheck, _decode_image, shard_samples, split_shards
     from tbps.data.transforms import BatchAugment, resize_uint8
 
     manifest = load_manifest(gallery)
-    urls = [join(gallery, s["name"]) for s in split_shards(manifest, split, gallery)]
+    entries = split_shards(manifest, split, gallery)
+    urls = [join(gallery, s["name"]) for s in entries]
+    check = ShardCheck(gallery, entries)  # a damaged gallery shard stops indexing, naming it
     augment = BatchAugment(cfg.data, train=False)
     size = tuple(cfg.data.image_size)
     method.eval()
@@ -104,7 +106,7 @@ def build_gallery(method, cfg, gallery: str, split: str, device: str = "cpu", ba
             batch.clear()
 
     t0 = time.time()
-    for sample in shard_samples(urls):
+    for sample in shard_samples(urls, check):
         meta = json.loads(sample["json"])
         batch.append(resize_uint8(_decode_image(sample, size), size, cfg.data.interpolation))
         pids.append(int(meta["pid"]))

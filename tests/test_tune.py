@@ -110,8 +110,9 @@ def test_max_concurrent_follows_the_budget():
     assert max_concurrent(spec, {"CPU": 9}) == 3
     spec = load_sweep("cuhk-pedes", ["num_samples=8"])
     cpu, gpu = trial_resources(spec)
-    assert gpu == 4.0  # IVT's recipe: 4 GPU workers
-    assert max_concurrent(spec, {"CPU": 64, "GPU": 8}) == 2
+    assert gpu == 4.0 and cpu == 33.0  # IVT's recipe: 4 GPU workers x 8 CPUs (loader processes) + the driver
+    assert max_concurrent(spec, {"CPU": 96, "GPU": 8}) == 2
+    assert max_concurrent(spec, {"CPU": 64, "GPU": 8}) == 1  # CPU-bound: the loaders need their cores
     with pytest.raises(ConfigError, match="one trial needs"):
         max_concurrent(spec, {"CPU": 64, "GPU": 2})
 

@@ -26,6 +26,8 @@ import itertools
 import json
 import os
 import random
+import sys
+import tarfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -144,14 +146,15 @@ def pair_passes(shards: list[dict]) -> int:
     return max(1, round(sum(s["captions"] for s in shards) / max(1, images)))
 
 
-def pair_stream(urls: list[str], passes: int, seed: int, epoch: int, rank: int, worker: int) -> Iterator[dict]:
+def pair_stream(urls: list[str], passes: int, seed: int, epoch: int, rank: int, worker: int,
+                check: ShardCheck | None = None) -> Iterator[dict]:
     """Every (image, caption) pair of these shards once: ``passes`` passes, each over the shards in its own order; an
     image's captions, permuted per (seed, epoch, image key), are dealt to the passes (caption j to pass j mod P).
     Yields the raw sample with ``__meta__`` (its parsed json) and ``__caption__`` (the caption's index)."""
     for p in range(passes):
         order = list(urls)
         random.Random(_seed_int(seed, epoch, rank, worker, "pass", p)).shuffle(order)
-        for sample in shard_samples(order):
+        for sample in shard_samples(order, check):
             meta = json.loads(sample["json"])
             n = len(meta["captions"])
             perm = random.Random(_seed_int(seed, epoch, sample["__key__"])).sample(range(n), n)
@@ -164,14 +167,69 @@ def _seed_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+ON_BAD_SHARD = ("error", "skip")
+
+
+class CorruptShardError(OSError):
+    """A shard that is missing, differs from its manifest entry (size, sha256) or is not a readable tar."""
+
+    def __init__(self, url: str, problem: str | None = None):
+        if problem is None:  # re-raised from a DataLoader worker with the message alone
+            super().__init__(url)
+            self.url = self.problem = ""
+            return
+        self.url, self.problem = url, problem
+        super().__init__(f"shard {url}: {problem}. The dataset is damaged: check every shard with `python -m "
+                         "shards.verify <dataset URL>` and convert it again (python -m shards.build / shards.synth), "
+                         "or set data.on_bad_shard=skip to go on without the bad shards")
+
+
+class ShardCheck:
+    """How shards are checked while streaming: each against its manifest entry (``bytes``, ``sha256``), and what a
+    bad one does (``data.on_bad_shard``: ``error`` stops with :class:`CorruptShardError`; ``skip`` logs it, records
+    its name in ``skipped`` and goes on)."""
+
+    def __init__(self, url: str, shards: list[dict], on_bad: str = "error"):
+        if on_bad not in ON_BAD_SHARD:
+            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {on_bad!r}")
+        self.expected = {join(url, s["name"]): s for s in shards}
+        self.on_bad = on_bad
+        self.skipped: list[str] = []
+
+    def verify(self, url: str, data: bytes) -> None:
+        entry = self.expected.get(url)
+        if entry is None:
+            return
+        if "bytes" in entry and len(data) != entry["bytes"]:
+            raise CorruptShardError(url, f"{len(data)} bytes read, the manifest lists {entry['bytes']}")
+        if "sha256" in entry:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
+                raise CorruptShardError(url, f"sha256 {digest[:16]}... differs from the manifest's "
+                                             f"{entry['sha256'][:16]}... (same size: bytes changed in place)")
+
+    def bad(self, error: CorruptShardError) -> None:
+        if self.on_bad != "skip":
+            raise error
+        self.skipped.append(os.path.basename(error.url))
+        print(f"[tbps] warning: skipped {error.url}: {error.problem} (data.on_bad_shard=skip)", file=sys.stderr,
+              flush=True)
+
+    def drain(self) -> list[str]:
+        out, self.skipped = self.skipped, []
+        return out
+
+
 def _read_shard(url: str) -> bytes:
     with wds.gopen(url, "rb") as f:
         return f.read()
 
 
-def prefetched_shards(urls: list[str], depth: int = 1) -> Iterator[dict]:
-    """``{"url", "stream"}`` per shard, the next ``depth`` shards read on a background thread while the current one
-    is decoded: object-storage latency and transfer overlap with CPU work instead of adding to it."""
+def prefetched_shards(urls: list[str], depth: int = 1, check: ShardCheck | None = None) -> Iterator[dict]:
+    """``{"url", "stream"}`` per shard (or ``{"url", "error"}`` for a missing or corrupt one), the next ``depth``
+    shards read on a background thread while the current one is decoded: object-storage latency and transfer
+    overlap with CPU work instead of adding to it. With ``check``, each shard is verified against its manifest entry
+    (sha256 of the bytes read; well under 1 % of decoding them, docs/benchmarks.md)."""
     if not urls:
         return
     with ThreadPoolExecutor(1) as pool:
@@ -184,14 +242,36 @@ def prefetched_shards(urls: list[str], depth: int = 1) -> Iterator[dict]:
                 pending.append((nxt, pool.submit(_read_shard, nxt)))
             try:
                 data = future.result()
+            except FileNotFoundError:
+                yield {"url": url, "error": CorruptShardError(url, "missing: the manifest lists it, the storage has "
+                                                                   "no such file")}
+                continue
             except Exception as e:
                 raise OSError(f"cannot read shard {url}: {type(e).__name__}: {e}") from e
+            if check is not None:
+                try:
+                    check.verify(url, data)
+                except CorruptShardError as e:
+                    yield {"url": url, "error": e}
+                    continue
             yield {"url": url, "stream": io.BytesIO(data)}
 
 
-def shard_samples(urls: list[str]) -> Iterator[dict]:
-    """Samples (dicts of raw fields keyed by extension, plus ``__key__``/``__url__``) of the given shards, in order."""
-    return group_by_keys(tar_file_expander(prefetched_shards(urls)))
+def shard_samples(urls: list[str], check: ShardCheck | None = None) -> Iterator[dict]:
+    """Samples (dicts of raw fields keyed by extension, plus ``__key__``/``__url__``) of the given shards, in order.
+    A missing, corrupt (``check``) or unreadable shard raises :class:`CorruptShardError` naming it, or with
+    ``check.on_bad == "skip"`` is skipped."""
+    for shard in prefetched_shards(urls, check=check):
+        error = shard.get("error")
+        if error is None:
+            try:
+                yield from group_by_keys(tar_file_expander([shard]))
+                continue
+            except (tarfile.TarError, EOFError, ValueError, KeyError) as e:
+                error = CorruptShardError(shard["url"], f"not a readable tar ({type(e).__name__}: {e})")
+        if check is None:
+            raise error
+        check.bad(error)
 
 
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
@@ -222,6 +302,8 @@ class ShardStream(IterableDataset):
         self.needs = needs or DataNeeds()
         self.rank, self.world_size, self.train = rank, world_size, train
         self.weight = sampling_weight(cfg.sampling, train)
+        if cfg.on_bad_shard not in ON_BAD_SHARD:
+            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {cfg.on_bad_shard!r}")
         if self.weight == "captions":
             check_pair_counts(self.shards, url)
         check_identity_config(cfg)
@@ -302,27 +384,35 @@ class ShardStream(IterableDataset):
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         urls = [join(self.url, s["name"]) for s in mine]
+        check = ShardCheck(self.url, mine, self.cfg.on_bad_shard)
         if self.identity:
-            yield from self._identity_batches(urls, rng, gen)
-            return
+            yield from self._identity_batches(urls, rng, gen, check)
+        else:
+            yield from self._random_batches(urls, worker, rng, gen, check)
+        if check.skipped:  # a marker, not a batch: skipped shards the last batch could not carry (TrainLoader)
+            yield {"skipped_shards": check.drain()}
+
+    def _random_batches(self, urls, worker, rng, gen, check) -> Iterator[dict]:
         if self.weight == "captions":
             passes = pair_passes(self.shards)
-            stages = [lambda: pair_stream(urls, passes, self.cfg.seed, self.epoch, self.rank, worker)]
+            stages = [lambda: pair_stream(urls, passes, self.cfg.seed, self.epoch, self.rank, worker, check)]
         else:
-            stages = [lambda: shard_samples(urls)]
+            stages = [lambda: shard_samples(urls, check)]
         if self.train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
         stages += [wds.map(lambda s: self._sample(s, rng)),
                    wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
-                               partial=not self.train)]
+                               partial=not self.train),
+                   wds.map(lambda b: {**b, "skipped_shards": check.drain()})]  # bad shards skipped so far
         yield from wds.DataPipeline(*stages)
 
-    def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator) -> Iterator[dict]:
+    def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator,
+                          check: ShardCheck | None = None) -> Iterator[dict]:
         """``data.sampler=identity``: this worker's shards read whole (their identities are whole), then batches of
         K units per identity (tbps/data/identity.py); a unit is an (image, caption) pair, or an image with
         ``data.sampling=images``."""
         samples, groups = [], {}
-        for sample in shard_samples(urls):
+        for sample in shard_samples(urls, check):
             meta = json.loads(sample["json"])
             i = len(samples)
             samples.append({**sample, "__meta__": meta})
@@ -333,7 +423,9 @@ class ShardStream(IterableDataset):
                                      picks_per_step(cfg.batch_size, cfg.identity_blocks, cfg.instances_per_id), rng)
         for units in block_batches(sequence, cfg.batch_size, cfg.identity_blocks):
             chosen = [samples[i] if c is None else {**samples[i], "__caption__": c} for i, c in units]
-            yield self._collate([self._sample(s, rng) for s in chosen], gen)
+            batch = self._collate([self._sample(s, rng) for s in chosen], gen)
+            batch["skipped_shards"] = check.drain() if check else []
+            yield batch
 
 
 class TrainLoader:
@@ -341,6 +433,7 @@ class TrainLoader:
 
     def __init__(self, stream: ShardStream):
         self.stream = stream
+        self.skipped: set[str] = set()  # bad shards skipped in the current epoch (data.on_bad_shard=skip)
         workers = stream.loader_workers
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                                  worker_init_fn=_worker_init if workers > 0 else None)
@@ -359,14 +452,27 @@ class TrainLoader:
         return self.stream.num_batches()
 
     def __iter__(self):
+        """Exactly ``len(self)`` batches. With ``data.on_bad_shard=skip`` a rank whose shards were skipped refills
+        its epoch by reading its (good) shards again from the start, so every rank still yields the same count."""
         n = len(self)
         count = 0
-        for batch in itertools.islice(iter(self.loader), n):
-            count += 1
-            yield batch
-        if count != n:  # cannot happen with an intact dataset; fail loudly instead of hanging other ranks
-            raise RuntimeError(f"rank {self.stream.rank} produced {count} of {n} batches in epoch "
-                               f"{self.stream.epoch}; are the shards at {self.stream.url} intact?")
+        self.skipped = set()
+        while count < n:
+            produced = 0
+            for batch in self.loader:
+                self.skipped.update(batch.get("skipped_shards", ()))
+                if "images" not in batch:  # a skipped-shards marker
+                    continue
+                produced += 1
+                count += 1
+                yield batch
+                if count == n:
+                    break
+            if count < n and (not self.skipped or produced == 0):
+                # cannot happen with an intact dataset; fail loudly instead of hanging other ranks
+                raise RuntimeError(f"rank {self.stream.rank} produced {count} of {n} batches in epoch "
+                                   f"{self.stream.epoch}; are the shards at {self.stream.url} intact? (python -m "
+                                   f"shards.verify {self.stream.url})")
 
 
 def _worker_init(_):
@@ -397,13 +503,16 @@ class EvalStream(IterableDataset):
         offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
         self.mine = [(s, offsets[i]) for i, s in enumerate(shards) if i % world_size == rank]
         self.augment = BatchAugment(cfg, train=False)
+        if cfg.on_bad_shard not in ON_BAD_SHARD:
+            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {cfg.on_bad_shard!r}")
 
     def __iter__(self):
         remote.register_fsspec_gopen()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for shard, offset in self.mine[worker::workers]:
-            samples = shard_samples([join(self.url, shard["name"])])
+            check = ShardCheck(self.url, [shard], self.cfg.on_bad_shard)
+            samples = shard_samples([join(self.url, shard["name"])], check)
             chunk = []
             for position, sample in enumerate(samples):
                 chunk.append((offset + position, sample))
@@ -412,6 +521,8 @@ class EvalStream(IterableDataset):
                     chunk = []
             if chunk:
                 yield self._batch(chunk)
+            if check.skipped:  # a marker (tbps.eval.embed counts it): this shard's images and captions are missing
+                yield {"skipped_shards": check.drain()}
 
     def _batch(self, chunk) -> dict:
         images, pids, index, paths, captions, cpids, cindex, cimage = [], [], [], [], [], [], [], []

@@ -44,7 +44,8 @@ def preflight(cfg: Config) -> dict:
                               ("method.cmpm_norm", cfg.method.cmpm_norm, ("l2", "sum")),
                               ("model.pretrained_grid", cfg.model.pretrained_grid, ("keep", "resize")),
                               ("optim.scheduler", cfg.optim.scheduler, ("cosine", "timm_cosine")),
-                              ("data.erasing_mode", cfg.data.erasing_mode, ("constant", "pixel"))):
+                              ("data.erasing_mode", cfg.data.erasing_mode, ("constant", "pixel")),
+                              ("data.on_bad_shard", cfg.data.on_bad_shard, ("error", "skip"))):
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.train.grad_accum < 1:

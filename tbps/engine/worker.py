@@ -240,6 +240,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": seen / max(time.time() - t0, 1e-9),
                    **{f"train_{k}": v for k, v in train.items()}}
+        skipped = _mean_across_ranks({"n": float(len(train_loader.skipped))}).get("n", 0.0) * world_size
+        if skipped or cfg.data.on_bad_shard == "skip":  # data.on_bad_shard=skip: train shards skipped, all ranks
+            metrics["train_skipped_shards"] = int(round(skipped))
+            if skipped:
+                log(f"[tbps] epoch {epoch + 1}: {int(round(skipped))} bad train shard(s) skipped "
+                    f"({', '.join(sorted(train_loader.skipped))} on rank 0)")
         state = full_state_dict(engine, cfg.train.zero_stage)
         is_best = False
         evaluate_now = (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or epoch == last_epoch

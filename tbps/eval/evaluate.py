@@ -24,8 +24,11 @@ def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool =
     the images' relative paths and the raw captions)."""
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx", "txt_img")}
-    paths, captions = [], []
+    paths, captions, skipped = [], [], []
     for batch in loader:
+        if "images" not in batch:  # a shard skipped with data.on_bad_shard=skip (its images are missing)
+            skipped += batch.get("skipped_shards", [])
+            continue
         batch = _to(batch, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
@@ -40,6 +43,7 @@ def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool =
             paths += batch["image_path"]
             captions += batch["captions"]
     out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    out["skipped_shards"] = skipped
     if keep_strings:
         out["img_path"], out["caption"] = paths, captions
     return out
@@ -124,6 +128,11 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
     out["chance_R1"] = chance_level(all_qpids, gallery_pids.cpu(), 1)
     out["queries"] = int(stats[len(KS) + 3])
     out["gallery"] = len(gallery)
+    skipped = torch.tensor([len(local["skipped_shards"])], dtype=torch.float64, device=stats.device)
+    if world()[1] > 1:
+        dist.all_reduce(skipped)
+    if skipped.item():
+        out["skipped_shards"] = int(skipped.item())
     if ap == "trapezoid":
         out["ivt"] = ivt_protocol(model, local, chunk)
     out["eval_seconds"] = time.time() - start
