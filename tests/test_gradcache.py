@@ -169,13 +169,29 @@ def _deepspeed_main(rank, url, port, out_dir):
             grad_cache_step(engine.module, batches, forward=engine, backward=backward)
             after = torch.cat([p.detach().flatten() for p in method.parameters() if p.requires_grad])
             results[stage] = {"step": before - after, "ref": ref, "global_steps": engine.global_steps}
+        # train.precision=bf16-autocast: fp32 weights, the forward under torch.autocast (here on CPU)
+        method, batches = _setup("irra", url)
+        cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", "train.precision=bf16-autocast"])
+        engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=0.1),
+                                          config=deepspeed_config(cfg))
+        feats, _ = engine(batches[0], stage="features")
+        out = engine(batches[0])
+        engine.backward(out["loss"])
+        engine.step()
+        results["autocast"] = {"feature_dtype": str(feats["v"].dtype), "loss": float(out["loss"]),
+                               "weight_dtypes": sorted({str(p.dtype) for p in method.parameters()})}
         torch.save(results, os.path.join(out_dir, "ds.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_grad_cache_through_the_deepspeed_engine(synth_tiny, tmp_path):
+    """(and train.precision=bf16-autocast through the same engine)"""
     mp.spawn(_deepspeed_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
-    for stage, r in torch.load(tmp_path / "ds.pt").items():
+    results = torch.load(tmp_path / "ds.pt")
+    autocast = results.pop("autocast")
+    assert autocast["feature_dtype"] == "torch.bfloat16" and autocast["weight_dtypes"] == ["torch.float32"]
+    assert autocast["loss"] == autocast["loss"]  # finite
+    for stage, r in results.items():
         assert r["global_steps"] == 1, stage  # one optimizer step for the N micro-batches
         assert _rel(r["step"], r["ref"]) < 1e-5, (stage, _rel(r["step"], r["ref"]))

@@ -403,7 +403,8 @@ class ShardStream(IterableDataset):
         stages += [wds.map(lambda s: self._sample(s, rng)),
                    wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
                                partial=not self.train),
-                   wds.map(lambda b: {**b, "skipped_shards": check.drain()})]  # bad shards skipped so far
+                   # bad shards skipped so far (a plain stage: wds.map would add a "__key__" to the batch)
+                   lambda batches: ({**b, "skipped_shards": check.drain()} for b in batches)]
         yield from wds.DataPipeline(*stages)
 
     def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator,

@@ -31,8 +31,9 @@ def preflight(cfg: Config) -> dict:
                               f"{', '.join(supported)}")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage must be 0-3, got {cfg.train.zero_stage}")
-    if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.precision not in ("auto", "bf16", "bf16-autocast", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, bf16-autocast, fp16 or fp32, got "
+                          f"{cfg.train.precision!r}")
     if cfg.train.select_metric not in METRICS:
         raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
     if not 0 <= cfg.train.worker_niceness <= 19:

@@ -46,6 +46,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        # fp32 weights and optimizer, the forward under torch.autocast (matmuls, convolutions, attention in bf16)
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -155,9 +157,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """grad_cache: each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)."""
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
+
     precision = resolve_precision(cfg)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = dtype if cfg.train.use_gpu else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights' dtype
+    # evaluation: under autocast in the training precision on GPUs (bf16-autocast included)
+    autocast = (torch.bfloat16 if precision == "bf16-autocast" else dtype) if cfg.train.use_gpu else None
     # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
     eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)
     if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
