@@ -188,6 +188,8 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from tbps.data.stream import CorruptShardError
+
     from tbps.eval import format_table
 
     ap = argparse.ArgumentParser(prog="python -m tbps.evaluate", description=__doc__.split("\n\n")[0],
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
             method, cfg, tok = load_config_model(args.config, args.overrides, args.data, args.device)
             rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
                                              embeddings_path(len(names) - 1), args.ap)
-    except (FileNotFoundError, KeyError, ValueError, ConfigError, WeightLoadError) as e:
+    except (FileNotFoundError, KeyError, ValueError, ConfigError, WeightLoadError, CorruptShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = {}

@@ -294,9 +294,11 @@ def main(argv=None) -> int:
             queries += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not queries:
         ap.error("give a query text or --queries FILE")
+    from tbps.data.stream import CorruptShardError
+
     try:
         search(args.checkpoint, args.gallery, queries, args.top_k, args.out, args.split, args.device, args.faiss_min)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, CorruptShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

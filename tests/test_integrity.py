@@ -112,3 +112,15 @@ def test_shards_verify_lists_every_bad_shard(damaged, capsys):
         assert f"BAD  {os.path.join(root, name)}" in out
     assert "3 bad" in out and "missing" in out and "differs from the manifest" in out
     assert verify_main([str(os.path.dirname(root))]) == 2  # no manifest: a clear error
+
+
+def test_evaluate_cli_gives_one_message_and_exit_2_on_a_bad_shard(damaged, synth_tiny, capsys):
+    from tbps.evaluate import main as evaluate_main
+
+    root, damage = damaged
+    name = damage("test", "truncated", 0)
+    code = evaluate_main(["--config", "clip_tiny", "--data", root, f"data.tokenizer={synth_tiny}/tokenizer",
+                          "data.loader_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{name}: " in err and "Traceback" not in err
+    assert err.strip().startswith("error: shard ") and len(err.strip().splitlines()) == 1
