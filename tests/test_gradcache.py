@@ -186,7 +186,9 @@ def _deepspeed_main(rank, url, port, out_dir):
 
 
 def test_grad_cache_through_the_deepspeed_engine(synth_tiny, tmp_path):
-    """(and train.precision=bf16-autocast through the same engine)"""
+    """grad_cache through the DeepSpeed engine as the worker drives it (ZeRO-0 and ZeRO-2): one optimizer step for the
+    N micro-batches, moving the weights by exactly the large-batch gradient; and train.precision=bf16-autocast through
+    the same engine: fp32 weights, a bf16 forward."""
     mp.spawn(_deepspeed_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
     results = torch.load(tmp_path / "ds.pt")
     autocast = results.pop("autocast")
