@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass
 class LossTerm:
-    name: str = "sdm"  # one of tbps.losses.LOSSES
+    name: str = "sdm"  # one of the method's supported_losses (itc, sdm, cmpm, id, mlm, cmr)
     weight: float = 1.0
 
 

@@ -137,11 +137,13 @@ def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    head = ["model", "method", "R1", "R5", "R10", "mAP", "mINP", "chance R1", "queries", "gallery"]
+    from tbps.eval.metrics import METRICS
+
+    head = ["model", "method", *METRICS, "chance R1", "queries", "gallery"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows.items():
         lines.append("| " + " | ".join([name, m.get("method", "")] +
-                                       [f"{m[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP", "chance_R1")] +
+                                       [f"{m[k]:.2f}" for k in (*METRICS, "chance_R1")] +
                                        [str(m.get("queries", "")), str(m.get("gallery", ""))]) + " |")
         if "ivt" in m:  # IVT's protocol (--ap trapezoid): no mINP or chance level
             v = m["ivt"]

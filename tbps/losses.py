@@ -10,9 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("itc", "sdm", "cmpm", "id", "mlm", "cmr")
-
-
 CMPM_NORMS = ("l2", "sum")
 
 

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from tbps.config import dump_yaml
+from tbps.eval.metrics import METRICS
 from tune.space import SweepSpec
 
 STOPPED = "stopped early (ASHA)"
@@ -132,11 +133,11 @@ def csv_text(trials: list[Trial]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["trial", "method", "status", "epochs_run", "epochs", "metric"] + keys +
-               [f"val_{k}" for k in ("R1", "R5", "R10", "mAP", "mINP")] + [f"test_{k}" for k in ("R1", "mAP")])
+               [f"val_{k}" for k in METRICS] + [f"test_{k}" for k in ("R1", "mAP")])
     for t in trials:
         w.writerow([t.trial_id, t.method, t.status, t.epochs_run, t.epochs, t.metric] +
                    [t.params.get(k, "") for k in keys] +
-                   [t.val.get(k, "") for k in ("R1", "R5", "R10", "mAP", "mINP")] +
+                   [t.val.get(k, "") for k in METRICS] +
                    [t.test.get(k, "") for k in ("R1", "mAP")])
     return buf.getvalue()
 

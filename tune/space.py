@@ -36,9 +36,9 @@ from typing import Any
 import yaml
 
 from tbps.config import Config, ConfigError, load_config, parse_override, preset_path, read_yaml_mapping
+from tbps.eval.metrics import METRICS  # the metrics a sweep can select on
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SECTIONS = typing.get_type_hints(Config)
 

@@ -7,7 +7,7 @@ import sys
 
 from tbps.config import Config, ConfigError, to_dict
 
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+from tbps.eval.metrics import METRICS
 FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
 
 

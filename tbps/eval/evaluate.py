@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from tbps.distributed import world
 
-from .metrics import KS, chance_level, chunk_stats, finish
+from .metrics import KS, METRICS, chance_level, chunk_stats, finish
 
 
 def _to(batch: dict, device) -> dict:
@@ -141,7 +141,7 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
 
 def format_table(rows: dict[str, dict[str, float]], chance: bool = True) -> str:
     """A metrics table: one row per split/model name."""
-    cols = ["R1", "R5", "R10", "mAP", "mINP"]
+    cols = list(METRICS)
     w = max([14] + [len(n) + 2 for n in rows])
     head = f"{'':<{w}}" + "".join(f"{c:>8}" for c in cols) + (f"{'chance R1':>11}" if chance else "")
     lines = [head]

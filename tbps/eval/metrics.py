@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 KS = (1, 5, 10)
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")  # what every report, table and selection uses, in this order
 
 
 def positive_ranks(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,
