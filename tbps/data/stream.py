@@ -170,6 +170,11 @@ def _seed_int(*parts) -> int:
 ON_BAD_SHARD = ("error", "skip")
 
 
+def check_on_bad_shard(value: str) -> None:
+    if value not in ON_BAD_SHARD:
+        raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {value!r}")
+
+
 class CorruptShardError(OSError):
     """A shard that is missing, differs from its manifest entry (size, sha256) or is not a readable tar."""
 
@@ -190,8 +195,7 @@ class ShardCheck:
     its name in ``skipped`` and goes on)."""
 
     def __init__(self, url: str, shards: list[dict], on_bad: str = "error"):
-        if on_bad not in ON_BAD_SHARD:
-            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {on_bad!r}")
+        check_on_bad_shard(on_bad)
         self.expected = {join(url, s["name"]): s for s in shards}
         self.on_bad = on_bad
         self.skipped: list[str] = []
@@ -302,8 +306,7 @@ class ShardStream(IterableDataset):
         self.needs = needs or DataNeeds()
         self.rank, self.world_size, self.train = rank, world_size, train
         self.weight = sampling_weight(cfg.sampling, train)
-        if cfg.on_bad_shard not in ON_BAD_SHARD:
-            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {cfg.on_bad_shard!r}")
+        check_on_bad_shard(cfg.on_bad_shard)
         if self.weight == "captions":
             check_pair_counts(self.shards, url)
         check_identity_config(cfg)
@@ -385,10 +388,11 @@ class ShardStream(IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         urls = [join(self.url, s["name"]) for s in mine]
         check = ShardCheck(self.url, mine, self.cfg.on_bad_shard)
-        if self.identity:
-            yield from self._identity_batches(urls, rng, gen, check)
-        else:
-            yield from self._random_batches(urls, worker, rng, gen, check)
+        batches = self._identity_batches(urls, rng, gen, check) if self.identity else \
+            self._random_batches(urls, worker, rng, gen, check)
+        for batch in batches:
+            batch["skipped_shards"] = check.drain()  # bad shards skipped since the previous batch
+            yield batch
         if check.skipped:  # a marker, not a batch: skipped shards the last batch could not carry (TrainLoader)
             yield {"skipped_shards": check.drain()}
 
@@ -402,13 +406,11 @@ class ShardStream(IterableDataset):
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
         stages += [wds.map(lambda s: self._sample(s, rng)),
                    wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
-                               partial=not self.train),
-                   # bad shards skipped so far (a plain stage: wds.map would add a "__key__" to the batch)
-                   lambda batches: ({**b, "skipped_shards": check.drain()} for b in batches)]
+                               partial=not self.train)]
         yield from wds.DataPipeline(*stages)
 
     def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator,
-                          check: ShardCheck | None = None) -> Iterator[dict]:
+                          check: ShardCheck) -> Iterator[dict]:
         """``data.sampler=identity``: this worker's shards read whole (their identities are whole), then batches of
         K units per identity (tbps/data/identity.py); a unit is an (image, caption) pair, or an image with
         ``data.sampling=images``."""
@@ -424,9 +426,7 @@ class ShardStream(IterableDataset):
                                      picks_per_step(cfg.batch_size, cfg.identity_blocks, cfg.instances_per_id), rng)
         for units in block_batches(sequence, cfg.batch_size, cfg.identity_blocks):
             chosen = [samples[i] if c is None else {**samples[i], "__caption__": c} for i, c in units]
-            batch = self._collate([self._sample(s, rng) for s in chosen], gen)
-            batch["skipped_shards"] = check.drain() if check else []
-            yield batch
+            yield self._collate([self._sample(s, rng) for s in chosen], gen)
 
 
 class TrainLoader:
@@ -504,8 +504,7 @@ class EvalStream(IterableDataset):
         offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
         self.mine = [(s, offsets[i]) for i, s in enumerate(shards) if i % world_size == rank]
         self.augment = BatchAugment(cfg, train=False)
-        if cfg.on_bad_shard not in ON_BAD_SHARD:
-            raise ValueError(f"data.on_bad_shard must be one of {', '.join(ON_BAD_SHARD)}, got {cfg.on_bad_shard!r}")
+        check_on_bad_shard(cfg.on_bad_shard)
 
     def __iter__(self):
         remote.register_fsspec_gopen()

@@ -17,7 +17,8 @@ def preflight(cfg: Config) -> dict:
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
-    from tbps.data.stream import check_pair_counts, sampling_weight, split_shards, train_batches
+    from tbps.data.stream import ON_BAD_SHARD, check_pair_counts, sampling_weight, split_shards, train_batches
+    from tbps.losses import CMPM_NORMS
     from tbps.methods import METHODS
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.worker import tokenizer_path
@@ -42,11 +43,11 @@ def preflight(cfg: Config) -> dict:
     for key, value, valid in (("data.sampling", cfg.data.sampling, ("pairs", "images")),
                               ("optim.schedule_per", cfg.optim.schedule_per, ("iteration", "epoch")),
                               ("model.activation", cfg.model.activation, ("auto", "quick_gelu", "gelu")),
-                              ("method.cmpm_norm", cfg.method.cmpm_norm, ("l2", "sum")),
+                              ("method.cmpm_norm", cfg.method.cmpm_norm, CMPM_NORMS),
                               ("model.pretrained_grid", cfg.model.pretrained_grid, ("keep", "resize")),
                               ("optim.scheduler", cfg.optim.scheduler, ("cosine", "timm_cosine")),
                               ("data.erasing_mode", cfg.data.erasing_mode, ("constant", "pixel")),
-                              ("data.on_bad_shard", cfg.data.on_bad_shard, ("error", "skip"))):
+                              ("data.on_bad_shard", cfg.data.on_bad_shard, ON_BAD_SHARD)):
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.train.grad_accum < 1:

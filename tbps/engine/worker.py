@@ -240,11 +240,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            "hostname": socket.gethostname(), "pid": os.getpid(),
                                            "niceness": niceness, "torch_threads": threads,
                                            "epoch": epoch + 1, "shards": sorted(read_shards)}, world_size)
-        train = _mean_across_ranks({k: float(v) / max(n, 1) for k, v in sums.items()})
+        # one collective for the loss means and the skipped-shard count (its mean x world size = the sum)
+        train = _mean_across_ranks({**{k: float(v) / max(n, 1) for k, v in sums.items()},
+                                    "skipped_shards": float(len(train_loader.skipped))})
+        skipped = train.pop("skipped_shards") * world_size
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": seen / max(time.time() - t0, 1e-9),
                    **{f"train_{k}": v for k, v in train.items()}}
-        skipped = _mean_across_ranks({"n": float(len(train_loader.skipped))}).get("n", 0.0) * world_size
         if skipped or cfg.data.on_bad_shard == "skip":  # data.on_bad_shard=skip: train shards skipped, all ranks
             metrics["train_skipped_shards"] = int(round(skipped))
             if skipped:

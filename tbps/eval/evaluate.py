@@ -118,21 +118,18 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
     for s in range(0, len(queries), chunk):
         sim = model.similarity(queries[s:s + chunk], gallery).float()
         stats += chunk_stats(sim, query_pids[s:s + chunk], gallery_pids, cmc=cmc)
-    all_qpids = query_pids.cpu()
+    all_qpids, skipped = query_pids.cpu(), len(local["skipped_shards"])
     if world()[1] > 1:
         dist.all_reduce(stats)
         objs = [None] * world()[1]
-        dist.all_gather_object(objs, all_qpids)
-        all_qpids = torch.cat(objs)
+        dist.all_gather_object(objs, (all_qpids, skipped))
+        all_qpids, skipped = torch.cat([o[0] for o in objs]), sum(o[1] for o in objs)
     out = finish(stats)
     out["chance_R1"] = chance_level(all_qpids, gallery_pids.cpu(), 1)
     out["queries"] = int(stats[len(KS) + 3])
     out["gallery"] = len(gallery)
-    skipped = torch.tensor([len(local["skipped_shards"])], dtype=torch.float64, device=stats.device)
-    if world()[1] > 1:
-        dist.all_reduce(skipped)
-    if skipped.item():
-        out["skipped_shards"] = int(skipped.item())
+    if skipped:  # data.on_bad_shard=skip, all ranks
+        out["skipped_shards"] = skipped
     if ap == "trapezoid":
         out["ivt"] = ivt_protocol(model, local, chunk)
     out["eval_seconds"] = time.time() - start
