@@ -7,9 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=${TBPS_VENV:-.venv}
-# timm needs torchvision; torch 2.14.1 + torchvision 0.29.1 is the pair that installs and imports together here
-# (from local disk on our dev/CI machines, from PyPI elsewhere). Override for another CUDA/CPU build.
+# timm needs torchvision; torch 2.14.1 + torchvision 0.29.1 is a pair that installs and imports together. PyPI's
+# Linux wheels are CUDA builds (about 7 GB installed with the nvidia-* packages); PyPI has no CPU torchvision, and
+# PyPI's torchvision does not import beside a CPU-only torch, so that is what a fresh machine gets. Override for
+# another build, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+TORCH_DISK_GB=${TORCH_DISK_GB:-9}   # free space the torch step needs (installed size plus one wheel being unpacked)
 
 setup() {
   local stamp="$VENV/.tbps-setup"
@@ -19,8 +22,18 @@ setup() {
   echo "[setup] creating $VENV and installing tbps (first run takes a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+    local free_gb
+    free_gb=$(df -Pk "$VENV" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "$free_gb" -lt "$TORCH_DISK_GB" ]; then
+      echo "[setup] error: installing torch ($TORCH_SPEC) needs about $TORCH_DISK_GB GB free beside $VENV;" \
+           "$free_gb GB are free. Free some space, or set TORCH_SPEC to a smaller (CPU) build." >&2
+      exit 2
+    fi
+  fi
+  # no pip cache for torch: the cached wheels would double its footprint on disk
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+  "$VENV/bin/python" -m pip install -q --no-cache-dir $TORCH_SPEC
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 }

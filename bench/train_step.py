@@ -220,10 +220,17 @@ def main(argv=None) -> int:
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     rows = []
+
+    def save():  # after every row: a run cut off by a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
     if args.max_batch:
         print("| preset | activation checkpointing | grad_cache micro-batch | largest batch |\n|---|---|---|---|")
         for preset in args.presets or ("irra",):
             rows += max_batch(preset, device, args.max_batch_limit)
+            save()
     else:
         presets = args.presets or (PAPER_PRESETS if args.paper else CPU_PRESETS)
         batches = args.batches or ([4] if args.quick else [64, 128, 256] if args.paper else [32])
@@ -243,14 +250,14 @@ def main(argv=None) -> int:
                             torch.cuda.empty_cache()
                         continue
                     rows.append(r)
+                    save()
                     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
                     mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
                     print(f"| {preset} | {r['method']} | {r['image']} | {batch} | {'yes' if compiled else 'no'} | "
                           f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
                           f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        save()
         print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 
