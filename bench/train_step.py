@@ -7,6 +7,9 @@ backward + optimizer step on one device, eager and compiled (``train.compile``'s
     python bench/train_step.py --paper --max-batch      # largest IRRA batch that fits, with and without
                                                         # activation checkpointing / grad_cache
     python bench/train_step.py --quick                  # 2 steps per method, small batch: checks everything runs (CI)
+    python bench/train_step.py --paper --profile irra --batches 64 [--compile on]
+                                                        # where one step's time goes: host synchronisations, graph
+                                                        # breaks, kernels launched, device busy time, top operators
 
 Inputs are synthetic batches with the exact shapes and fields each method trains on (IRR masks, IVT's three views
 and three text levels, 4 images per identity), built without the data pipeline, so the script runs where only
@@ -197,6 +200,78 @@ def max_batch(preset: str, device: torch.device, limit: int) -> list[dict]:
     return rows
 
 
+def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, steps: int, top: int = 25,
+            overrides=()) -> dict:
+    """Where a step's time goes: the host synchronisations one step makes, the compiled graph's breaks, the number of
+    device kernels (CPU: operators) launched per step, the fraction of the wall time the device is busy, and the
+    operators that take the most time."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg, method, batch, opt = setup(preset, batch_size, device, overrides)
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        method.compile_step()
+    step = step_fn(method, batch, opt, device, device.type == "cuda")
+    for _ in range(3):
+        step()
+    cuda = device.type == "cuda"
+    syncs = None
+    if cuda:  # every host synchronisation in one step, as a warning each
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e6 / steps  # microseconds -> seconds, per step
+        launched = len(kernels) / steps
+    else:
+        busy, launched = None, sum(1 for e in prof.events() if e.cpu_parent is None) / steps
+    breaks = None
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        breaks = {str(k): v for k, v in counters["graph_break"].items()}
+    sort = "device_time_total" if cuda else "cpu_time_total"
+    print(f"\n## profile: {preset}, batch {batch_size}, {'compiled' if compiled else 'eager'}, {device_name(device)}")
+    print(f"step {wall * 1000:.1f} ms; " + (f"device busy {busy * 1000:.1f} ms ({100 * busy / wall:.0f} %); "
+                                           f"{launched:.0f} kernels per step; " if cuda else
+                                           f"{launched:.0f} top-level operators per step; ")
+          + (f"{len(syncs)} host synchronisations per step" if syncs is not None else ""))
+    for line in sorted(set(syncs or [])):
+        print(f"  sync: {line} (x{syncs.count(line)})")
+    if breaks is not None:
+        print(f"graph breaks: {sum(breaks.values())}")
+        for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  break x{n}: {reason[:200]}")
+    print(events.table(sort_by=sort, row_limit=top, max_name_column_width=60))
+    return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
+            "step_ms": wall * 1000, "device_busy_ms": busy * 1000 if busy is not None else None,
+            "kernels_per_step" if cuda else "operators_per_step": launched,
+            "host_syncs_per_step": len(syncs) if syncs is not None else None, "syncs": sorted(set(syncs or [])),
+            "graph_breaks": breaks, "device": device_name(device), "torch": torch.__version__}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--paper", action="store_true", help="paper configs (needs a GPU)")
@@ -210,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", action="store_true", help="largest IRRA batch per memory option (GPU)")
     ap.add_argument("--max-batch-limit", type=int, default=8192)
+    ap.add_argument("--profile", nargs="+", metavar="PRESET",
+                    help="profile one step of these presets (at --batches, eager unless --compile on/both)")
     ap.add_argument("--json", help="write the rows as a JSON list here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -226,7 +303,15 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
 
-    if args.max_batch:
+    if args.profile:
+        batches = args.batches or ([64] if args.paper else [32])
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile or "off"]
+        for preset in args.profile:
+            for batch in batches:
+                for compiled in modes:
+                    rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps))
+                    save()
+    elif args.max_batch:
         print("| preset | activation checkpointing | grad_cache micro-batch | largest batch |\n|---|---|---|---|")
         for preset in args.presets or ("irra",):
             rows += max_batch(preset, device, args.max_batch_limit)

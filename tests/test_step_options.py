@@ -146,7 +146,7 @@ for name in ("webdataset", "ray", "deepspeed"):
     sys.modules[name] = None  # any import of them fails
 sys.path.insert(0, "bench")
 import torch
-from train_step import count_flops, setup, step_fn
+from train_step import count_flops, profile, setup, step_fn
 small = ["model.image_overrides={patch_size: 16, embed_dim: 64, depth: 1, num_heads: 2}", "model.text_width=64",
          "model.text_layers=1", "model.text_heads=2", "model.embed_dim=64", "method.cross_layers=1",
          "method.cross_heads=2"]
@@ -154,6 +154,8 @@ cfg, method, batch, opt = setup("irra", 4, torch.device("cpu"), small)
 flops = count_flops(step_fn(method, batch, opt, torch.device("cpu"), False))
 step_fn(method, batch, opt, torch.device("cpu"), False, grad_cache_micro=2)()
 assert sorted(batch) == ["images", "mlm_ids", "mlm_labels", "pids", "text_ids", "text_mask", "train_ids"]
+prof = profile("irra", 4, torch.device("cpu"), False, 1, top=3, overrides=small)
+assert prof["operators_per_step"] > 0 and prof["host_syncs_per_step"] is None, prof
 print("ok", flops > 0)
 """
     root = os.path.dirname(HERE)
