@@ -2,15 +2,104 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
+import random
+import sys
+import time
 import uuid
+from typing import Callable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 MANIFEST = "manifest.json"
+RETRY_ENV = "TBPS_STORAGE_RETRY_S"  # seconds a storage operation keeps retrying transient errors (default 120)
+DEFAULT_RETRY_S = 120.0
+T = TypeVar("T")
+
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY}
+# object-store answers that mean "try again" (throttling, a server restarting)
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+
+
+class StorageUnavailableError(OSError):
+    """Storage kept failing with transient errors (connection refused or reset, timeouts, throttling) for longer
+    than the retry budget."""
+
+
+def retry_budget() -> float:
+    """Seconds to keep retrying a transient storage error: ``$TBPS_STORAGE_RETRY_S`` (forwarded to Ray workers with
+    every ``TBPS_*`` variable), default 120; 0 turns retrying off."""
+    value = os.environ.get(RETRY_ENV, "")
+    try:
+        budget = float(value) if value else DEFAULT_RETRY_S
+    except ValueError:
+        raise ValueError(f"{RETRY_ENV} must be a number of seconds, got {value!r}") from None
+    if budget < 0:
+        raise ValueError(f"{RETRY_ENV} must be >= 0, got {value!r}")
+    return budget
+
+
+def is_transient(error: BaseException) -> bool:
+    """A storage error worth retrying: the connection or the service, not the request (a missing object, denied
+    access, bad credentials and corrupt data are not). Looks through wrapped errors (``__cause__``/``__context__``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+            return True
+        module = type(error).__module__ or ""
+        names = {c.__name__ for c in type(error).__mro__}
+        if module.startswith("botocore") and names & {"ConnectionError", "HTTPClientError", "ReadTimeoutError",
+                                                      "ConnectTimeoutError", "ConnectionClosedError"}:
+            return True
+        if module.startswith("aiohttp") and "ClientError" in names:
+            return True
+        if "FSTimeoutError" in names:
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def with_retries(what: str, url: str, fn: Callable[[], T], budget: float | None = None) -> T:
+    """``fn()``, retried on transient storage errors with exponential backoff (0.5 s doubling to 15 s, jittered) for
+    at most ``budget`` seconds (``retry_budget()``); each retry is logged. Past the budget: StorageUnavailableError
+    naming ``what`` and ``url``. Other errors pass through at once."""
+    budget = retry_budget() if budget is None else budget
+    start, delay, attempt = time.monotonic(), 0.5, 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            attempt += 1
+            elapsed = time.monotonic() - start
+            if elapsed + delay > budget:
+                raise StorageUnavailableError(
+                    f"storage unavailable: {what} {url} failed {attempt} time(s) over {elapsed:.0f} s "
+                    f"(last: {type(e).__name__}: {e}). Check the endpoint and the network; {RETRY_ENV} sets how "
+                    f"long to keep retrying (now {budget:g} s)") from e
+            wait = delay * (1 + 0.25 * random.random())
+            print(f"[tbps] storage: {what} {url} failed ({type(e).__name__}: {str(e)[:200]}); retry {attempt} in "
+                  f"{wait:.1f} s ({elapsed:.0f} of {budget:g} s used)", file=sys.stderr, flush=True)
+            time.sleep(wait)
+            delay = min(delay * 2, 15.0)
 
 
 def filesystem(url: str):
@@ -27,9 +116,16 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def read_bytes(url: str) -> bytes:
+    """The whole object at ``url``, retrying transient storage errors (``with_retries``)."""
+    def read():
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    return with_retries("read", url, read)
+
+
 def read_json(url: str):
-    with fsspec.open(url, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
+    return json.loads(read_bytes(url).decode("utf-8"))
 
 
 def is_local(fs) -> bool:
@@ -49,5 +145,7 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        def put():
+            with fs.open(path, "wb") as f:
+                f.write(data)
+        with_retries("write", path, put)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import shutil
 
 import fsspec
 
@@ -56,14 +57,22 @@ def local_copy(url: str) -> str:
                          hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + url.rstrip("/").rsplit("/", 1)[-1])
     if os.path.exists(cache):
         return cache
+    from shards.storage import with_retries
+
     fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
+    if not with_retries("look up", url, lambda: fs.exists(path)):
         raise FileNotFoundError(f"{url} does not exist")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.part-{os.getpid()}"
-    if fs.isdir(path):
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-    else:
-        fs.get(path, tmp)
+
+    def get():
+        shutil.rmtree(tmp, ignore_errors=True)  # a retry starts over
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        else:
+            fs.get(path, tmp)
+    with_retries("download", url, get)
     os.replace(tmp, cache)
     return cache

@@ -39,7 +39,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.storage import MANIFEST, join, read_json
+from shards.storage import MANIFEST, StorageUnavailableError, join, read_json, with_retries
 from shards.writer import MANIFEST_FORMAT
 
 from . import remote
@@ -225,8 +225,12 @@ class ShardCheck:
 
 
 def _read_shard(url: str) -> bytes:
-    with wds.gopen(url, "rb") as f:
-        return f.read()
+    """A whole shard; transient storage errors (an endpoint down or resetting connections, throttling) are retried
+    with backoff for ``$TBPS_STORAGE_RETRY_S`` seconds, re-reading the shard from its start."""
+    def read():
+        with wds.gopen(url, "rb") as f:
+            return f.read()
+    return with_retries("read shard", url, read)
 
 
 def prefetched_shards(urls: list[str], depth: int = 1, check: ShardCheck | None = None) -> Iterator[dict]:
@@ -250,6 +254,8 @@ def prefetched_shards(urls: list[str], depth: int = 1, check: ShardCheck | None 
                 yield {"url": url, "error": CorruptShardError(url, "missing: the manifest lists it, the storage has "
                                                                    "no such file")}
                 continue
+            except StorageUnavailableError:
+                raise
             except Exception as e:
                 raise OSError(f"cannot read shard {url}: {type(e).__name__}: {e}") from e
             if check is not None:

@@ -13,15 +13,15 @@ meta.json of the best val epoch), ``metrics.json`` (history, best val, final tes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
 
-import fsspec
 import torch
 
-from shards.storage import filesystem, is_local, join
+from shards.storage import filesystem, is_local, join, read_bytes, with_retries
 
 DS_TAG = "ds"
 
@@ -53,13 +53,11 @@ def write_model_dir(path: str, state: dict, config_yaml: str, meta: dict) -> Non
 def load_model_state(url: str) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint directory (local or remote) or a model.pt file, with ``weights_only``."""
     target = url if url.endswith(".pt") else join(url, "model.pt")
-    with fsspec.open(target, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(read_bytes(target)), map_location="cpu", weights_only=True)
 
 
 def read_text(url: str) -> str:
-    with fsspec.open(url, "r") as f:
-        return f.read()
+    return read_bytes(url).decode("utf-8")
 
 
 class RunOutputs:
@@ -80,10 +78,11 @@ class RunOutputs:
             return
         src = self.path(*parts)
         dst = "/".join([self.root, *parts])
+        label = join(self.url, *parts)
         if os.path.isdir(src):
-            self.fs.put(src.rstrip("/") + "/", dst, recursive=True)
+            with_retries("upload", label, lambda: self.fs.put(src.rstrip("/") + "/", dst, recursive=True))
         elif os.path.exists(src):
-            self.fs.put(src, dst)
+            with_retries("upload", label, lambda: self.fs.put(src, dst))
 
     def write_json(self, name: str, data) -> None:
         tmp = self.path(name + ".tmp")
