@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+from .cli import add_verbose, run_command
 from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
 from .writer import DatasetWriter, group_shard_counts
 
@@ -207,16 +208,16 @@ def main(argv=None) -> int:
     ap.add_argument("--group-ids", action="store_true",
                     help="write the train split by identity (shards never split an identity, per-identity counts "
                          "in the manifest), as data.sampler=identity (IVT's identity-sampled batches) needs")
+    add_verbose(ap)
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
                            args.workers, seed=args.seed, attributes=args.attributes, group_ids=args.group_ids)
-    except BadRecord as e:
-        print(f"error: {e}\nnothing was published to {args.out}", file=sys.stderr)
-        return 2
-    print(summarize(manifest))
-    print(f"published {args.out}")
-    return 0
+        print(summarize(manifest))
+        print(f"published {args.out}")
+        return 0
+    return run_command("python -m shards.build", run, args.verbose, after=f"nothing was published to {args.out}")
 
 
 if __name__ == "__main__":

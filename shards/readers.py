@@ -42,6 +42,8 @@ class RawRecord:
 class BadRecord(ValueError):
     """One annotation record (or its image) is unusable. The message names the file and the record."""
 
+    is_user_error = True  # shards.cli: one message and exit code 2, no traceback
+
     def __init__(self, file: str, index: int | None, reason: str, path: str | None = None):
         self.file, self.index, self.reason, self.path = file, index, reason, path
         where = file if index is None else f"{file}: record #{index}"

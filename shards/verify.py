@@ -16,7 +16,8 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from .storage import MANIFEST, filesystem, join, read_json
+from .cli import add_verbose, run_command
+from .storage import MANIFEST, StorageUnavailableError, filesystem, join, read_json, with_retries
 
 BLOCK = 8 * 2**20
 
@@ -24,17 +25,22 @@ BLOCK = 8 * 2**20
 def check_shard(fs, root: str, entry: dict) -> str | None:
     """None when the shard matches its manifest entry, else what is wrong."""
     path = join(root, entry["name"])  # root: the file system's own path (no scheme)
-    sha, size = hashlib.sha256(), 0
-    try:
+
+    def digest():  # a transient storage error re-reads the shard from its start (with_retries)
+        sha, size = hashlib.sha256(), 0
         with fs.open(path, "rb") as f:
             while True:
                 block = f.read(BLOCK)
                 if not block:
-                    break
+                    return sha, size
                 sha.update(block)
                 size += len(block)
+    try:
+        sha, size = with_retries("read shard", path, digest)
     except FileNotFoundError:
         return "missing"
+    except StorageUnavailableError:
+        raise
     except OSError as e:
         return f"unreadable ({type(e).__name__}: {e})"
     if "bytes" in entry and size != entry["bytes"]:
@@ -60,13 +66,18 @@ def main(argv=None) -> int:
     ap.add_argument("url", help="dataset directory or fsspec URL (holding manifest.json)")
     ap.add_argument("--workers", type=int, default=8, help="shards read at a time")
     ap.add_argument("--split", action="append", help="only this split (repeatable)")
+    add_verbose(ap)
     args = ap.parse_args(argv)
+    return run_command("python -m shards.verify", lambda: _report(args), args.verbose)
+
+
+def _report(args) -> int:
     try:
         report = verify(args.url, args.workers, args.split)
     except FileNotFoundError:
         print(f"error: no {MANIFEST} at {args.url}: not a published tbps dataset", file=sys.stderr)
         return 2
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (json.JSONDecodeError, KeyError) as e:
         print(f"error: cannot read {join(args.url, MANIFEST)}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     for name, problem in sorted(report["bad"].items()):

@@ -23,6 +23,8 @@ PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 class ConfigError(ValueError):
     """A configuration problem; the message names the key or path."""
 
+    is_user_error = True  # shards.cli: one message and exit code 2, no traceback
+
 
 # ------------------------------------------------------------------------------------------------------ sections
 @dataclass

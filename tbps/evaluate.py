@@ -190,8 +190,7 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from tbps.data.stream import CorruptShardError
-
+    from shards.cli import add_verbose, run_command
     from tbps.eval import format_table
 
     ap = argparse.ArgumentParser(prog="python -m tbps.evaluate", description=__doc__.split("\n\n")[0],
@@ -216,10 +215,8 @@ def main(argv=None) -> int:
                          "caption row), as a second row")
     ap.add_argument("--save-embeddings", action="store_true",
                     help="write <out>/embeddings.npz per model (gallery and query embeddings with paths, captions, ids)")
+    add_verbose(ap)
     args = ap.parse_args(argv)
-    from tbps.config import ConfigError
-    from tbps.models import WeightLoadError
-
     if not args.checkpoint and not args.config:
         ap.error("give --checkpoint DIR (repeatable) or --config PRESET with model.pretrained=...")
     if args.overrides and not args.config and not all(is_model_file(c) for c in args.checkpoint):
@@ -244,7 +241,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         return os.path.join(args.out, "embeddings.npz" if len(names) == 1 else f"embeddings-{i}.npz")
 
-    try:
+    def evaluate_all() -> int:
         for i, (name, ckpt) in enumerate(zip(names, args.checkpoint)):
             rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc,
                                              embeddings_path(i), None if args.config else args.overrides, args.ap)
@@ -252,9 +249,10 @@ def main(argv=None) -> int:
             method, cfg, tok = load_config_model(args.config, args.overrides, args.data, args.device)
             rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
                                              embeddings_path(len(names) - 1), args.ap)
-    except (FileNotFoundError, KeyError, ValueError, ConfigError, WeightLoadError, CorruptShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 0
+    code = run_command("python -m tbps.evaluate", evaluate_all, args.verbose)
+    if code:
+        return code
     table = {}
     for name, m in rows.items():
         table[f"{name} ({args.split})"] = m

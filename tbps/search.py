@@ -276,6 +276,8 @@ def search(checkpoint: str, gallery: str, queries: list[str], top_k: int = 10, o
 
 
 def main(argv=None) -> int:
+    from shards.cli import add_verbose
+
     ap = argparse.ArgumentParser(prog="python -m tbps.search", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's best/ or checkpoint_*)")
@@ -287,6 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="search-results", help="output directory (one subfolder per query if several)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--faiss-min", type=int, default=20000, help="use FAISS for galleries at least this large")
+    add_verbose(ap)
     args = ap.parse_args(argv)
     queries = list(args.query)
     if args.queries:
@@ -294,14 +297,12 @@ def main(argv=None) -> int:
             queries += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not queries:
         ap.error("give a query text or --queries FILE")
-    from tbps.data.stream import CorruptShardError
+    from shards.cli import run_command
 
-    try:
+    def run() -> int:
         search(args.checkpoint, args.gallery, queries, args.top_k, args.out, args.split, args.device, args.faiss_min)
-    except (FileNotFoundError, KeyError, ValueError, CorruptShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_command("python -m tbps.search", run, args.verbose)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from shards.cli import add_verbose, describe, run_command
 from tbps.config import ConfigError, load_config
 
 
@@ -53,7 +54,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="preset name (tbps/configs) or YAML file; default: the demo (irra_tiny)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.temperature=0.03")
+    add_verbose(ap)
     args = ap.parse_args(argv)
+    return run_command("python -m tbps.train", lambda: _train(args), args.verbose)
+
+
+def _train(args) -> int:
     try:
         overrides = list(args.overrides)
         config = args.config
@@ -70,6 +76,10 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if result.error:
+        message = describe(result.error)  # a bad shard, storage or checkpoint met inside a Train worker
+        if message is not None:
+            print(f"error: training failed: {message}", file=sys.stderr)
+            return 2
         print(f"[tbps] training failed: {result.error}", file=sys.stderr)
         return 1
     print("\n" + final_table(read_run_metrics(cfg)))

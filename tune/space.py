@@ -206,6 +206,8 @@ def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
     simple = {f.name for f in dataclasses.fields(SweepSpec)} - {"overrides", "methods", "source"}
     for text in cli or []:
         key, value = parse_override(text)
+        if key == "data.url":  # the sweep's dataset is its data_url field; as a trial override the demo would win
+            key = "data_url"
         if key in simple or key in ("scheduler.grace_period", "scheduler.reduction_factor", "resources.cpus",
                                     "resources.gpus"):
             section, _, leaf = key.rpartition(".")
@@ -257,6 +259,8 @@ def _build(tree: dict, source: str) -> SweepSpec:
     spec.overrides = _mapping(tree.get("overrides"), f"{source}: overrides")
     for key in spec.overrides:
         _check_key(f"{source}: overrides", key)
+    if "data.url" in spec.overrides:
+        raise ConfigError(f"{source}: overrides: data.url: a sweep's dataset is its data_url field (data_url: URL)")
     shared = _mapping(tree.get("space"), f"{source}: space")
     for key, dist in shared.items():
         _check_key(f"{source}: space", key)

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 
+from shards.cli import add_verbose, run_command
 from tbps.config import ConfigError
 from tune.space import SweepSpec, load_sweep
 
@@ -145,7 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="sweep preset (tune/configs: smoke, cuhk-pedes, icfg-pedes, "
                                                      "rstpreid) or a sweep YAML file")
     ap.add_argument("overrides", nargs="*", help="key=value: sweep fields or tbps config keys for every trial")
+    add_verbose(ap)
     args = ap.parse_args(argv)
+    return run_command("python -m tune.sweep", lambda: _sweep(args), args.verbose)
+
+
+def _sweep(args) -> int:
     try:
         spec = prepare(load_sweep(args.config, args.overrides))
         from tbps.engine.launcher import ensure_ray

@@ -178,6 +178,8 @@ def check_on_bad_shard(value: str) -> None:
 class CorruptShardError(OSError):
     """A shard that is missing, differs from its manifest entry (size, sha256) or is not a readable tar."""
 
+    is_user_error = True  # shards.cli: one message and exit code 2, no traceback
+
     def __init__(self, url: str, problem: str | None = None):
         if problem is None:  # re-raised from a DataLoader worker with the message alone
             super().__init__(url)

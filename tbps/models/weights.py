@@ -15,6 +15,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mod
 class WeightLoadError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model; the message lists the offending keys."""
 
+    is_user_error = True  # shards.cli: one message and exit code 2, no traceback
+
 
 def read_state_dict(url: str, what: str = "weights") -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors / .bin / .pth (``weights_only``), a directory holding one, or a URL."""

@@ -1,0 +1,94 @@
+"""How every command ends on bad input: one message and exit code 2, a traceback only with ``--verbose``.
+
+A *user error* is something the person running the command can fix — a missing or damaged file, checkpoint or
+shard, a bad split or key, missing or rejected storage credentials, an endpoint that cannot be reached — as opposed to
+a bug, which keeps its traceback (exit code 1). Ray Train's worker-group errors are unwrapped to the worker's own
+error first, so a corrupt shard met inside a Train worker reads the same as one met by ``tbps.evaluate``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+from .storage import StorageUnavailableError, is_transient
+
+_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                      "NoAuthTokenError", "TokenRetrievalError"}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                 "AllAccessDisabled", "403"}
+_MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404"}
+
+
+def _chain(error: BaseException):
+    """``error``, then what it wraps: Ray's worker failures, ``__cause__``/``__context__``."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> the worker's error
+        if isinstance(failures, dict):
+            todo += [failures[k] for k in sorted(failures)]
+        for attr in ("controller_failure", "cause"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+        todo += [e.__cause__, e.__context__]
+
+
+def describe(error: BaseException) -> str | None:
+    """The one-line message for a user error (looking inside wrapped errors), or None for anything else."""
+    for e in _chain(error):
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _CREDENTIAL_ERRORS:
+            return (f"no usable object-storage credentials ({type(e).__name__}: {e}): set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run where an instance role provides them")
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            code = str(response["Error"].get("Code", ""))
+            if code in _DENIED_CODES:
+                return f"the storage refused access ({code}: {e}): check the credentials and the bucket's policy"
+            if code in _MISSING_CODES:
+                return f"not found on the storage ({code}: {e})"
+    for e in _chain(error):
+        if isinstance(e, StorageUnavailableError):
+            return str(e)
+        if getattr(e, "is_user_error", False):  # CorruptShardError, ConfigError, WeightLoadError, BadRecord
+            return str(e)
+    for e in _chain(error):
+        if is_transient(e):
+            return f"cannot reach the storage ({type(e).__name__}: {e}): check the endpoint (AWS_ENDPOINT_URL) " \
+                   "and the network"
+        if isinstance(e, (*_FILE_ERRORS, ValueError, KeyError)):
+            return str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+    return None
+
+
+def add_verbose(parser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
+
+
+def run_command(prog: str, body: Callable[[], int], verbose: bool = False,
+                after: str | None = None) -> int:
+    """``body()``'s exit code; a user error prints ``error: <message>`` on one line (and ``after``, e.g. "nothing was
+    published") and returns 2, Ctrl-C returns 130, anything else keeps its traceback. ``verbose`` prints the
+    traceback of user errors too."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = describe(e)
+        if message is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {message}" + (f"\n{after}" if after else ""), file=sys.stderr)
+        return 2

@@ -1,0 +1,108 @@
+"""Every command fails cleanly (#18 item 6): an unreachable storage endpoint, missing credentials or a bad input
+gives one message and exit code 2 — no traceback unless --verbose — from tbps.train, tbps.evaluate, tbps.search,
+tune.sweep, shards.build and shards.verify; errors met inside Ray Train workers are unwrapped to the same message."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from conftest import free_port
+from raw_fixtures import write_raw
+from shards.cli import describe
+from tbps.data import remote
+
+
+def _fresh_s3_clients():
+    remote._FS_BY_PROCESS.clear()
+    fsspec.filesystem("s3").clear_instance_cache()
+
+
+@pytest.fixture
+def storage_down(monkeypatch):
+    """An endpoint nothing listens on, one botocore attempt, a 1 s retry budget."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("TBPS_STORAGE_RETRY_S", "1")
+    _fresh_s3_clients()
+    yield
+    _fresh_s3_clients()
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path, s3_server):
+    """The S3 server is up but the client has no credentials anywhere (environment, files, instance metadata)."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _fresh_s3_clients()
+    yield
+    _fresh_s3_clients()
+
+
+def _commands(tmp_path):
+    from shards.build import main as build_main
+    from shards.verify import main as verify_main
+    from tbps.evaluate import main as evaluate_main
+    from tbps.search import main as search_main
+    from tbps.train import main as train_main
+    from tune.sweep import main as sweep_main
+
+    raw = str(tmp_path / "raw")
+    write_raw(raw, "cuhk-pedes")
+    return {
+        "tbps.train": lambda: train_main(["--config", "irra_tiny", "data.url=s3://tbps/nowhere"]),
+        "tbps.evaluate": lambda: evaluate_main(["--checkpoint", "s3://tbps/nowhere/best"]),
+        "tbps.search": lambda: search_main(["--checkpoint", "s3://tbps/nowhere/best", "--gallery", "s3://tbps/x",
+                                            "a man in a red jacket", "--out", str(tmp_path / "search")]),
+        "tune.sweep": lambda: sweep_main(["--config", "smoke", "data.url=s3://tbps/nowhere"]),
+        "shards.build": lambda: build_main(["--dataset", "cuhk-pedes", "--root", raw, "--out", "s3://tbps/new",
+                                            "--min-shards", "1"]),
+        "shards.verify": lambda: verify_main(["s3://tbps/nowhere"]),
+    }
+
+
+def _check(code, err, words):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert any(w in err for w in words), err
+
+
+@pytest.mark.parametrize("command", ["tbps.train", "tbps.evaluate", "tbps.search", "tune.sweep", "shards.build",
+                                     "shards.verify"])
+def test_an_unreachable_endpoint_gives_one_message_and_exit_2(command, storage_down, tmp_path, capsys):
+    import ray
+
+    code = _commands(tmp_path)[command]()
+    _check(code, capsys.readouterr().err, ("storage unavailable", "cannot reach the storage"))
+    assert not ray.is_initialized()  # found before any Ray worker started
+
+
+@pytest.mark.parametrize("command", ["tbps.train", "tbps.evaluate", "tbps.search", "shards.build", "shards.verify"])
+def test_missing_credentials_give_one_message_and_exit_2(command, no_credentials, tmp_path, capsys):
+    code = _commands(tmp_path)[command]()
+    _check(code, capsys.readouterr().err, ("no usable object-storage credentials",))
+
+
+def test_verbose_adds_the_traceback(storage_down, capsys):
+    from tbps.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--checkpoint", "s3://tbps/nowhere/best", "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "error: " in err
+
+
+def test_errors_from_train_workers_are_unwrapped():
+    from ray.train import WorkerGroupError
+
+    from tbps.data.stream import CorruptShardError
+
+    bad = CorruptShardError("s3://b/d/train-000003.tar", "sha256 0123... differs from the manifest's 4567...")
+    wrapped = WorkerGroupError("rank 1 failed", {1: RuntimeError("in the worker")})
+    wrapped.worker_failures[1].__cause__ = bad
+    assert describe(wrapped) == str(bad)
+    assert describe(WorkerGroupError("rank 0 failed", {0: ZeroDivisionError()})) is None  # a bug keeps its trace
