@@ -12,6 +12,23 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "tbps-test-secret-6c1f9e0b2d7a"  # the S3 server fixture's AWS_SECRET_ACCESS_KEY
+
+
+def files_holding(secret: str, *roots: str) -> list[str]:
+    """Every file under ``roots`` whose bytes contain ``secret``."""
+    hits = []
+    for root in roots:
+        for d, _, names in os.walk(root):
+            for n in names:
+                path = os.path.join(d, n)
+                try:
+                    with open(path, "rb") as f:
+                        if secret.encode() in f.read():
+                            hits.append(path)
+                except OSError:
+                    pass
+    return hits
 
 
 def free_port() -> int:
@@ -37,8 +54,9 @@ def s3_server():
                 proc.kill()
                 raise RuntimeError("moto server did not start")
             time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    # distinctive credentials (moto takes any): tests search every file a run writes for the secret (#18 item 7)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "AKIATBPSTESTKEY00001",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3

@@ -15,7 +15,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, SECRET, files_holding
 
 CLUSTER = os.path.join(ROOT, "cluster")
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
@@ -168,6 +168,10 @@ def test_two_node_cluster_one_worker_per_node_disjoint_s3_shards(s3_server, synt
     train = {s["name"] for s in manifest["splits"]["train"]["shards"]}
     assert a | b <= train
     assert set(metrics["test"]) >= {"R1", "mAP"} and metrics["history"][-1]["epoch"] == 1
+    # no credential written anywhere: run outputs (config, metrics, checkpoints, TensorBoard) and Ray's session logs
+    assert s3_server["env"]["AWS_SECRET_ACCESS_KEY"] == SECRET
+    assert os.listdir(os.path.join(info["session_dir"], "logs"))
+    assert files_holding(SECRET, str(tmp_path / "runs"), info["session_dir"]) == []
 
 
 TWO_NODE_DRIVER = r'''
@@ -176,7 +180,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 url, storage, info_path = sys.argv[1], sys.argv[2], sys.argv[3]
-env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_AUTH_MODE"))}
+from tbps.engine.launcher import forwarded_env
+
+env = forwarded_env()  # endpoint and region; the credentials reach the raylets (started from here) by inheritance
 # two raylets on loopback, one CPU each: a 2-worker run can only place one worker per node
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
                                                          "dashboard_host": "127.0.0.1"})
@@ -194,7 +200,7 @@ cfg = load_config("clip_tiny", [f"data.url={url}", "data.batch_size=8", "train.e
 result = fit(cfg)
 assert result.error is None, result.error
 with open(info_path, "w") as f:
-    json.dump({"nodes": nodes}, f)
+    json.dump({"nodes": nodes, "session_dir": ray._private.worker._global_node.get_session_dir_path()}, f)
 ray.shutdown()
 cluster.shutdown()
 '''

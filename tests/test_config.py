@@ -66,3 +66,17 @@ def test_every_preset_file_is_valid_yaml():
 
     for f in os.listdir(PRESET_DIR):
         assert isinstance(yaml.safe_load(open(os.path.join(PRESET_DIR, f))), dict), f
+
+
+def test_a_locally_started_ray_is_given_settings_but_never_secrets():
+    """Ray writes runtime envs into its logs (runtime_env_agent.log): only non-secret settings go there; the
+    workers of a Ray started by the driver inherit the credentials (tests/test_cluster.py scans the logs)."""
+    from tbps.engine.launcher import forwarded_env
+
+    env = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t", "HF_TOKEN": "h",
+           "AZURE_STORAGE_KEY": "k", "AZURE_STORAGE_SAS_TOKEN": "x", "GOOGLE_APPLICATION_CREDENTIALS": "/key.json",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1", "TBPS_STORAGE_RETRY_S": "30",
+           "AZURE_STORAGE_ACCOUNT": "acct", "RAY_AUTH_MODE": "disabled", "PATH": "/bin"}
+    assert forwarded_env(env) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                                  "TBPS_STORAGE_RETRY_S": "30", "AZURE_STORAGE_ACCOUNT": "acct",
+                                  "RAY_AUTH_MODE": "disabled"}

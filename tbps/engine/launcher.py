@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from tbps.config import Config, ConfigError, to_dict
 
 from tbps.eval.metrics import METRICS
 FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
+# never put into a runtime env: Ray writes runtime envs into its logs (runtime_env_agent.log) and job tables
+SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|ACCOUNT_KEY|_SAS|_KEY$", re.IGNORECASE)
+
+
+def forwarded_env(environ=None) -> dict[str, str]:
+    """The settings a locally started Ray passes on to its workers explicitly (endpoints, regions, TBPS_* knobs).
+    Secrets are left out: the workers of a Ray started by this process inherit its environment anyway, and a
+    cluster's nodes get credentials from their own environment or instance role (cluster/), never from the
+    driver — so no credential is ever written into Ray's logs."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV) and not SECRET_ENV.search(k)}
 
 
 def preflight(cfg: Config) -> dict:
@@ -133,7 +145,7 @@ def ensure_ray(cfg: Config) -> None:
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
     num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    env = forwarded_env()
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env} if env else None, log_to_driver=True)
 
