@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key or path."""
 
     is_user_error = True  # shards.cli: one message and exit code 2, no traceback
+
+
+# enum-like fields: checked when a config loads (a wrong value names the key and the valid ones)
+OptimName = Literal["adam", "adamw", "sgd"]
+Precision = Literal["auto", "bf16", "bf16-autocast", "fp16", "fp32"]
+OnBadShard = Literal["error", "skip"]
+CmpmNorm = Literal["l2", "sum"]
 
 
 # ------------------------------------------------------------------------------------------------------ sections
@@ -44,21 +51,21 @@ class DataConfig:
     erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
     erasing_value: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # fill, in normalised units (IRRA:
     # the CLIP mean's numbers, as its RandomErasing(value=mean) after Normalize does)
-    erasing_mode: str = "constant"  # constant (erasing_value) | pixel (per-pixel N(0, 1) noise: timm's mode
+    erasing_mode: Literal["constant", "pixel"] = "constant"  # constant (erasing_value) | pixel (per-pixel N(0, 1) noise: timm's mode
     # 'pixel', as IVT)
-    interpolation: str = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     tokenizer: str = ""  # clip (CLIP BPE + IRRA's <|mask|>, built in) | a transformers tokenizer dir (local or
     # s3://) | "" = <url>/tokenizer
-    sampling: str = "pairs"  # pairs: every (image, caption) pair once per epoch (IRRA, IVT) | images: one random
+    sampling: Literal["pairs", "images"] = "pairs"  # pairs: every (image, caption) pair once per epoch (IRRA, IVT) | images: one random
     # caption per image per epoch
-    sampler: str = "random"  # batch composition: random | identity (K units per identity, IVT's sampler; needs a
+    sampler: Literal["random", "identity"] = "random"  # batch composition: random | identity (K units per identity, IVT's sampler; needs a
     # train split written with shards.build --group-ids)
     instances_per_id: int = 4  # identity sampler: K pairs (or images) of one identity per group
     identity_blocks: int = 1  # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
     # like ranks (IVT's 4-GPU run: 4 blocks of 7, identity groups split across blocks); 1 = whole groups of K
-    on_bad_shard: str = "error"  # a shard missing or differing from its manifest entry (size, sha256), or not a
+    on_bad_shard: OnBadShard = "error"  # a shard missing or differing from its manifest entry (size, sha256), or not a
     # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
     text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
@@ -72,13 +79,13 @@ class LossTerm:
 
 @dataclass
 class MethodConfig:
-    name: str = "irra"  # clip | irra | ivt | pcc
+    name: str = "irra"  # clip | irra | ivt | pcc (the registry in tbps.methods checks it)
     losses: list[LossTerm] = field(default_factory=lambda: [LossTerm("sdm", 1.0), LossTerm("mlm", 1.0),
                                                             LossTerm("id", 1.0)])
     temperature: float = 0.02  # SDM / ITC / CMR temperature tau (logits = cos / tau)
     learnable_temperature: bool = False  # CLIP-style learnable logit scale, initialised from temperature
     mask_ratio: float = 0.15  # IRRA: fraction of caption tokens masked for IRR
-    cmpm_norm: str = "l2"  # CMPM label rows: l2 (q = y / ||y||_2, the official IVT/IRRA code) | sum (q = y / sum y)
+    cmpm_norm: CmpmNorm = "l2"  # CMPM label rows: l2 (q = y / ||y||_2, the official IVT/IRRA code) | sum (q = y / sum y)
     bmm_max_drop: float = 0.2  # IVT BMM: per batch drop k ~ U{0..floor(this x N)} of the N token positions
     cross_layers: int = 4  # IRRA: transformer layers of the cross-modal encoder
     cross_heads: int = 8  # IRRA: heads of its cross-attention
@@ -96,18 +103,18 @@ class MethodConfig:
 class ModelConfig:
     pretrained: str = ""  # a whole model to start from (local path or s3://): a CLIP checkpoint (OpenAI .pt,
     # open_clip, transformers CLIPModel dir) or an IRRA run dir; sets the architecture fields below from it
-    pretrained_grid: str = "keep"  # an IVT checkpoint whose patch grid differs (IVT's pretrained model at stride 16
+    pretrained_grid: Literal["keep", "resize"] = "keep"  # an IVT checkpoint whose patch grid differs (IVT's pretrained model at stride 16
     # fine-tuned at 12): keep (the official: its position/type tables are skipped, the ones already there stay) |
     # resize (bilinear, CLS kept)
-    activation: str = "auto"  # auto | quick_gelu | gelu: towers' MLP activation (auto: model.pretrained's, else the
+    activation: Literal["auto", "quick_gelu", "gelu"] = "auto"  # auto | quick_gelu | gelu: towers' MLP activation (auto: model.pretrained's, else the
     # towers' own defaults)
     image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
     image_overrides: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (depth, embed_dim..)
     image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
     patch_stride: int = 0  # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
-    image_pool: str = "cls"  # global image feature: cls (the papers) | mean (of patch tokens; faster from scratch)
-    text_tower: str = "clip"  # clip | bert (transformers architectures)
-    text_pool: str = "eot"  # global text feature: eot (last real token, the papers) | mean (of real tokens)
+    image_pool: Literal["cls", "mean"] = "cls"  # global image feature: cls (the papers) | mean (of patch tokens; faster from scratch)
+    text_tower: Literal["clip", "bert"] = "clip"  # clip | bert (transformers architectures)
+    text_pool: Literal["eot", "mean"] = "eot"  # global text feature: eot (last real token, the papers) | mean (of real tokens)
     text_pretrained: str = ""  # local dir or s3:// URL of a transformers checkpoint ("" = random init)
     text_width: int = 512
     text_layers: int = 12
@@ -122,7 +129,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
+    name: OptimName = "adam"  # adam | adamw | sgd
     lr: float = 1e-5
     new_module_lr_mult: float = 5.0  # heads / cross-modal encoder / classifier learn faster (IRRA)
     bias_lr_mult: float = 1.0  # biases outside head modules learn at lr x this (IRRA, IVT: 2)
@@ -135,10 +142,10 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.1  # lr starts at lr * this and rises linearly
     min_lr: float = 0.0  # cosine floor
-    scheduler: str = "cosine"  # cosine: linear warm-up, then cosine over the remaining steps (IRRA) | timm_cosine:
+    scheduler: Literal["cosine", "timm_cosine"] = "cosine"  # cosine: linear warm-up, then cosine over the remaining steps (IRRA) | timm_cosine:
     # timm's CosineLRScheduler as IVT runs it (epochs counted from 1, cosine over the whole run, warm-up start lr *
     # warmup_start_factor and floor min_lr the same absolute values for every group)
-    schedule_per: str = "iteration"  # iteration | epoch (the lr stays constant within an epoch: IRRA, IVT)
+    schedule_per: Literal["iteration", "epoch"] = "iteration"  # iteration | epoch (the lr stays constant within an epoch: IRRA, IVT)
     grad_clip: float = 0.0  # max grad norm (0 = off)
 
 
@@ -152,7 +159,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) |
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) |
     # bf16-autocast (fp32 weights, torch.autocast forward) | fp16 | fp32
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
@@ -210,6 +217,11 @@ def _convert(value: Any, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        valid = typing.get_args(tp)
+        if value not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, valid))}, got {value!r}")
+        return value
     if tp is Any:
         return value
     if origin is dict:

@@ -26,6 +26,13 @@ def test_presets_load_and_overrides_apply():
     ("train.epochs=many", "train.epochs: expected an integer"),
     ("data.flip=yes please", "data.flip: expected a number"),
     ("nonsense", "is not key=value"),
+    # enum-like fields are checked when the config loads, not inside every Ray worker
+    ("optim.name=adamx", "optim.name must be one of adam, adamw, sgd, got 'adamx'"),
+    ("model.image_pool=max", "model.image_pool must be one of cls, mean, got 'max'"),
+    ("model.text_tower=gpt", "model.text_tower must be one of clip, bert, got 'gpt'"),
+    ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp32"),
+    ("data.on_bad_shard=ignore", "data.on_bad_shard must be one of error, skip"),
+    ("method.cmpm_norm=l1", "method.cmpm_norm must be one of l2, sum"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,3 +87,15 @@ def test_a_locally_started_ray_is_given_settings_but_never_secrets():
     assert forwarded_env(env) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
                                   "TBPS_STORAGE_RETRY_S": "30", "AZURE_STORAGE_ACCOUNT": "acct",
                                   "RAY_AUTH_MODE": "disabled"}
+
+
+def test_enum_fields_accept_what_the_code_implements():
+    import typing
+
+    from tbps.config import CmpmNorm, OnBadShard
+    from tbps.data.stream import ON_BAD_SHARD
+    from tbps.losses import CMPM_NORMS
+
+    assert typing.get_args(CmpmNorm) == CMPM_NORMS and typing.get_args(OnBadShard) == ON_BAD_SHARD
+    for preset in ("irra", "ivt", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
+        load_config(preset)  # every preset's values are valid

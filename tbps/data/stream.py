@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import tarfile
+import typing
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.storage import MANIFEST, StorageUnavailableError, join, read_json, with_retries
 from shards.writer import MANIFEST_FORMAT
+from tbps.config import OnBadShard
 
 from . import remote
 from .needs import DataNeeds
@@ -167,7 +169,7 @@ def _seed_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-ON_BAD_SHARD = ("error", "skip")
+ON_BAD_SHARD = typing.get_args(OnBadShard)  # ("error", "skip"), the values tbps.config accepts
 
 
 def check_on_bad_shard(value: str) -> None:
