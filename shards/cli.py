@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Callable
 
-from .storage import StorageUnavailableError, is_transient
+from .storage import StorageUnavailableError, error_chain, is_transient
 
 _FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
@@ -22,29 +22,9 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404"}
 
 
-def _chain(error: BaseException):
-    """``error``, then what it wraps: Ray's worker failures, ``__cause__``/``__context__``."""
-    seen = set()
-    todo = [error]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> the worker's error
-        if isinstance(failures, dict):
-            todo += [failures[k] for k in sorted(failures)]
-        for attr in ("controller_failure", "cause"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-        todo += [e.__cause__, e.__context__]
-
-
 def describe(error: BaseException) -> str | None:
     """The one-line message for a user error (looking inside wrapped errors), or None for anything else."""
-    for e in _chain(error):
+    for e in error_chain(error):
         names = {c.__name__ for c in type(e).__mro__}
         if names & _CREDENTIAL_ERRORS:
             return (f"no usable object-storage credentials ({type(e).__name__}: {e}): set AWS_ACCESS_KEY_ID and "
@@ -56,12 +36,12 @@ def describe(error: BaseException) -> str | None:
                 return f"the storage refused access ({code}: {e}): check the credentials and the bucket's policy"
             if code in _MISSING_CODES:
                 return f"not found on the storage ({code}: {e})"
-    for e in _chain(error):
+    for e in error_chain(error):
         if isinstance(e, StorageUnavailableError):
             return str(e)
         if getattr(e, "is_user_error", False):  # CorruptShardError, ConfigError, WeightLoadError, BadRecord
             return str(e)
-    for e in _chain(error):
+    for e in error_chain(error):
         if is_transient(e):
             return f"cannot reach the storage ({type(e).__name__}: {e}): check the endpoint (AWS_ENDPOINT_URL) " \
                    "and the network"

@@ -45,12 +45,31 @@ def retry_budget() -> float:
     return budget
 
 
+def error_chain(error: BaseException):
+    """``error``, then what it wraps, outermost first: Ray Train's worker failures (``worker_failures``,
+    ``controller_failure``), ``cause``, ``__cause__``/``__context__``; each error once."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> the worker's error
+        if isinstance(failures, dict):
+            todo += [failures[k] for k in sorted(failures)]
+        for attr in ("controller_failure", "cause"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+        todo += [e.__cause__, e.__context__]
+
+
 def is_transient(error: BaseException) -> bool:
     """A storage error worth retrying: the connection or the service, not the request (a missing object, denied
-    access, bad credentials and corrupt data are not). Looks through wrapped errors (``__cause__``/``__context__``)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
+    access, bad credentials and corrupt data are not). Looks through wrapped errors (``error_chain``)."""
+    for error in error_chain(error):
         if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
             return False
         if isinstance(error, (ConnectionError, TimeoutError)):
@@ -72,7 +91,6 @@ def is_transient(error: BaseException) -> bool:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
                 return True
-        error = error.__cause__ or error.__context__
     return False
 
 

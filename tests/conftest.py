@@ -15,6 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "tbps-test-secret-6c1f9e0b2d7a"  # the S3 server fixture's AWS_SECRET_ACCESS_KEY
 
 
+def fresh_s3_clients() -> None:
+    """Forget the s3fs clients made so far (tbps's per-process ones and fsspec's cache): the next ones read
+    AWS_ENDPOINT_URL and the credentials from the environment as it is now."""
+    from tbps.data import remote
+
+    remote._FS_BY_PROCESS.clear()
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+
+
 def files_holding(secret: str, *roots: str) -> list[str]:
     """Every file under ``roots`` whose bytes contain ``secret``."""
     hits = []

@@ -4,18 +4,11 @@ tune.sweep, shards.build and shards.verify; errors met inside Ray Train workers 
 
 from __future__ import annotations
 
-import fsspec
 import pytest
 
-from conftest import free_port
+from conftest import free_port, fresh_s3_clients
 from raw_fixtures import write_raw
 from shards.cli import describe
-from tbps.data import remote
-
-
-def _fresh_s3_clients():
-    remote._FS_BY_PROCESS.clear()
-    fsspec.filesystem("s3").clear_instance_cache()
 
 
 @pytest.fixture
@@ -26,9 +19,9 @@ def storage_down(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("TBPS_STORAGE_RETRY_S", "1")
-    _fresh_s3_clients()
+    fresh_s3_clients()
     yield
-    _fresh_s3_clients()
+    fresh_s3_clients()
 
 
 @pytest.fixture
@@ -39,9 +32,9 @@ def no_credentials(monkeypatch, tmp_path, s3_server):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    _fresh_s3_clients()
+    fresh_s3_clients()
     yield
-    _fresh_s3_clients()
+    fresh_s3_clients()
 
 
 def _commands(tmp_path):

@@ -13,10 +13,11 @@ import fsspec
 import pytest
 import torch
 
+from conftest import fresh_s3_clients
 from netfault import FlakyProxy
 from shards.storage import StorageUnavailableError, is_transient, with_retries
 from tbps.config import DataConfig
-from tbps.data import build_eval_loader, build_train_loader, load_tokenizer, remote
+from tbps.data import build_eval_loader, build_train_loader, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,10 @@ def flaky_s3(s3_server, many_shards, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("TBPS_STORAGE_RETRY_S", "60")
-    remote._FS_BY_PROCESS.clear()  # s3fs clients made before this test talk to the server directly
-    fsspec.filesystem("s3").clear_instance_cache()
+    fresh_s3_clients()  # s3fs clients made before this test talk to the server directly
     yield url, proxy
     proxy.close()
-    remote._FS_BY_PROCESS.clear()
-    fsspec.filesystem("s3").clear_instance_cache()
+    fresh_s3_clients()
 
 
 def _outage(proxy: FlakyProxy, seconds: float) -> threading.Thread:
