@@ -89,8 +89,7 @@ def s3_server():
 def synth_tiny(tmp_path_factory):
     """SynthPEDES 'tiny' as shards, with a word-level tokenizer built from its train captions."""
     from shards.synth import generate
-    from tbps.data import build_tokenizer, load_manifest
-    from tbps.data.stream import split_shards
+    from tbps.data import build_tokenizer
 
     out = str(tmp_path_factory.mktemp("synth") / "shards")
     generate(out=out, size="tiny", seed=0, min_shards=4, progress=False)

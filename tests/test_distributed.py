@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from ranks import run_ranks
 
 B = 6
 
@@ -35,26 +34,21 @@ def _slice(batch, lo, hi):
     return {k: v[lo:hi] if isinstance(v, (list, torch.Tensor)) else v for k, v in batch.items()}  # ints stay
 
 
-def _rank_main(rank, name, url, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        method, batch = _setup(name, url)
-        loss = method(_slice(batch, rank * B, (rank + 1) * B))["loss"]
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
-        dist.all_reduce(grads)
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        if rank == 0:
-            torch.save({"loss": mean_loss / 2, "grad": grads / 2}, os.path.join(out_dir, "dist.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank, name, url, out_dir):
+    method, batch = _setup(name, url)
+    loss = method(_slice(batch, rank * B, (rank + 1) * B))["loss"]
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
+    dist.all_reduce(grads)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    if rank == 0:
+        torch.save({"loss": mean_loss / 2, "grad": grads / 2}, os.path.join(out_dir, "dist.pt"))
 
 
 @pytest.mark.parametrize("name", ["clip", "irra", "ivt"])
 def test_two_ranks_equal_one_rank_with_double_batch(name, synth_tiny, tmp_path):
-    mp.spawn(_rank_main, args=(name, synth_tiny, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank_main, 2, name, synth_tiny, str(tmp_path))
     got = torch.load(tmp_path / "dist.pt")
     method, batch = _setup(name, synth_tiny)
     loss = method(batch)["loss"]
@@ -80,41 +74,36 @@ def test_without_gather_ranks_see_only_local_negatives(synth_tiny):
     assert not torch.allclose(full, halves)
 
 
-def _single_rank_engines(rank, url, port, out_dir):
+def _single_rank_engines(rank, url, out_dir):
     import deepspeed
 
     from tbps.config import load_config
     from tbps.engine.worker import deepspeed_config, initialize_engine
     from tbps.optim import build_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        method, batch = _setup("irra", url)
-        state = {k: v.clone() for k, v in method.state_dict().items()}
-        cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
-        results = {}
-        for name in ("ours", "deepspeed"):
-            method.load_state_dict(state)
-            torch.manual_seed(1)
-            opt = build_optimizer(method, cfg.optim)
-            if name == "ours":
-                engine, *_ = initialize_engine(cfg, method, opt)
-            else:
-                engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=deepspeed_config(cfg))
-            for _ in range(3):
-                engine.backward(engine(batch)["loss"])
-                engine.step()
-            results[name] = {"allreduce": engine.enable_backward_allreduce,
-                             "params": {k: v.detach().clone() for k, v in method.state_dict().items()}}
-        torch.save(results, os.path.join(out_dir, "single.pt"))
-    finally:
-        dist.destroy_process_group()
+    method, batch = _setup("irra", url)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
+    results = {}
+    for name in ("ours", "deepspeed"):
+        method.load_state_dict(state)
+        torch.manual_seed(1)
+        opt = build_optimizer(method, cfg.optim)
+        if name == "ours":
+            engine, *_ = initialize_engine(cfg, method, opt)
+        else:
+            engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=deepspeed_config(cfg))
+        for _ in range(3):
+            engine.backward(engine(batch)["loss"])
+            engine.step()
+        results[name] = {"allreduce": engine.enable_backward_allreduce,
+                         "params": {k: v.detach().clone() for k, v in method.state_dict().items()}}
+    torch.save(results, os.path.join(out_dir, "single.pt"))
 
 
 def test_single_rank_engine_skips_the_self_allreduce_and_trains_identically(synth_tiny, tmp_path):
     """One rank at ZeRO-0: no gradient all-reduce with itself, and the same parameters after clipped Adam steps."""
-    mp.spawn(_single_rank_engines, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
+    run_ranks(_single_rank_engines, 1, synth_tiny, str(tmp_path))
     res = torch.load(tmp_path / "single.pt")
     assert res["ours"]["allreduce"] is False and res["deepspeed"]["allreduce"] is True
     ours, ref = res["ours"]["params"], res["deepspeed"]["params"]

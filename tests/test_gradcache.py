@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from ranks import run_ranks
 
 MICRO, N = 4, 4
 SETUPS = {  # method -> loss terms and overrides (randomness off so a reference forward is exact)
@@ -110,27 +109,22 @@ def test_grad_cache_replays_dropout_drop_path_and_bmm(synth_tiny):
     assert _rel(_grads(method), plain) < 1e-5
 
 
-def _rank_main(rank, url, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for name in ("irra", "ivt"):
-            method, batches = _setup(name, url, rank, 2)
-            (ref, ref_loss), (gc, gc_loss), plain = _three_ways(method, batches)
-            for g in (ref, gc, plain):
-                dist.all_reduce(g)
-            results[name] = {"ref": ref, "gc": gc, "plain": plain, "ref_loss": ref_loss, "gc_loss": gc_loss}
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "gc.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank, url, out_dir):
+    results = {}
+    for name in ("irra", "ivt"):
+        method, batches = _setup(name, url, rank, 2)
+        (ref, ref_loss), (gc, gc_loss), plain = _three_ways(method, batches)
+        for g in (ref, gc, plain):
+            dist.all_reduce(g)
+        results[name] = {"ref": ref, "gc": gc, "plain": plain, "ref_loss": ref_loss, "gc_loss": gc_loss}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "gc.pt"))
 
 
 def test_grad_cache_with_negatives_gathered_from_two_ranks(synth_tiny, tmp_path):
     """2 ranks x 4 micro-batches, method.gather: the summed gradients equal those of the 2 x 4-times global batch
     (SDM with IRRA's MLM and ID per micro-batch; IVT's CMPM with ID)."""
-    mp.spawn(_rank_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank_main, 2, synth_tiny, str(tmp_path))
     results = torch.load(tmp_path / "gc.pt")
     for name, r in results.items():
         assert torch.allclose(r["gc_loss"], r["ref_loss"], atol=1e-5), name
@@ -138,58 +132,53 @@ def test_grad_cache_with_negatives_gathered_from_two_ranks(synth_tiny, tmp_path)
         assert _rel(r["plain"], r["ref"]) > 0.1, name
 
 
-def _deepspeed_main(rank, url, port, out_dir):
+def _deepspeed_main(rank, url, out_dir):
     """grad_cache through the DeepSpeed engine as the worker runs it (engine forward, backward without the 1/accum
     scale, step per micro-batch): one SGD step (lr 1) moves the weights by exactly the reference gradient."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
 
     from tbps.config import load_config
     from tbps.engine.worker import deepspeed_config
     from tbps.gradcache import grad_cache_step
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        results = {}
-        for stage in (0, 2):
-            method, batches = _setup("irra", url)
-            (ref, _), _, _ = _three_ways(method, batches)
-            before = torch.cat([p.detach().flatten().clone() for p in method.parameters() if p.requires_grad])
-            method.zero_grad()
-            cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", f"train.grad_accum={N}", "optim.grad_clip=0",
-                                            f"train.zero_stage={stage}"])
-            engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=1.0),
-                                              config=deepspeed_config(cfg))
-            assert engine.gradient_clipping() == 0  # DeepSpeed's default would clip at 1.0
-
-            def backward(surrogate, _):
-                engine.backward(surrogate, scale_wrt_gas=False)
-                engine.step()
-
-            grad_cache_step(engine.module, batches, forward=engine, backward=backward)
-            after = torch.cat([p.detach().flatten() for p in method.parameters() if p.requires_grad])
-            results[stage] = {"step": before - after, "ref": ref, "global_steps": engine.global_steps}
-        # train.precision=bf16-autocast: fp32 weights, the forward under torch.autocast (here on CPU)
+    results = {}
+    for stage in (0, 2):
         method, batches = _setup("irra", url)
-        cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", "train.precision=bf16-autocast"])
-        engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=0.1),
+        (ref, _), _, _ = _three_ways(method, batches)
+        before = torch.cat([p.detach().flatten().clone() for p in method.parameters() if p.requires_grad])
+        method.zero_grad()
+        cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", f"train.grad_accum={N}", "optim.grad_clip=0",
+                                        f"train.zero_stage={stage}"])
+        engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=1.0),
                                           config=deepspeed_config(cfg))
-        feats, _ = engine(batches[0], stage="features")
-        out = engine(batches[0])
-        engine.backward(out["loss"])
-        engine.step()
-        results["autocast"] = {"feature_dtype": str(feats["v"].dtype), "loss": float(out["loss"]),
-                               "weight_dtypes": sorted({str(p.dtype) for p in method.parameters()})}
-        torch.save(results, os.path.join(out_dir, "ds.pt"))
-    finally:
-        dist.destroy_process_group()
+        assert engine.gradient_clipping() == 0  # DeepSpeed's default would clip at 1.0
+
+        def backward(surrogate, _):
+            engine.backward(surrogate, scale_wrt_gas=False)
+            engine.step()
+
+        grad_cache_step(engine.module, batches, forward=engine, backward=backward)
+        after = torch.cat([p.detach().flatten() for p in method.parameters() if p.requires_grad])
+        results[stage] = {"step": before - after, "ref": ref, "global_steps": engine.global_steps}
+    # train.precision=bf16-autocast: fp32 weights, the forward under torch.autocast (here on CPU)
+    method, batches = _setup("irra", url)
+    cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", "train.precision=bf16-autocast"])
+    engine, *_ = deepspeed.initialize(model=method, optimizer=torch.optim.SGD(method.parameters(), lr=0.1),
+                                      config=deepspeed_config(cfg))
+    feats, _ = engine(batches[0], stage="features")
+    out = engine(batches[0])
+    engine.backward(out["loss"])
+    engine.step()
+    results["autocast"] = {"feature_dtype": str(feats["v"].dtype), "loss": float(out["loss"]),
+                           "weight_dtypes": sorted({str(p.dtype) for p in method.parameters()})}
+    torch.save(results, os.path.join(out_dir, "ds.pt"))
 
 
 def test_grad_cache_through_the_deepspeed_engine(synth_tiny, tmp_path):
     """grad_cache through the DeepSpeed engine as the worker drives it (ZeRO-0 and ZeRO-2): one optimizer step for the
     N micro-batches, moving the weights by exactly the large-batch gradient; and train.precision=bf16-autocast through
     the same engine: fp32 weights, a bf16 forward."""
-    mp.spawn(_deepspeed_main, args=(synth_tiny, free_port(), str(tmp_path)), nprocs=1, join=True)
+    run_ranks(_deepspeed_main, 1, synth_tiny, str(tmp_path))
     results = torch.load(tmp_path / "ds.pt")
     autocast = results.pop("autocast")
     assert autocast["feature_dtype"] == "torch.bfloat16" and autocast["weight_dtypes"] == ["torch.float32"]
