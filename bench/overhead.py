@@ -87,7 +87,7 @@ def ray_worker(config):
     number read from the `go` FIFO (0 ends), answering each with a JSON line of step times on `done`."""
     import torch
 
-    from tbps.engine.worker import initialize_engine
+    from tbps.engine.loop import initialize_engine
     from tbps.optim import build_optimizer
 
     torch.set_num_threads(config["threads"])

@@ -168,7 +168,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (Method.features) and the eval encoders; ZeRO 0-2
     eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
     select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
-    num_to_keep: int = 2  # checkpoints kept
+    num_to_keep: int = 2  # checkpoints kept (mid-epoch ones included)
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps within an epoch (0 = at epoch ends
+    # only): engine, data position and loss sums, so a resume continues mid-epoch, no sample repeated or skipped
     max_failures: int = 1  # worker failures survived (restart from the last checkpoint)
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (debug/bench knob)

@@ -78,7 +78,7 @@ def _single_rank_engines(rank, url, out_dir):
     import deepspeed
 
     from tbps.config import load_config
-    from tbps.engine.worker import deepspeed_config, initialize_engine
+    from tbps.engine.loop import deepspeed_config, initialize_engine
     from tbps.optim import build_optimizer
 
     method, batch = _setup("irra", url)

@@ -138,7 +138,7 @@ def _deepspeed_main(rank, url, out_dir):
     import deepspeed
 
     from tbps.config import load_config
-    from tbps.engine.worker import deepspeed_config
+    from tbps.engine.loop import deepspeed_config
     from tbps.gradcache import grad_cache_step
 
     results = {}

@@ -37,7 +37,7 @@ def ray_head():
                  f"--temp-dir={ray_tmp}", "--disable-usage-stats", env=env, timeout=180)
     assert start.returncode == 0, start.stderr
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{dash}"}
+        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}"}
     finally:
         _ray("stop", "--force", env=env, timeout=120)
 
@@ -52,15 +52,76 @@ def _submit(head, *entrypoint):
     return out
 
 
-def test_ray_job_submit_trains_and_writes_metrics(ray_head, synth_tiny, tmp_path):
-    storage = tmp_path / "runs"
-    out = _submit(ray_head, "python", "-m", "tbps.train", "--config", "clip_tiny", f"data.url={synth_tiny}",
-                  "data.batch_size=8", "train.epochs=1", "train.num_workers=2", f"train.storage_path={storage}",
-                  "train.run_name=submitted")
-    metrics = json.load(open(storage / "submitted" / "metrics.json"))
-    assert [h["epoch"] for h in metrics["history"]] == [1]
+# one run configuration for the submitted job and the driver killed mid-epoch: their final metrics must agree
+TRAIN = ["--config", "clip_tiny", "data.batch_size=8", "train.epochs=2", "train.eval_every=0", "train.num_workers=2",
+         "train.checkpoint_every_steps=1", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, synth_tiny, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("submitted") / "runs"
+    out = _submit(ray_head, "python", "-m", "tbps.train", *TRAIN, f"data.url={synth_tiny}",
+                  f"train.storage_path={storage}", "train.run_name=submitted")
+    return out, json.load(open(storage / "submitted" / "metrics.json"))
+
+
+def test_ray_job_submit_trains_and_writes_metrics(submitted):
+    out, metrics = submitted
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert set(metrics["test"]) >= {"R1", "R5", "R10", "mAP", "mINP"}
     assert re.search(r"^test\s+[0-9.]+", out, re.M)  # the final table reached the submitting client
+
+
+def _mid_epoch_checkpoints(run_dir, epoch: int) -> list[str]:
+    found = []
+    for d in sorted(run_dir.glob("checkpoint_*")) if run_dir.exists() else []:
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):  # not yet complete
+            continue
+        if meta.get("mid_epoch") == epoch:
+            found.append(d.name)
+    return found
+
+
+def test_driver_killed_mid_epoch_then_rerun_finishes_with_the_uninterrupted_metrics(ray_head, submitted, synth_tiny,
+                                                                                       tmp_path):
+    """SIGKILL of `python -m tbps.train` (the driver, on a running cluster) after a mid-epoch checkpoint of epoch 2;
+    the same command again resumes from the run's last checkpoint and ends with the submitted run's metrics."""
+    import signal
+    import time
+
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "tbps.train", *TRAIN, f"data.url={synth_tiny}", f"train.storage_path={storage}",
+           "train.run_name=killed"]
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["gcs"]}
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not _mid_epoch_checkpoints(storage / "killed", 2):
+        assert driver.poll() is None, "the run ended before a mid-epoch checkpoint of epoch 2: " + \
+            (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    log.close()
+    assert not (storage / "killed" / "metrics.json").exists() or \
+        "test" not in json.loads((storage / "killed" / "metrics.json").read_text())
+
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert re.search(r"resumed mid-epoch 2|resumed from checkpoint of epoch", out), out[-4000:]
+    metrics = json.loads((storage / "killed" / "metrics.json").read_text())
+    _, reference = submitted
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    timing = ("samples_per_s", "eval_seconds", "val_eval_seconds")
+    for got, want in zip(metrics["history"], reference["history"], strict=True):
+        assert {k: v for k, v in got.items() if k not in timing} == \
+            pytest.approx({k: v for k, v in want.items() if k not in timing}, rel=1e-5)
+    assert {k: v for k, v in metrics["test"].items() if k not in timing} == \
+        pytest.approx({k: v for k, v in reference["test"].items() if k not in timing}, rel=1e-5)
 
 
 def test_ray_job_submit_runs_a_sweep(ray_head, synth_tiny, tmp_path):

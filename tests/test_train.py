@@ -36,7 +36,7 @@ def _zero_worker(config):
     from tbps.config import load_config
     from tbps.data import build_train_loader, load_tokenizer
     from tbps.engine.checkpoint import full_state_dict
-    from tbps.engine.worker import deepspeed_config
+    from tbps.engine.loop import deepspeed_config
     from tbps.methods import TextSpec, build_method
     from tbps.optim import build_optimizer
 

@@ -88,6 +88,10 @@ class SweepSpec:
         cfg = load_config(m.config, texts)
         if cfg.method.name != method:
             raise ConfigError(f"{self.source}: methods.{method}.config {m.config!r} is a {cfg.method.name!r} preset")
+        if cfg.train.checkpoint_every_steps:
+            raise ConfigError(f"{self.source}: train.checkpoint_every_steps is for training runs, not sweeps: a "
+                              "mid-epoch checkpoint is reported without val metrics, which Tune and ASHA compare "
+                              "every epoch; leave it 0 (checkpoints at epoch ends)")
         present = {t.name for t in cfg.method.losses}
         for name, weight in losses.items():
             if name not in present:

@@ -326,6 +326,7 @@ class ShardStream(IterableDataset):
         self.loader_workers = resolve_loader_workers(cfg.loader_workers)
         self.num_workers = max(1, self.loader_workers)
         self.epoch = 0
+        self.skip: list[int] | None = None  # per loader worker: batches a resumed epoch does not yield again
         self.augment = BatchAugment(cfg, train=train)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
 
@@ -341,12 +342,15 @@ class ShardStream(IterableDataset):
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
-    def _sample(self, sample: dict, rng: random.Random) -> dict:
+    def _sample(self, sample: dict, rng: random.Random, decode: bool = True) -> dict:
+        """One (image, caption) pair. ``decode=False`` (a batch a resumed epoch has already trained on) draws the
+        same random numbers but leaves the image undecoded."""
         meta = sample.get("__meta__") or json.loads(sample["json"])
         size = tuple(self.cfg.image_size)
         index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
         caption = meta["captions"][index]
-        out = {"image": resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation), "caption": caption, "caption_index": index,
+        image = resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation) if decode else None
+        out = {"image": image, "caption": caption, "caption_index": index,
                "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
                "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
@@ -385,7 +389,15 @@ class ShardStream(IterableDataset):
             batch["mla_length"] = max(1, int(batch["mla_mask"].sum(dim=-1).max()))
         return batch
 
+    def _batch_generator(self, worker: int, index: int) -> torch.Generator:
+        """The random numbers of one batch (augmentation, MLM masking) depend on its position alone, so a resumed
+        epoch reproduces the batches after its checkpoint without redoing the ones before."""
+        return torch.Generator().manual_seed(_seed_int(self.cfg.seed, self.epoch, self.rank, worker, "batch", index))
+
     def __iter__(self) -> Iterator[dict]:
+        """This loader worker's batches, each tagged ``worker``, then one ``{"worker", "end": True}`` marker (with the
+        bad shards skipped since the last batch). The first ``self.skip[worker]`` batches (a resumed epoch's
+        already-trained ones) are read and shuffled but neither decoded nor yielded."""
         info = get_worker_info()
         worker = info.id if info else 0
         if info and info.num_workers != self.num_workers:
@@ -393,20 +405,21 @@ class ShardStream(IterableDataset):
         remote.register_fsspec_gopen()
         mine = self.assignment()[self.rank][worker] if info or self.num_workers == 1 else \
             [s for w in self.assignment()[self.rank] for s in w]
-        seed = _seed_int(self.cfg.seed, self.epoch, self.rank, worker)
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(_seed_int(self.cfg.seed, self.epoch, self.rank, worker))
         urls = [join(self.url, s["name"]) for s in mine]
         check = ShardCheck(self.url, mine, self.cfg.on_bad_shard)
-        batches = self._identity_batches(urls, rng, gen, check) if self.identity else \
-            self._random_batches(urls, worker, rng, gen, check)
+        skip = self.skip[worker] if self.skip else 0
+        batches = self._identity_batches(urls, worker, rng, check, skip) if self.identity else \
+            self._random_batches(urls, worker, rng, check, skip)
         for batch in batches:
+            if batch is None:  # skipped (already trained on)
+                continue
             batch["skipped_shards"] = check.drain()  # bad shards skipped since the previous batch
+            batch["worker"] = worker
             yield batch
-        if check.skipped:  # a marker, not a batch: skipped shards the last batch could not carry (TrainLoader)
-            yield {"skipped_shards": check.drain()}
+        yield {"worker": worker, "end": True, "skipped_shards": check.drain()}
 
-    def _random_batches(self, urls, worker, rng, gen, check) -> Iterator[dict]:
+    def _random_batches(self, urls, worker, rng, check, skip: int = 0) -> Iterator[dict | None]:
         if self.weight == "captions":
             passes = pair_passes(self.shards)
             stages = [lambda: pair_stream(urls, passes, self.cfg.seed, self.epoch, self.rank, worker, check)]
@@ -414,13 +427,24 @@ class ShardStream(IterableDataset):
             stages = [lambda: shard_samples(urls, check)]
         if self.train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng))
-        stages += [wds.map(lambda s: self._sample(s, rng)),
-                   wds.batched(self.cfg.batch_size, collation_fn=lambda b: self._collate(b, gen),
-                               partial=not self.train)]
+        size = self.cfg.batch_size
+        mapped, made = [0], [0]  # samples mapped and batches collated so far
+
+        def sample(s):  # sample k goes into batch k // size
+            index = mapped[0] // size
+            mapped[0] += 1
+            return self._sample(s, rng, decode=index >= skip)
+
+        def collate(samples):
+            index = made[0]
+            made[0] += 1
+            return None if index < skip else self._collate(samples, self._batch_generator(worker, index))
+
+        stages += [wds.map(sample), wds.batched(size, collation_fn=collate, partial=not self.train)]
         yield from wds.DataPipeline(*stages)
 
-    def _identity_batches(self, urls: list[str], rng: random.Random, gen: torch.Generator,
-                          check: ShardCheck) -> Iterator[dict]:
+    def _identity_batches(self, urls: list[str], worker: int, rng: random.Random, check: ShardCheck,
+                          skip: int = 0) -> Iterator[dict | None]:
         """``data.sampler=identity``: this worker's shards read whole (their identities are whole), then batches of
         K units per identity (tbps/data/identity.py); a unit is an (image, caption) pair, or an image with
         ``data.sampling=images``."""
@@ -434,17 +458,24 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         sequence = identity_sequence(groups, cfg.instances_per_id,
                                      picks_per_step(cfg.batch_size, cfg.identity_blocks, cfg.instances_per_id), rng)
-        for units in block_batches(sequence, cfg.batch_size, cfg.identity_blocks):
+        for index, units in enumerate(block_batches(sequence, cfg.batch_size, cfg.identity_blocks)):
             chosen = [samples[i] if c is None else {**samples[i], "__caption__": c} for i, c in units]
-            yield self._collate([self._sample(s, rng) for s in chosen], gen)
+            made = [self._sample(s, rng, decode=index >= skip) for s in chosen]
+            yield None if index < skip else self._collate(made, self._batch_generator(worker, index))
 
 
 class TrainLoader:
-    """An epoch of exactly ``len(self)`` batches on this rank (the same on every rank)."""
+    """An epoch of exactly ``len(self)`` batches on this rank (the same on every rank), in a fixed order: round-robin
+    over the loader workers (as torch's DataLoader yields them), each worker's batches in its own fixed order. Where
+    an epoch stands is thus a small record, :meth:`position`, and ``set_epoch(epoch, position)`` continues an epoch
+    from there: no batch repeated, none left out, the same batches as an uninterrupted epoch (mid-epoch
+    checkpoints, ``train.checkpoint_every_steps``)."""
 
     def __init__(self, stream: ShardStream):
         self.stream = stream
         self.skipped: set[str] = set()  # bad shards skipped in the current epoch (data.on_bad_shard=skip)
+        self._resume: dict | None = None
+        self._position: dict | None = None
         workers = stream.loader_workers
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                                  worker_init_fn=_worker_init if workers > 0 else None)
@@ -456,34 +487,76 @@ class TrainLoader:
                 f"{stream.num_workers} loader worker(s): lower data.batch_size or data.loader_workers, or write "
                 "more shards")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, position: dict | None = None) -> None:
+        """The epoch the next iteration yields; with ``position`` (from :meth:`position` in that epoch, on the same
+        number of ranks and loader workers), only the batches after it."""
+        if position is not None:
+            expected = {"epoch": epoch, "rank": self.stream.rank, "world_size": self.stream.world_size,
+                        "loader_workers": self.stream.num_workers}
+            got = {k: position.get(k) for k in expected}
+            if got != expected:
+                raise ValueError(f"cannot continue the epoch from data position {got}: this loader is {expected} "
+                                 "(a mid-epoch checkpoint continues on the same number of workers and "
+                                 "data.loader_workers)")
         self.stream.set_epoch(epoch)
+        self._resume = position
 
     def __len__(self) -> int:
         return self.stream.num_batches()
 
+    def position(self) -> dict:
+        """Where the epoch being iterated stands after the last batch yielded (JSON-serialisable)."""
+        if self._position is None:
+            raise RuntimeError("TrainLoader.position(): no epoch is being iterated")
+        return dict(self._position, taken=list(self._position["taken"]))
+
     def __iter__(self):
         """Exactly ``len(self)`` batches. With ``data.on_bad_shard=skip`` a rank whose shards were skipped refills
-        its epoch by reading its (good) shards again from the start, so every rank still yields the same count."""
+        its epoch by reading its (good) shards again from the start ("refill" passes), so every rank still yields the
+        same count."""
         n = len(self)
-        count = 0
+        workers = self.stream.num_workers
+        start, self._resume = self._resume, None
+        pos = {"epoch": self.stream.epoch, "rank": self.stream.rank, "world_size": self.stream.world_size,
+               "loader_workers": workers, "count": 0, "refill": 0, "taken": [0] * workers, "next": 0}
+        if start is not None:
+            pos.update(count=start["count"], refill=start["refill"], taken=list(start["taken"]), next=start["next"])
+        self._position = pos
         self.skipped = set()
-        while count < n:
+        while pos["count"] < n:
             produced = 0
-            for batch in self.loader:
-                self.skipped.update(batch.get("skipped_shards", ()))
-                if "images" not in batch:  # a skipped-shards marker
-                    continue
-                produced += 1
-                count += 1
-                yield batch
-                if count == n:
+            self.stream.skip = list(pos["taken"])  # read by each worker as the DataLoader starts it
+            queues, ended = [deque() for _ in range(workers)], [False] * workers
+            source = iter(self.loader)
+            while pos["count"] < n:
+                w = next((k % workers for k in range(pos["next"], pos["next"] + workers)
+                          if queues[k % workers] or not ended[k % workers]), None)
+                if w is None:  # every worker has ended
                     break
-            if count < n and (not self.skipped or produced == 0):
+                while not queues[w] and not ended[w]:
+                    item = next(source)  # each worker ends with a marker, so this cannot run dry first
+                    self.skipped.update(item.get("skipped_shards", ()))
+                    if item.get("end"):
+                        ended[item["worker"]] = True
+                    else:
+                        queues[item["worker"]].append(item)
+                if not queues[w]:
+                    continue
+                batch = queues[w].popleft()
+                pos["taken"][w] += 1
+                pos["next"] = (w + 1) % workers
+                pos["count"] += 1
+                produced += 1
+                yield batch
+            del source  # stops the loader workers of this pass
+            if pos["count"] < n and (not self.skipped or produced == 0):
                 # cannot happen with an intact dataset; fail loudly instead of hanging other ranks
-                raise RuntimeError(f"rank {self.stream.rank} produced {count} of {n} batches in epoch "
+                raise RuntimeError(f"rank {self.stream.rank} produced {pos['count']} of {n} batches in epoch "
                                    f"{self.stream.epoch}; are the shards at {self.stream.url} intact? (python -m "
                                    f"shards.verify {self.stream.url})")
+            if pos["count"] < n:
+                pos.update(refill=pos["refill"] + 1, taken=[0] * workers, next=0)
+        self.stream.skip = None
 
 
 def _worker_init(_):

@@ -32,7 +32,7 @@ def preflight(cfg: Config) -> dict:
     from tbps.data.stream import check_pair_counts, sampling_weight, split_shards, train_batches
     from tbps.methods import METHODS
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
-    from tbps.engine.worker import tokenizer_path
+    from tbps.engine.loop import tokenizer_path
 
     if cfg.method.name not in METHODS:
         raise ConfigError(f"method.name: unknown method {cfg.method.name!r}; valid: {', '.join(sorted(METHODS))}")
@@ -60,6 +60,9 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.grad_cache and cfg.train.grad_accum == 1:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
+    if cfg.train.checkpoint_every_steps < 0:
+        raise ConfigError(f"train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only), got "
+                          f"{cfg.train.checkpoint_every_steps}")
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
     if not cfg.data.url:

@@ -1,0 +1,411 @@
+"""One worker's training run, free of Ray: :class:`TrainRun` builds the DeepSpeed engine, the streaming loaders and the
+evaluation copy, and runs ``train_one_epoch`` / ``validate_and_checkpoint`` / ``final_test``. The Ray Train shell
+(tbps/engine/worker.py) gives it a rank, a device, a ``report`` function and the checkpoint to resume from; a test
+gives it a 1-rank gloo group and a list.
+
+Determinism (what makes a resumed run the run it would have been): the data of an epoch is a function of (seed,
+epoch, rank) and a position in it (tbps/data/stream.py ``TrainLoader.position``); the random state of each optimizer
+step (dropout, drop path) is seeded from (seed, step, rank). A checkpoint, at the end of an epoch or every
+``train.checkpoint_every_steps`` optimizer steps within one, holds the engine (weights, optimizer, schedule), the
+data position and the epoch's running loss sums.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from tbps.config import Config, dump_yaml
+from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
+from tbps.distributed import world
+from tbps.eval import evaluate
+from tbps.gradcache import grad_cache_step
+from tbps.methods import TextSpec, build_method, create_method
+from tbps.optim import build_optimizer, build_scheduler
+
+from .checkpoint import DS_TAG, RunOutputs, full_state_dict, load_model_state, write_model_dir
+
+# report(metrics, checkpoint_dir or None): hands a result (and a checkpoint directory, valid during the call) to
+# whoever runs the loop -- ray.train.report in a Ray Train worker
+Report = Callable[[dict, "str | None"], None]
+
+
+def tokenizer_path(cfg: Config) -> str:
+    from shards.storage import join
+
+    return cfg.data.tokenizer or join(cfg.data.url, "tokenizer")
+
+
+def resolve_precision(cfg: Config) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if cfg.train.use_gpu else "fp32"
+    return p
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON, built from the config (never a module global)."""
+    precision = resolve_precision(cfg)
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # fp32 weights and optimizer, the forward under torch.autocast (matmuls, convolutions, attention in bf16)
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
+        "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # always explicit: left out, DeepSpeed clips at norm 1.0 (its default), which optim.grad_clip=0 means not to
+        "gradient_clipping": max(0.0, cfg.optim.grad_clip),
+    }
+    return ds
+
+
+def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
+    """`deepspeed.initialize` with the config's JSON. With one data-parallel rank at ZeRO-0 in fp32 there is nothing
+    to reduce, but DeepSpeed would still flatten every gradient into a buffer, all-reduce it with itself and copy it
+    back after each backward (~5 % of a small model's step on CPU): that pass is switched off."""
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg))
+    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) == "fp32":
+        engine.enable_backward_allreduce = False
+    return engine, optimizer, scheduler
+
+
+def _to_device(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and dtype is not None:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _maybe_inject_fault(run: str, rank: int, epoch: int, step: int) -> None:
+    """Fault-injection hook for the fault-tolerance test: TBPS_FAULT_KILL="run:rank:epoch:step" kills this worker
+    process (SIGKILL, no clean-up) once; TBPS_FAULT_MARKER names the file that records it happened."""
+    spec = os.environ.get("TBPS_FAULT_KILL")
+    marker = os.environ.get("TBPS_FAULT_MARKER")
+    if not spec or not marker or os.path.exists(marker):
+        return
+    name, r, e, s = spec.rsplit(":", 3)
+    if (name, int(r), int(e), int(s)) == (run, rank, epoch, step):
+        with open(marker, "w") as f:
+            f.write(f"killed rank {rank} pid {os.getpid()} at epoch {epoch} step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if world()[1] == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world()[1] for k, v in zip(keys, t)}
+
+
+def _gather_placement(record: dict, world_size: int) -> list[dict]:
+    if world_size == 1:
+        return [record]
+    out = [None] * world_size
+    dist.all_gather_object(out, record)
+    return out
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimizer step on one rank (dropout and drop path differ across ranks and steps, and a
+    resumed run draws what the uninterrupted one drew)."""
+    from tbps.data.stream import _seed_int
+
+    return _seed_int(seed, "step", step, rank)
+
+
+class TrainRun:
+    """One worker's part of a training run (every rank builds one). ``report`` receives each epoch's metrics (with a
+    checkpoint directory), each mid-epoch checkpoint (``train.checkpoint_every_steps``) and the final test metrics.
+    ``on_batch(epoch, index, batch)``, if given, sees every training micro-batch as it is used (audits, tests)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device, report: Report,
+                 node_id: str = "", on_batch: Callable[[int, int, dict], None] | None = None):
+        cfg.data.tokenizer = tokenizer_path(cfg)  # saved explicitly, so checkpoints stay usable with other data URLs
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.report, self.node_id, self.on_batch = report, node_id, on_batch
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+        self.tok = load_tokenizer(tokenizer_path(cfg))
+        self.manifest = manifest = load_manifest(cfg.data.url)
+        text = TextSpec.from_tokenizer(self.tok, cfg.data.text_length)
+        method = create_method(cfg, text, manifest["num_train_ids"], log=self.log)  # fits cfg.model to pretrained
+        if cfg.train.activation_checkpointing:
+            switched = method.set_activation_checkpointing(True)
+            self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
+        self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest)
+        accum = cfg.train.grad_accum
+        batches = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch:
+            batches = min(batches, cfg.train.max_steps_per_epoch * accum)
+        if batches < accum:
+            raise ValueError(f"train.grad_accum {accum} needs at least {accum} batches per epoch; this rank has "
+                             f"{batches}")
+        self.steps_per_epoch = batches // accum
+        self.batches = self.steps_per_epoch * accum  # whole optimizer steps: no micro-batch carries over an epoch
+        self.group_size = accum if cfg.train.grad_cache else 1  # micro-batches per call of the step
+        optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        self.engine, self.optimizer, self.scheduler = initialize_engine(cfg, method, optimizer, scheduler)
+        self.method = method
+
+        self.precision = precision = resolve_precision(cfg)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights'
+        # evaluation: under autocast in the training precision on GPUs (bf16-autocast included)
+        self.autocast = (torch.bfloat16 if precision == "bf16-autocast" else self.dtype) if cfg.train.use_gpu else None
+        # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
+        self.eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)
+        if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
+            method.compile_step()
+            self.eval_model.compile_encoders()
+            self.log("[tbps] torch.compile: the training forward and the evaluation encoders (compiled on first use)")
+        self.outputs = RunOutputs(cfg.train.storage_path, cfg.train.run_name)
+        self.config_yaml = dump_yaml(cfg)
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.outputs.path("tensorboard"))
+            with open(self.outputs.path("config.yaml"), "w") as f:
+                f.write(self.config_yaml)
+            self.outputs.sync("config.yaml")
+
+        self.start_epoch, self.global_step, self.best, self.best_epoch, self.history = 0, 0, -1.0, -1, []
+        self.resume_position: dict | None = None  # the data position of a mid-epoch checkpoint
+        self.resume_sums: dict = {}  # and the epoch's loss sums up to it ({"sums": {name: sum}, "steps": n})
+        self.placement: list[dict] = []
+        self.niceness, self.threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+
+    def log(self, message: str) -> None:
+        # Ray Train V2 patches print() in workers to tee into both stdout and the root logger (every line twice in
+        # the driver's output): write the progress line once, directly
+        if self.rank == 0:
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def resume(self, checkpoint_dir: str) -> None:
+        """Continue from a checkpoint this run reported: after its epoch, or, for a mid-epoch one, at its step."""
+        _, client = self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
+        self.global_step = client["step"]
+        self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
+        position = client.get("position")
+        if position is None:
+            self.start_epoch = client["epoch"] + 1
+            self.log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {self.global_step})")
+            return
+        self.start_epoch = client["epoch"]
+        self.resume_position, self.resume_sums = position, client["sums"]
+        self.log(f"[tbps] resumed mid-epoch {client['epoch'] + 1}: after batch {position['count']} of "
+                 f"{self.batches} (step {self.global_step})")
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train_one_epoch(self, epoch: int) -> dict:
+        """One epoch of optimizer steps (from the resumed position, if any); returns its metrics."""
+        cfg, engine, rank = self.cfg, self.engine, self.rank
+        loader = self.train_loader
+        position, self.resume_position = self.resume_position, None
+        loader.set_epoch(epoch, position)
+        engine.train()
+        first = position["count"] if position else 0
+        # loss sums stay on the device: values are read every log_every steps (and at checkpoints), not per step
+        restored, n = self.resume_sums.get("sums", {}), self.resume_sums.get("steps", 0)
+        sums = {k: torch.tensor(v, device=self.device) for k, v in restored.items()}
+        self.resume_sums = {}
+        seen, t0, group, read_shards = 0, time.time(), [], set()
+        every = cfg.train.checkpoint_every_steps
+
+        def step_backward(surrogate, _):
+            """grad_cache: each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)."""
+            engine.backward(surrogate, scale_wrt_gas=False)
+            engine.step()
+
+        for i, batch in enumerate(loader, start=first):
+            if i >= self.batches:
+                break
+            read_shards.update(batch["shards"])
+            if self.on_batch is not None:
+                self.on_batch(epoch, i, batch)
+            if i % cfg.train.grad_accum == 0:  # a new optimizer step: its own random state
+                torch.manual_seed(step_seed(cfg.train.seed, engine.global_steps, rank))
+            group.append(_to_device(batch, self.device, self.dtype))
+            if len(group) < self.group_size:
+                continue
+            if cfg.train.grad_cache:  # one optimizer step over the group, contrastive losses over all of it
+                out = grad_cache_step(engine.module, group, forward=engine, backward=step_backward,
+                                      device=self.device)
+            else:
+                out = engine(group[0])
+                engine.backward(out["loss"])
+                engine.step()  # applies the optimizer and the lr schedule at accumulation boundaries
+                out = {k: v.detach() for k, v in out.items()}
+            self.global_step = engine.global_steps
+            for k, v in out.items():
+                sums[k] = sums[k].to(v.dtype) + v if k in sums else v
+            n += 1
+            seen += sum(len(b["pids"]) for b in group) * self.world_size
+            group = []
+            _maybe_inject_fault(cfg.train.run_name, rank, epoch, i)
+            if rank == 0 and ((i // self.group_size) % cfg.train.log_every == 0 or i == self.batches - 1):
+                rate = seen / max(time.time() - t0, 1e-9)
+                parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
+                self.log(f"[tbps] epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{self.batches} loss "
+                         f"{float(out['loss']):.4f} ({parts}) lr {self.scheduler.get_last_lr()[0]:.2e} "
+                         f"{rate:.0f} samples/s")
+            step_in_epoch = (i + 1) // cfg.train.grad_accum
+            if every and (i + 1) % cfg.train.grad_accum == 0 and step_in_epoch % every == 0 and i + 1 < self.batches:
+                self._checkpoint_mid_epoch(epoch, i + 1, {"sums": {k: float(v) for k, v in sums.items()},
+                                                          "steps": n})
+        if epoch == self.start_epoch:  # where each rank runs and which train shards it read (metrics.json)
+            self.placement = _gather_placement({"rank": rank, "node_id": self.node_id,
+                                                "hostname": socket.gethostname(), "pid": os.getpid(),
+                                                "niceness": self.niceness, "torch_threads": self.threads,
+                                                "epoch": epoch + 1, "shards": sorted(read_shards)}, self.world_size)
+        # one collective for the loss means and the skipped-shard count (its mean x world size = the sum)
+        train = _mean_across_ranks({**{k: float(v) / max(n, 1) for k, v in sums.items()},
+                                    "skipped_shards": float(len(loader.skipped))})
+        skipped = train.pop("skipped_shards") * self.world_size
+        metrics = {"epoch": epoch + 1, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+                   "samples_per_s": seen / max(time.time() - t0, 1e-9),
+                   **{f"train_{k}": v for k, v in train.items()}}
+        if skipped or cfg.data.on_bad_shard == "skip":  # data.on_bad_shard=skip: train shards skipped, all ranks
+            metrics["train_skipped_shards"] = int(round(skipped))
+            if skipped:
+                self.log(f"[tbps] epoch {epoch + 1}: {int(round(skipped))} bad train shard(s) skipped "
+                         f"({', '.join(sorted(loader.skipped))} on rank 0)")
+        return metrics
+
+    def _checkpoint_mid_epoch(self, epoch: int, batches_done: int, sums: dict) -> None:
+        """Engine, data position and the epoch's loss sums so far; the model directory too, so that every checkpoint
+        of a run can be evaluated the same way. Not a new best/, not a metrics.json line."""
+        state = full_state_dict(self.engine, self.cfg.train.zero_stage)
+        meta = {"epoch": epoch, "step": self.global_step, "method": self.cfg.method.name,
+                "num_classes": self.manifest["num_train_ids"], "mid_epoch": epoch + 1,
+                "batches_done": batches_done}
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
+                "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
+                "history": self.history, "position": self.train_loader.position(), "sums": sums})
+            if self.rank == 0:
+                write_model_dir(tmp, state, self.config_yaml, meta)
+            self.log(f"[tbps] checkpoint in epoch {epoch + 1} after batch {batches_done}/{self.batches} "
+                     f"(step {self.global_step})")
+            self.report({"epoch": epoch, "step": self.global_step, "mid_epoch": epoch + 1,
+                         "batches_done": batches_done}, tmp)
+
+    # -------------------------------------------------------------------------------- validate and checkpoint
+    def run_eval(self, split: str, state: dict) -> dict:
+        self.eval_model.load_state_dict(state)
+        loader = build_eval_loader(self.cfg.data, self.tok, split, self.cfg.eval.batch_size, self.rank,
+                                   self.world_size, self.manifest)
+        return evaluate(self.eval_model, loader, self.device, self.cfg.eval.query_chunk, self.autocast)
+
+    def validate_and_checkpoint(self, epoch: int, metrics: dict) -> None:
+        """Val (every ``train.eval_every`` epochs and after the last), best/, the end-of-epoch checkpoint, TensorBoard
+        and metrics.json, then the report."""
+        cfg = self.cfg
+        metric = cfg.train.select_metric
+        state = full_state_dict(self.engine, cfg.train.zero_stage)
+        is_best = False
+        evaluate_now = (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or \
+            epoch == cfg.train.epochs - 1
+        if evaluate_now:
+            val = self.run_eval(cfg.data.val_split, state)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            self.log(f"[tbps] epoch {epoch + 1} val ({cfg.data.val_split}): R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
+                     f"R10 {val['R10']:.2f} mAP {val['mAP']:.2f} mINP {val['mINP']:.2f} (chance R1 "
+                     f"{val['chance_R1']:.2f})")
+            if val[metric] > self.best:
+                self.best, self.best_epoch, is_best = val[metric], epoch + 1, True
+        metrics.update({f"best_val_{metric}": self.best, "best_epoch": self.best_epoch})
+        self.history.append(dict(metrics))
+        meta = {"epoch": epoch + 1, "step": self.global_step, "metrics": metrics, "method": cfg.method.name,
+                "num_classes": self.manifest["num_train_ids"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
+                "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
+                "history": self.history})
+            if self.rank == 0:
+                write_model_dir(tmp, state, self.config_yaml, meta)
+                if is_best:
+                    self.outputs.replace_dir("best", lambda p: write_model_dir(p, state, self.config_yaml, meta))
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)):
+                        self.writer.add_scalar(k.replace("_", "/", 1), v, self.global_step)
+                self.writer.flush()
+                self.outputs.sync("tensorboard")
+                self.write_metrics()
+            self.report(metrics, tmp)
+
+    def write_metrics(self, test: dict | None = None) -> None:
+        """metrics.json (rank 0): the epochs so far, the best val epoch, the workers; with the final ``test``, the
+        best epoch's val metrics and the test metrics."""
+        metric = self.cfg.train.select_metric
+        doc = {"run": self.cfg.train.run_name, "history": self.history,
+               "best_val": {"epoch": self.best_epoch, metric: self.best}}
+        if test is not None:
+            best_val = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
+            doc["val"] = {k[4:]: v for k, v in best_val.items() if k.startswith("val_")}
+            doc["test"] = test
+        doc["workers"] = self.placement
+        self.outputs.write_json("metrics.json", doc)
+
+    # ------------------------------------------------------------------------------------------- final test
+    def final_test(self) -> dict:
+        """The test split with the best val checkpoint (best/); reports and returns the final metrics."""
+        cfg = self.cfg
+        metric = cfg.train.select_metric
+        if self.best_epoch < 0:
+            raise RuntimeError("no validation result: set train.eval_every or train.epochs so val runs at least once")
+        if self.world_size > 1:
+            dist.barrier()  # rank 0 has published best/ before its last report; make sure before everyone reads it
+        url = self.outputs.url
+        test = self.run_eval(cfg.data.test_split,
+                             load_model_state(url + "/best" if "://" in url else os.path.join(url, "best")))
+        self.log(f"[tbps] test ({cfg.data.test_split}) with the best val checkpoint (epoch {self.best_epoch}): "
+                 f"R1 {test['R1']:.2f} R5 {test['R5']:.2f} R10 {test['R10']:.2f} mAP {test['mAP']:.2f} "
+                 f"mINP {test['mINP']:.2f} (chance R1 {test['chance_R1']:.2f})")
+        final = {"epoch": cfg.train.epochs, "step": self.global_step, f"best_val_{metric}": self.best,
+                 "best_epoch": self.best_epoch, **{f"test_{k}": v for k, v in test.items()}}
+        best_val = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
+        final.update({k: v for k, v in best_val.items() if k.startswith("val_")})
+        if self.rank == 0:
+            self.write_metrics(test)
+            for k, v in test.items():
+                self.writer.add_scalar(f"test/{k}", v, self.global_step)
+            self.writer.close()
+            self.outputs.sync("tensorboard")
+        self.report(final, None)
+        return final
+
+    def run(self) -> dict:
+        """Every remaining epoch, then the final test."""
+        cfg = self.cfg
+        self.log(f"[tbps] {cfg.method.name}: {sum(p.numel() for p in self.method.parameters()) / 1e6:.2f}M "
+                 f"parameters, {self.world_size} worker(s) x batch {cfg.data.batch_size} x accum "
+                 f"{cfg.train.grad_accum}, {self.steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, "
+                 f"{self.precision}, {self.threads} torch thread(s) per worker at nice {self.niceness}")
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            metrics = self.train_one_epoch(epoch)
+            self.validate_and_checkpoint(epoch, metrics)
+        return self.final_test()

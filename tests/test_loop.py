@@ -1,0 +1,138 @@
+"""The training loop in-process (tbps/engine/loop.py ``TrainRun``, on a 1-rank gloo group, no Ray): two epochs with
+mid-epoch checkpoints (``train.checkpoint_every_steps``), a run killed after one of them and resumed from it.
+The resumed run trains on exactly the batches of the uninterrupted one -- none repeated, none skipped, in the same
+order, two loader workers interleaved -- and ends with the same metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from ranks import run_ranks
+
+EVERY = 3  # train.checkpoint_every_steps
+STEPS = 8  # train.max_steps_per_epoch
+
+
+class Killed(Exception):
+    """Stands for the worker's death (SIGKILL) a few batches after a checkpoint was persisted."""
+
+
+def _config(url: str, storage: str, epochs: int = 2):
+    from tbps.config import load_config
+
+    return load_config("irra_tiny", [f"data.url={url}", "data.batch_size=8", "data.loader_workers=2",
+                                     f"train.epochs={epochs}", f"train.checkpoint_every_steps={EVERY}",
+                                     f"train.max_steps_per_epoch={STEPS}", "train.eval_every=0",
+                                     f"train.storage_path={storage}", "train.run_name=loop", "train.log_every=100"])
+
+
+def _loop_main(rank, url, out_dir):
+    import multiprocessing
+
+    from tbps.engine.loop import TrainRun
+
+    # loader workers fork, as in a Ray worker (a process started by spawn makes spawn its default: seconds a worker)
+    multiprocessing.set_start_method("fork", force=True)
+
+    results = {}
+
+    def make(name, reports, seen, kill_after=None, storage=None):
+        state = {"checkpoints": 0, "kill_at": None}
+
+        def report(metrics, checkpoint_dir):
+            reports.append(dict(metrics))
+            if checkpoint_dir is not None:
+                state["checkpoints"] += 1
+                keep = os.path.join(out_dir, name, f"checkpoint{state['checkpoints']}")
+                shutil.copytree(checkpoint_dir, keep)  # what Ray persists of the reported directory
+                if state["checkpoints"] == kill_after:
+                    state["kill_at"] = len(seen) + 2  # dies 2 batches later: work after the checkpoint is lost
+
+        def on_batch(epoch, index, batch):
+            if state["kill_at"] is not None and len(seen) == state["kill_at"]:
+                raise Killed()
+            seen.append((epoch, index, [f"{k}#{c}" for k, c in zip(batch["keys"], batch["caption_index"])]))
+
+        return TrainRun(_config(url, os.path.join(out_dir, storage or name)), rank, 1, torch.device("cpu"), report,
+                        on_batch=on_batch)
+
+    # uninterrupted
+    reports, seen = [], []
+    final = make("whole", reports, seen).run()
+    results["whole"] = {"reports": reports, "seen": seen, "final": final}
+
+    # killed 2 batches after its 4th checkpoint (epoch 2 after batch 3), then resumed from that checkpoint
+    reports, seen = [], []
+    run = make("killed", reports, seen, kill_after=4)
+    with pytest.raises(Killed):
+        run.run()
+    checkpoint = reports[-1]
+    killed_seen = list(seen)
+    resumed_reports, resumed_seen = [], []
+    run = make("resumed", resumed_reports, resumed_seen, storage="killed")  # a re-run: the same run outputs
+    run.resume(os.path.join(out_dir, "killed", "checkpoint4"))
+    final = run.run()
+    results["killed"] = {"checkpoint": checkpoint, "seen_before": killed_seen, "reports": resumed_reports,
+                         "seen_after": resumed_seen, "final": final, "before_reports": reports,
+                         "batches": run.batches, "start_epoch": run.start_epoch}
+    with open(os.path.join(out_dir, "loop.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def loop_results(synth_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loop")
+    run_ranks(_loop_main, 1, synth_tiny, str(out))
+    return json.load(open(out / "loop.json")), out
+
+
+def test_mid_epoch_resume_trains_on_the_same_batches_and_ends_with_the_same_metrics(loop_results):
+    results, _ = loop_results
+    whole, killed = results["whole"], results["killed"]
+    batches = killed["batches"]
+    assert batches == STEPS
+    # every mid-epoch checkpoint is reported, with where it stands
+    mid = [r for r in whole["reports"] if "mid_epoch" in r]
+    per_epoch = (batches - 1) // EVERY
+    assert len(mid) == 2 * per_epoch and [r["batches_done"] for r in mid[:per_epoch]] == \
+        [EVERY * k for k in range(1, per_epoch + 1)]
+    # the checkpoint the run died after: mid-epoch 2
+    ckpt = killed["checkpoint"]
+    assert ckpt["mid_epoch"] == 2 and killed["start_epoch"] == 1
+    done = ckpt["batches_done"]
+    # what reached the final model: the batches up to the checkpoint, then those after it, as uninterrupted
+    before = [s for s in killed["seen_before"] if s[0] == 0 or s[1] < done]
+    assert len(killed["seen_before"]) == len(before) + 2  # two batches were lost with the worker
+    trained = before + killed["seen_after"]
+    assert [tuple(s[:2]) for s in trained] == [tuple(s[:2]) for s in whole["seen"]]
+    assert trained == whole["seen"]
+    epoch2 = [k for s in trained if s[0] == 1 for k in s[2]]
+    assert len(epoch2) == len(set(epoch2)) == batches * 8  # no (image, caption) pair twice, none lost
+    # the same metrics: the epoch's loss means (sums carried across the resume), val, test
+    timing = ("samples_per_s", "val_eval_seconds", "test_eval_seconds")
+    assert {k: v for k, v in killed["final"].items() if k not in timing} == \
+        pytest.approx({k: v for k, v in whole["final"].items() if k not in timing}, rel=1e-6)
+    w_epochs = [r for r in whole["reports"] if "mid_epoch" not in r and "test_R1" not in r]
+    k_epochs = [r for r in killed["before_reports"] + killed["reports"] if "mid_epoch" not in r and
+                "test_R1" not in r]
+    for w, k in zip(w_epochs, k_epochs, strict=True):
+        for key in w:
+            if key not in timing:
+                assert k[key] == pytest.approx(w[key], rel=1e-6), key
+
+
+def test_run_outputs_after_a_mid_epoch_resume(loop_results):
+    """metrics.json of the resumed run: both epochs once each; every checkpoint directory can be evaluated."""
+    results, out = loop_results
+    metrics = json.load(open(out / "killed" / "loop" / "metrics.json"))
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    whole = json.load(open(out / "whole" / "loop" / "metrics.json"))
+    assert {k: v for k, v in metrics["test"].items() if k != "eval_seconds"} == \
+        pytest.approx({k: v for k, v in whole["test"].items() if k != "eval_seconds"}, rel=1e-6)
+    meta = json.load(open(out / "killed" / "checkpoint4" / "meta.json"))
+    assert meta["mid_epoch"] == 2 and meta["batches_done"] == results["killed"]["checkpoint"]["batches_done"]
