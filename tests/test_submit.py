@@ -111,8 +111,10 @@ def test_driver_killed_mid_epoch_then_rerun_finishes_with_the_uninterrupted_metr
 
     again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = again.stdout + again.stderr
+    (tmp_path / "second.log").write_text(out)
     assert again.returncode == 0, out[-4000:]
-    assert re.search(r"resumed mid-epoch 2|resumed from checkpoint of epoch", out), out[-4000:]
+    # from the last checkpoint Ray registered before the driver died (its registration can lag the upload)
+    assert re.search(r"\[tbps\] resumed (mid-epoch [12]: after batch|from checkpoint of epoch 1)", out), out[-4000:]
     metrics = json.loads((storage / "killed" / "metrics.json").read_text())
     _, reference = submitted
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]

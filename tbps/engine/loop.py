@@ -12,6 +12,7 @@ data position and the epoch's running loss sums.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -209,13 +210,21 @@ class TrainRun:
         _, client = self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
         self.global_step = client["step"]
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
-        position = client.get("position")
-        if position is None:
+        if not client.get("mid_epoch"):
             self.start_epoch = client["epoch"] + 1
             self.log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {self.global_step})")
             return
+        path = os.path.join(checkpoint_dir, self.rank_state_file(self.rank))
+        try:
+            with open(path) as f:
+                mine = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"mid-epoch checkpoint {checkpoint_dir}: cannot read rank {self.rank}'s data position "
+                               f"({e}); it continues only on the number of workers that saved it "
+                               f"({client.get('world_size')})") from None
         self.start_epoch = client["epoch"]
-        self.resume_position, self.resume_sums = position, client["sums"]
+        self.resume_position, self.resume_sums = mine["position"], mine["sums"]
+        position = mine["position"]
         self.log(f"[tbps] resumed mid-epoch {client['epoch'] + 1}: after batch {position['count']} of "
                  f"{self.batches} (step {self.global_step})")
 
@@ -295,6 +304,10 @@ class TrainRun:
                          f"({', '.join(sorted(loader.skipped))} on rank 0)")
         return metrics
 
+    @staticmethod
+    def rank_state_file(rank: int) -> str:
+        return f"data_position_rank{rank}.json"
+
     def _checkpoint_mid_epoch(self, epoch: int, batches_done: int, sums: dict) -> None:
         """Engine, data position and the epoch's loss sums so far; the model directory too, so that every checkpoint
         of a run can be evaluated the same way. Not a new best/, not a metrics.json line."""
@@ -303,9 +316,12 @@ class TrainRun:
                 "num_classes": self.manifest["num_train_ids"], "mid_epoch": epoch + 1,
                 "batches_done": batches_done}
         with tempfile.TemporaryDirectory() as tmp:
+            # the engine's client state is rank 0's; each rank's data position and loss sums go in a file of its own
             self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
-                "history": self.history, "position": self.train_loader.position(), "sums": sums})
+                "history": self.history, "mid_epoch": True, "world_size": self.world_size})
+            with open(os.path.join(tmp, self.rank_state_file(self.rank)), "w") as f:
+                json.dump({"position": self.train_loader.position(), "sums": sums}, f)
             if self.rank == 0:
                 write_model_dir(tmp, state, self.config_yaml, meta)
             self.log(f"[tbps] checkpoint in epoch {epoch + 1} after batch {batches_done}/{self.batches} "
