@@ -35,6 +35,11 @@ setup() {
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-cache-dir $TORCH_SPEC
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # the checkout as a sys.path entry too, not only through setuptools' editable import hook (which Python consults
+  # after every path entry): a folder named shards/ or tune/ in the directory a command runs from is then a mere
+  # namespace portion that our regular packages take precedence over, instead of shadowing them
+  "$VENV/bin/python" -c 'import os, sysconfig; open(os.path.join(sysconfig.get_paths()["purelib"], "tbps-checkout.pth"), "w").write(os.getcwd() + "\n")'
+
   echo "$want" > "$stamp"
 }
 

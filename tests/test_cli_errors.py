@@ -99,3 +99,23 @@ def test_errors_from_train_workers_are_unwrapped():
     wrapped.worker_failures[1].__cause__ = bad
     assert describe(wrapped) == str(bad)
     assert describe(WorkerGroupError("rank 0 failed", {0: ZeroDivisionError()})) is None  # a bug keeps its trace
+
+
+def test_commands_run_from_a_directory_holding_shards_and_tune_folders(tmp_path):
+    """#16 item 5: a user's shards/ (converted data) and tune/ folders in the working directory do not shadow our
+    packages (./run.sh puts the checkout on sys.path as a path entry, ahead of setuptools' editable import hook)."""
+    import os
+    import subprocess
+    import sys
+
+    for name in ("shards", "tune"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part-000.tar").write_bytes(b"")
+    hint = "a folder shadowed the package: re-run ./run.sh setup (it adds tbps-checkout.pth to the venv)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for command in (["tbps.train", "--config", "clip_tiny"], ["tune.sweep", "--config", "smoke"]):
+        key = "data_url" if command[0] == "tune.sweep" else "data.url"
+        done = subprocess.run([sys.executable, "-m", *command, f"{key}={tmp_path / 'shards'}"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert "ImportError" not in done.stderr, (hint, done.stderr[-2000:])
+        assert done.returncode == 2 and "no manifest.json" in done.stderr, done.stderr[-2000:]
