@@ -34,7 +34,7 @@ setup() {
   # no pip cache for torch: the cached wheels would double its footprint on disk
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-cache-dir $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[all,test]"
   # the checkout as a sys.path entry too, not only through setuptools' editable import hook (which Python consults
   # after every path entry): a folder named shards/ or tune/ in the directory a command runs from is then a mere
   # namespace portion that our regular packages take precedence over, instead of shadowing them

@@ -223,6 +223,13 @@ def main(argv=None) -> int:
         ap.error(f"key=value overrides ({args.overrides[0]}) go with --config or official IVT checkpoint files")
     if args.save_embeddings and not args.out:
         ap.error("--save-embeddings writes into --out DIR: give --out")
+    if args.out:
+        from tbps.extras import MissingExtraError, require
+
+        try:
+            require("matplotlib", "--out (its cmc.png)")
+        except MissingExtraError as e:
+            ap.error(str(e))
     try:
         names = _names(args.checkpoint, args.name[:len(args.checkpoint)] if args.name else None)
     except ValueError as e:

@@ -145,8 +145,14 @@ def gallery_index(method, cfg, checkpoint: str, gallery: str, split: str = "test
         cached = False
         log(f"[search] gallery index: {len(index.keys)} images embedded and cached at {url}")
     if len(index.keys) >= faiss_min:
-        index.use_faiss()
-        log(f"[search] ranking with a FAISS inner-product index ({len(index.keys)} >= --faiss-min {faiss_min})")
+        from tbps.extras import available
+
+        if available("faiss"):
+            index.use_faiss()
+            log(f"[search] ranking with a FAISS inner-product index ({len(index.keys)} >= --faiss-min {faiss_min})")
+        else:  # the exact torch ranking gives the same results, more slowly on large galleries
+            log(f"[search] FAISS is not installed (pip install 'tbps[search]'): ranking {len(index.keys)} images "
+                "with torch")
     return index, cached
 
 

@@ -43,7 +43,7 @@ def test_launcher_yaml_passes_ray_validation(name):
     start = " ".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start, "the dashboard must not listen on public interfaces"
     setup = " ".join(prepared["setup_commands"])
-    assert "cluster/constraints.txt" in setup and "-e ~/tbps" in setup
+    assert "cluster/constraints.txt" in setup and '-e "$HOME/tbps[all]"' in setup  # every extra: sweeps, search
     assert prepared["file_mounts"] == {"~/tbps": "."}
     if name == "aws.yaml":
         assert all("IamInstanceProfile" in v["node_config"] for v in types.values())

@@ -152,6 +152,10 @@ def main(argv=None) -> int:
 
 
 def _sweep(args) -> int:
+    from tbps.extras import require
+
+    require("optuna", "tune.sweep (its search)")
+    require("matplotlib", "tune.sweep (its metric-against-parameter plot)")
     try:
         spec = prepare(load_sweep(args.config, args.overrides))
         from tbps.engine.launcher import ensure_ray
