@@ -18,9 +18,9 @@ SECRET = "tbps-test-secret-6c1f9e0b2d7a"  # the S3 server fixture's AWS_SECRET_A
 def fresh_s3_clients() -> None:
     """Forget the s3fs clients made so far (tbps's per-process ones and fsspec's cache): the next ones read
     AWS_ENDPOINT_URL and the credentials from the environment as it is now."""
-    from tbps.data import remote
+    from shards import storage
 
-    remote._FS_BY_PROCESS.clear()
+    storage._FS_BY_PROCESS.clear()
     import fsspec
 
     fsspec.filesystem("s3").clear_instance_cache()

@@ -40,18 +40,17 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.storage import MANIFEST, StorageUnavailableError, join, read_json, with_retries
+from shards.storage import MANIFEST, StorageUnavailableError, join, read_json, register_fsspec_gopen, with_retries
 from shards.writer import MANIFEST_FORMAT
 from tbps.config import OnBadShard
 
-from . import remote
 from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
 from .text import mask_tokens, mla_texts, tokenize
 from .transforms import BatchAugment, resize_uint8
 
-remote.register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
+register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 
@@ -402,7 +401,7 @@ class ShardStream(IterableDataset):
         worker = info.id if info else 0
         if info and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream built for {self.num_workers} loader workers, run with {info.num_workers}")
-        remote.register_fsspec_gopen()
+        register_fsspec_gopen()
         mine = self.assignment()[self.rank][worker] if info or self.num_workers == 1 else \
             [s for w in self.assignment()[self.rank] for s in w]
         rng = random.Random(_seed_int(self.cfg.seed, self.epoch, self.rank, worker))
@@ -560,7 +559,7 @@ class TrainLoader:
 
 
 def _worker_init(_):
-    remote.register_fsspec_gopen()
+    register_fsspec_gopen()
 
 
 def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int = 0, world_size: int = 1,
@@ -590,7 +589,7 @@ class EvalStream(IterableDataset):
         check_on_bad_shard(cfg.on_bad_shard)
 
     def __iter__(self):
-        remote.register_fsspec_gopen()
+        register_fsspec_gopen()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for shard, offset in self.mine[worker::workers]:

@@ -10,7 +10,7 @@ import torch
 
 from .clip_tokenizer import NAME as CLIP_TOKENIZER
 from .clip_tokenizer import ClipTokenizer
-from .remote import local_copy
+from shards.storage import local_copy
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from tbps.config import ConfigError, LossTerm
-from tbps.data.remote import local_copy
+from shards.storage import local_copy
 from tbps.models import WeightLoadError
 from tbps.models.clip import ClipCheckpoint, TIMM_BLOCK_KEYS, to_fp32, checked_clip, read_model_file
 from tbps.models.shared import grid_of, is_ivt_state, ivt_to_ours

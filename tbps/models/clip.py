@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from tbps.data.remote import local_copy
+from shards.storage import local_copy
 
 from .weights import WEIGHT_FILES, WeightLoadError, read_state_dict
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbps.data.remote import local_copy
+from shards.storage import local_copy
 
 from .weights import WeightLoadError
 

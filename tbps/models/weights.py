@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from tbps.data.remote import local_copy
+from shards.storage import local_copy
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth", "model.pt")
 
