@@ -69,7 +69,7 @@ def test_trapezoid_ap_is_ivts_compute_map():
 
 def test_ivt_protocol_gallery_is_every_second_caption_row():
     """Images with 2, 3 and 1 captions: caption rows (image of each) 0 0 1 1 1 2 -> rows 0, 2, 4 -> images 0, 1, 1."""
-    from tbps.eval.evaluate import ivt_protocol
+    from tbps.eval.ranking import ivt_protocol
 
     class Cosine:
         def similarity(self, t, v):
