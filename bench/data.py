@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     assert open(path, "rb").read() == first["jpg"], "shards and folder hold different images"
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread; "
-          f"SynthPEDES {args.size}, decode+augment to {target[0]}x{target[1]}, {args.samples} samples, "
+          f"ToyPEDES {args.size}, decode+augment to {target[0]}x{target[1]}, {args.samples} samples, "
           f"best of {args.repeats}")
     print(f"{'reader':<16}{'samples/s/core':>16}{'vs folder':>11}")
     for k in ("folder", "shards_local", "shards_s3", "unverified_local"):

@@ -97,7 +97,7 @@ def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
     if preset in PAPER_PRESETS:
         size, pad, mask, bos, eos = VOCAB[cfg.model.text_tower if cfg.method.name != "ivt" else "bert"]
         text = TextSpec(size, cfg.data.text_length, pad, mask, bos, eos)
-    else:  # the tiny presets train with SynthPEDES' word-level tokenizer (generated into the cache on first use)
+    else:  # the tiny presets train with ToyPEDES' word-level tokenizer (generated into the cache on first use)
         from tbps.data import load_tokenizer
         from tbps.demo import demo_dataset
 

@@ -1,4 +1,4 @@
-"""SynthPEDES: an offline, procedurally drawn text-based person search dataset.
+"""ToyPEDES: an offline, procedurally drawn text-based person search dataset.
 
     python -m shards.synth --out DIR_OR_URL [--size tiny|demo|cuhk] [--seed 0]
     python -m shards.synth --raw DIR ...        # CUHK-PEDES raw layout (reid_raw.json + imgs/) for shards.build
@@ -289,7 +289,7 @@ def generate(out: str | None = None, raw: str | None = None, size: str = "tiny",
              train: int | None = None, val: int | None = None, test: int | None = None,
              images_per_id: int | None = None, shard_size: int = 1000, min_shards: int = 8, workers: int = 1,
              progress: bool = True, group_ids: bool = False) -> dict:
-    """Generate SynthPEDES as shards at ``out`` and/or in the CUHK-PEDES raw layout at ``raw``; ``group_ids``
+    """Generate ToyPEDES as shards at ``out`` and/or in the CUHK-PEDES raw layout at ``raw``; ``group_ids``
     writes the train shards by identity (as ``shards.build --group-ids``)."""
     if not out and not raw:
         raise ValueError("give out (shards) and/or raw (CUHK-PEDES layout)")
@@ -344,7 +344,7 @@ def generate(out: str | None = None, raw: str | None = None, size: str = "tiny",
                         "path": f"synth/{ident.pid:06d}_{j:02d}.jpg",
                         "attributes": {s: ident.value(s) for s in SLOT_NAMES}}}
 
-            with DatasetWriter(out, dataset="synthpedes", shard_size=shard_size, min_shards=min_shards,
+            with DatasetWriter(out, dataset="toypedes", shard_size=shard_size, min_shards=min_shards,
                                progress=progress) as w:
                 for split in ("train", "val", "test"):
                     n = len(by_split[split]) * ipi
@@ -357,7 +357,7 @@ def generate(out: str | None = None, raw: str | None = None, size: str = "tiny",
         if pool:
             pool.close()
             pool.join()
-    return {"dataset": "synthpedes", "num_train_ids": len(train_ids), "synth": summary}
+    return {"dataset": "toypedes", "num_train_ids": len(train_ids), "synth": summary}
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ CmpmNorm = Literal["l2", "sum"]
 # ------------------------------------------------------------------------------------------------------ sections
 @dataclass
 class DataConfig:
-    url: str = ""  # dataset URL (local dir, s3://...) holding manifest.json; "" = the built-in SynthPEDES demo set
+    url: str = ""  # dataset URL (local dir, s3://...) holding manifest.json; "" = the built-in ToyPEDES demo set
     train_split: str = "train"
     val_split: str = "val"  # checkpoints are selected on this split
     test_split: str = "test"  # reported once, at the end

@@ -1,4 +1,4 @@
-"""The embedded demo's data: a SynthPEDES demo set (+ tokenizer) generated once into a local cache.
+"""The embedded demo's data: a ToyPEDES demo set (+ tokenizer) generated once into a local cache.
 
 ``python -m tbps.train`` with no arguments uses it; ``python -m tbps.demo`` only prepares and summarises it.
 """
@@ -12,17 +12,17 @@ from shards.build import summarize
 
 
 def demo_dataset(size: str = "demo", seed: int = 0) -> str:
-    """Path of the cached SynthPEDES demo shards (+ tokenizer), generated on first use."""
+    """Path of the cached ToyPEDES demo shards (+ tokenizer), generated on first use."""
     from shards.synth import generate
     from tbps.data import build_tokenizer, load_manifest
     from tbps.data.stream import split_shards
 
     cache = os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps"))
-    out = os.path.join(cache, f"synthpedes-{size}-seed{seed}")
+    out = os.path.join(cache, f"toypedes-{size}-seed{seed}")
     manifest_path = os.path.join(out, "manifest.json")
     tok_dir = os.path.join(out, "tokenizer")
     if not os.path.exists(manifest_path):
-        print(f"[demo] generating SynthPEDES ({size}) into {out}", file=sys.stderr)
+        print(f"[demo] generating ToyPEDES ({size}) into {out}", file=sys.stderr)
         generate(out=out, size=size, seed=seed, workers=min(4, os.cpu_count() or 1))
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         import json

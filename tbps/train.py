@@ -1,6 +1,6 @@
 """Train a text-based person search method on Ray Train + DeepSpeed.
 
-    python -m tbps.train                                   # the embedded demo (SynthPEDES, local Ray, CPU)
+    python -m tbps.train                                   # the embedded demo (ToyPEDES, local Ray, CPU)
     python -m tbps.train --config irra data.url=s3://bucket/cuhk-pedes train.num_workers=8 train.use_gpu=true
     ray job submit --working-dir . -- python -m tbps.train --config irra_tiny data.url=...
 

@@ -87,7 +87,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def synth_tiny(tmp_path_factory):
-    """SynthPEDES 'tiny' as shards, with a word-level tokenizer built from its train captions."""
+    """ToyPEDES 'tiny' as shards, with a word-level tokenizer built from its train captions."""
     from shards.synth import generate
     from tbps.data import build_tokenizer
 

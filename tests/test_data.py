@@ -1,4 +1,4 @@
-"""tbps.data: rank/worker splitting, equal batch counts, eval stream, tokenizers, SynthPEDES."""
+"""tbps.data: rank/worker splitting, equal batch counts, eval stream, tokenizers, ToyPEDES."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_mla_word_level_is_a_random_subset_of_the_attribute_phrases():
     assert sizes == {1, 2, 3} and len(orders) == 3 + 6 + 6  # every non-empty subset in every order
 
 
-# ------------------------------------------------------------------------------------------------ SynthPEDES
+# ------------------------------------------------------------------------------------------------ ToyPEDES
 def test_synth_is_deterministic(tmp_path):
     a = generate(out=str(tmp_path / "a"), size="tiny", seed=3, progress=False)
     b = generate(out=str(tmp_path / "b"), size="tiny", seed=3, progress=False)
@@ -427,7 +427,7 @@ def test_identity_sequence_is_the_official_chunk_sequence():
 
 @pytest.fixture(scope="module")
 def grouped(tmp_path_factory, synth_tiny):
-    """SynthPEDES tiny (40 train ids) with 5 images per identity (10 pairs), written by identity in 8 shards."""
+    """ToyPEDES tiny (40 train ids) with 5 images per identity (10 pairs), written by identity in 8 shards."""
     out = str(tmp_path_factory.mktemp("grouped"))
     generate(out=out, size="tiny", seed=0, images_per_id=5, min_shards=8, group_ids=True, progress=False)
     return out

@@ -22,7 +22,7 @@ from tbps.data import build_eval_loader, build_train_loader, load_tokenizer
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory, synth_tiny):
-    """SynthPEDES tiny in 16 train shards of 7-8 images: shards are still being read late in an epoch."""
+    """ToyPEDES tiny in 16 train shards of 7-8 images: shards are still being read late in an epoch."""
     from shards.synth import generate
 
     out = str(tmp_path_factory.mktemp("outage") / "shards")

@@ -4,7 +4,7 @@ space over tbps config keys. No Ray here: the sampling function is plain Optuna 
 
     name: smoke                     # experiment name: results under <storage_path>/<name>
     storage_path: ./runs/sweeps     # local path or s3:// URL
-    data_url: ""                    # "" = the SynthPEDES demo set (generated on first use)
+    data_url: ""                    # "" = the ToyPEDES demo set (generated on first use)
     metric: mAP                     # val metric the search, ASHA and the best checkpoint use: R1 R5 R10 mAP mINP
     num_samples: 4                  # trials
     seed: 0                         # Optuna sampler seed

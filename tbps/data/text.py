@@ -19,7 +19,7 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 def build_tokenizer(captions: Iterable[str], out_dir: str, min_frequency: int = 1):
     """Train a small word-level tokenizer on captions and save it as a transformers tokenizer directory.
 
-    This is the offline default (SynthPEDES): no hub download. Real datasets use the CLIP BPE or BERT tokenizer
+    This is the offline default (ToyPEDES): no hub download. Real datasets use the CLIP BPE or BERT tokenizer
     of the chosen text tower, given by path.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
