@@ -9,6 +9,13 @@ split and print R1/R5/R10/mAP/mINP.
     python -m tbps.evaluate --checkpoint ivt/checkpoint_best.pth --data s3://bucket/cuhk-pedes \
         data.tokenizer=s3://bucket/bert-base-uncased --ap trapezoid     # an official IVT model, + IVT's protocol
 
+Cross-domain matrix: several --data, each LABEL=URL, evaluate every model on every dataset (train on one, test on
+another); the table shows each metric per (model, dataset), and --out writes matrix.json ({model: {dataset:
+{R1, R5, R10, mAP, mINP, ...}}}), matrix.md and matrix.png (an R1 heatmap). Each cell is that pair's single evaluation:
+
+    python -m tbps.evaluate --checkpoint runs/cuhk/best --name CUHK --checkpoint runs/icfg/best --name ICFG \
+        --data cuhk=s3://bucket/cuhk-pedes --data icfg=s3://bucket/icfg-pedes --data rstp=s3://bucket/rstpreid --out m/
+
 With --out it writes metrics.md (one row per model), metrics.json and cmc.png (R@k against k, one curve each);
 --save-embeddings also writes embeddings.npz there (per model: image_emb, image_path, image_pid, text_emb, caption,
 text_pid, in the space the method's similarity uses).
@@ -203,7 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides for --config (e.g. model.pretrained=PATH) or "
                                                   "for an official IVT checkpoint file (e.g. data.tokenizer=DIR)")
     ap.add_argument("--name", action="append", help="label per --checkpoint (default: its last path parts)")
-    ap.add_argument("--data", help="dataset URL (default: the one each checkpoint was trained on)")
+    ap.add_argument("--data", action="append", default=[],
+                    help="dataset URL (default: the one each checkpoint was trained on); repeat as LABEL=URL for a "
+                         "cross-domain matrix of every model on every dataset")
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
@@ -232,8 +241,11 @@ def main(argv=None) -> int:
             ap.error(str(e))
     try:
         names = _names(args.checkpoint, args.name[:len(args.checkpoint)] if args.name else None)
+        datasets = parse_datasets(args.data)
     except ValueError as e:
         ap.error(str(e))
+    if len(datasets) > 1 and (args.save_embeddings or args.ap != "standard"):
+        ap.error("--save-embeddings and --ap trapezoid evaluate one dataset: give one --data")
     if args.config:
         label = args.name[len(args.checkpoint)] if args.name and len(args.name) > len(args.checkpoint) else \
             f"{args.config} (pretrained)"
@@ -247,6 +259,10 @@ def main(argv=None) -> int:
 
         os.makedirs(args.out, exist_ok=True)
         return os.path.join(args.out, "embeddings.npz" if len(names) == 1 else f"embeddings-{i}.npz")
+
+    if len(datasets) > 1:
+        return _matrix_main(args, names, datasets)
+    args.data = next(iter(datasets.values()), None)
 
     def evaluate_all() -> int:
         for i, (name, ckpt) in enumerate(zip(names, args.checkpoint)):
@@ -281,6 +297,113 @@ def main(argv=None) -> int:
             plot_cmc(rows, os.path.join(args.out, "cmc.png"), f"CMC on the {args.split} split")
         print(f"\nwrote {args.out}/metrics.md, metrics.json" + (", cmc.png" if args.cmc else "") +
               (", embeddings*.npz" if args.save_embeddings else ""))
+    return 0
+
+
+def parse_datasets(values: list[str]) -> dict[str, str]:
+    """--data values -> {label: URL}: one plain URL (label "data"), or LABEL=URL each (a matrix)."""
+    out: dict[str, str] = {}
+    for v in values:
+        label, sep, url = v.partition("=")
+        if not sep or "/" in label or ":" in label or not label:
+            if len(values) > 1:
+                raise ValueError(f"--data {v!r}: with several datasets give each as LABEL=URL (e.g. cuhk=s3://b/cuhk)")
+            label, url = "data", v
+        if label in out:
+            raise ValueError(f"--data: the label {label!r} is given twice")
+        out[label] = url
+    return out
+
+
+def evaluate_matrix(models: dict[str, tuple], datasets: dict[str, str], split: str = "test", batch_size: int = 256,
+                    device: str = "cpu", cmc: int = 0, log=None) -> dict[str, dict[str, dict]]:
+    """``{model: {dataset: metrics}}``: each model (``(method, cfg, tokenizer)``, its own tokenizer and
+    preprocessing) on each dataset's ``split``."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, (method, cfg, tok) in models.items():
+        out[name] = {}
+        for label, url in datasets.items():
+            cfg.data.url = url
+            out[name][label] = evaluate_model(method, cfg, tok, split, batch_size, device, cmc)
+            if log:
+                m = out[name][label]
+                log(f"[evaluate] {name} on {label}: R1 {m['R1']:.2f} mAP {m['mAP']:.2f}")
+    return out
+
+
+def matrix_markdown(matrix: dict[str, dict[str, dict]], split: str) -> str:
+    from tbps.eval.metrics import METRICS
+
+    datasets = list(next(iter(matrix.values())))
+    parts = [f"# Cross-domain matrix ({split} split of each dataset)\n\nRows: models; columns: datasets.\n"]
+    for k in METRICS:
+        lines = [f"## {k}\n", "| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        lines += ["| " + " | ".join([name] + [f"{row[d][k]:.2f}" for d in datasets]) + " |"
+                  for name, row in matrix.items()]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def plot_matrix(matrix: dict[str, dict[str, dict]], path: str, metric: str = "R1") -> None:
+    """A heatmap of ``metric``: models down, datasets across, each cell annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, datasets = list(matrix), list(next(iter(matrix.values())))
+    values = np.array([[matrix[m][d][metric] for d in datasets] for m in models])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(datasets), 1.2 + 0.6 * len(models)))
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=max(100.0 if values.max() > 1 else 1.0, values.max()))
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("model")
+    for i in range(len(models)):
+        for j in range(len(datasets)):
+            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center",
+                    color="white" if values[i, j] < 0.6 * im.norm.vmax else "black")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(f"{metric}: cross-domain matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _matrix_main(args, names: list[str], datasets: dict[str, str]) -> int:
+    import os
+
+    from shards.cli import run_command
+    from tbps.eval import format_table
+
+    first = next(iter(datasets.values()))
+    matrix: dict = {}
+
+    def evaluate_all() -> int:
+        models = {}
+        for name, ckpt in zip(names, args.checkpoint):
+            models[name] = load_checkpoint_model(ckpt, first, args.device, None if args.config else args.overrides)
+        if args.config:
+            models[names[-1]] = load_config_model(args.config, args.overrides, first, args.device)
+        matrix.update(evaluate_matrix(models, datasets, args.split, args.batch_size, args.device, args.cmc,
+                                      log=lambda m: print(m, file=sys.stderr)))
+        return 0
+    code = run_command("python -m tbps.evaluate", evaluate_all, args.verbose)
+    if code:
+        return code
+    print(format_table({f"{name} on {label}": m for name, row in matrix.items() for label, m in row.items()}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(matrix, f, indent=1)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "matrix.json"), "w") as f:
+            json.dump(matrix, f, indent=1)
+        with open(os.path.join(args.out, "matrix.md"), "w") as f:
+            f.write(matrix_markdown(matrix, args.split))
+        plot_matrix(matrix, os.path.join(args.out, "matrix.png"))
+        print(f"\nwrote {args.out}/matrix.json, matrix.md, matrix.png")
     return 0
 
 

@@ -147,6 +147,37 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
     assert "clip-a (val)" in out.stdout
 
 
+def test_cross_domain_matrix_cells_equal_single_evaluations(tiny_checkpoint, synth_tiny, tmp_path):
+    """#17 item 3: `--data LABEL=URL` repeated: every model on every dataset; matrix.json/md/png; each cell equals
+    that (model, dataset) pair evaluated alone."""
+    from PIL import Image
+
+    from shards.synth import generate
+    from tbps.evaluate import evaluate_checkpoint, main
+
+    other = str(tmp_path / "other")
+    generate(out=other, size="tiny", seed=1, min_shards=2, progress=False)  # another dataset, other people
+    out = tmp_path / "matrix"
+    assert main(["--checkpoint", tiny_checkpoint, "--name", "trained", "--config", "clip_tiny", "--name", "untrained",
+                 f"data.tokenizer={synth_tiny}/tokenizer", "--data", f"toy0={synth_tiny}", "--data", f"toy1={other}",
+                 "--out", str(out)]) == 0
+    matrix = json.load(open(out / "matrix.json"))
+    assert list(matrix) == ["trained", "untrained"] and all(list(row) == ["toy0", "toy1"] for row in matrix.values())
+    for label, url in (("toy0", synth_tiny), ("toy1", other)):
+        alone = evaluate_checkpoint(tiny_checkpoint, url, split="test")
+        for k in ("R1", "R5", "R10", "mAP", "mINP", "queries", "gallery"):
+            assert matrix["trained"][label][k] == pytest.approx(alone[k], abs=1e-9), (label, k)
+    ranks = ("R5", "R10", "mAP", "mINP")
+    assert [matrix["trained"]["toy0"][k] for k in ranks] != [matrix["trained"]["toy1"][k] for k in ranks]
+    table = open(out / "matrix.md").read()
+    assert "## R1" in table and "| model | toy0 | toy1 |" in table and "| trained |" in table
+    with Image.open(out / "matrix.png") as im:
+        assert im.size[0] > 200 and im.size[1] > 100
+    with pytest.raises(SystemExit) as e:  # several datasets need labels
+        main(["--checkpoint", tiny_checkpoint, "--data", synth_tiny, "--data", other])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("script,rows", [("eval.py", ["| quick-a |", "| quick-b |"]),
                                          ("data.py", ["shards_local", "shards_s3", "folder"]),
                                          ("overhead.py", ["plain PyTorch", "plain PyTorch beside Ray",
