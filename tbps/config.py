@@ -184,6 +184,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256
     query_chunk: int = 1024  # queries ranked at a time (bounds memory)
+    test_every_epoch: bool = False  # also evaluate test whenever val is: metrics.json and the final table add the
+    # best *test* epoch, labelled "test-selected (the papers' protocol)", beside ours (test at the best val epoch)
 
 
 @dataclass

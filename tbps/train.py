@@ -40,7 +40,10 @@ def final_table(run: dict) -> str:
     if run.get("val"):
         rows[f"val (ep {run['best_val']['epoch']})"] = run["val"]
     if run.get("test"):
-        rows["test"] = run["test"]
+        rows[f"test (at best val, ep {run['best_val']['epoch']})" if run.get("test_selected") else "test"] = run["test"]
+    selected = run.get("test_selected")
+    if selected:  # eval.test_every_epoch: the papers' protocol, beside ours and labelled
+        rows[f"{selected['label']}, ep {selected['epoch']}"] = selected["metrics"]
     table = format_table(rows)
     test = rows.get("test", {})
     if test.get("chance_R1"):

@@ -22,13 +22,13 @@ class Killed(Exception):
     """Stands for the worker's death (SIGKILL) a few batches after a checkpoint was persisted."""
 
 
-def _config(url: str, storage: str, epochs: int = 2):
+def _config(url: str, storage: str, epochs: int = 2, extra: list[str] | None = None):
     from tbps.config import load_config
 
     return load_config("irra_tiny", [f"data.url={url}", "data.batch_size=8", "data.loader_workers=2",
                                      f"train.epochs={epochs}", f"train.checkpoint_every_steps={EVERY}",
                                      f"train.max_steps_per_epoch={STEPS}", "train.eval_every=0",
-                                     f"train.storage_path={storage}", "train.run_name=loop", "train.log_every=100"])
+                                     f"train.storage_path={storage}", "train.run_name=loop", "train.log_every=100", *(extra or [])])
 
 
 def _loop_main(rank, url, out_dir):
@@ -80,6 +80,13 @@ def _loop_main(rank, url, out_dir):
     results["killed"] = {"checkpoint": checkpoint, "seen_before": killed_seen, "reports": resumed_reports,
                          "seen_after": resumed_seen, "final": final, "before_reports": reports,
                          "batches": run.batches, "start_epoch": run.start_epoch}
+
+    # eval.test_every_epoch: the papers' test-selected protocol beside ours
+    cfg = _config(url, os.path.join(out_dir, "protocols"), 3, ["train.checkpoint_every_steps=0", "train.eval_every=1",
+                                                                 "eval.test_every_epoch=true", "data.loader_workers=0",
+                                                                 "train.select_metric=mAP"])
+    run = TrainRun(cfg, rank, 1, torch.device("cpu"), lambda metrics, checkpoint_dir: None)
+    results["protocols"] = {"final": run.run()}
     with open(os.path.join(out_dir, "loop.json"), "w") as f:
         json.dump(results, f)
 
@@ -136,3 +143,27 @@ def test_run_outputs_after_a_mid_epoch_resume(loop_results):
         pytest.approx({k: v for k, v in whole["test"].items() if k != "eval_seconds"}, rel=1e-6)
     meta = json.load(open(out / "killed" / "checkpoint4" / "meta.json"))
     assert meta["mid_epoch"] == 2 and meta["batches_done"] == results["killed"]["checkpoint"]["batches_done"]
+
+
+def test_test_selected_protocol_is_reported_beside_ours(loop_results):
+    """#17 item 5: eval.test_every_epoch adds the best *test* epoch, labelled as the papers' protocol; ours stays the
+    test of the best val epoch (equal to that epoch's per-epoch test), and the final table shows both rows."""
+    from tbps.engine.loop import TEST_SELECTED
+    from tbps.train import final_table
+
+    _, out = loop_results
+    metrics = json.load(open(out / "protocols" / "loop" / "metrics.json"))
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all("test_mAP" in h and "val_mAP" in h for h in history)
+    best_test = max(history, key=lambda h: h["test_mAP"])
+    selected = metrics["test_selected"]
+    assert selected["label"] == TEST_SELECTED and selected["epoch"] == best_test["epoch"]
+    assert selected["metrics"]["mAP"] == best_test["test_mAP"]
+    best_val = max(history, key=lambda h: h["val_mAP"])
+    assert metrics["best_val"]["epoch"] == best_val["epoch"]
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):  # ours: test with the best val epoch's weights
+        assert metrics["test"][k] == pytest.approx(best_val[f"test_{k}"], abs=1e-9), k
+    assert best_val["epoch"] != best_test["epoch"]  # this run's two protocols pick different epochs (3 vs 1)
+    table = final_table(metrics)
+    assert f"test-selected (the papers' protocol), ep {best_test['epoch']}" in table
+    assert f"test (at best val, ep {best_val['epoch']})" in table
