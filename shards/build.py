@@ -88,9 +88,13 @@ def group_by_identity(records: list, pid_of, caption_count, seed: int, shard_siz
 
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
             skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0, attributes: str | None = None,
-            group_ids: bool = False) -> dict:
-    """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input."""
+            group_ids: bool = False, val_from_train: float = 0.0) -> dict:
+    """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input.
+    ``val_from_train``: the fraction of train identities (at least one, never all) moved, with all their images,
+    into a val split, for datasets published without one (ICFG-PEDES); chosen by ``seed``."""
     log = log or sys.stderr
+    if not 0.0 <= val_from_train < 1.0:
+        raise ValueError(f"--val-from-train must be a fraction in [0, 1), got {val_from_train}")
     fmt = FORMATS[dataset]
     file = os.path.join(root, fmt.annotation_file)
     phrases = read_attributes(attributes) if attributes else None
@@ -136,6 +140,22 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
             first.captions.extend(c for c in rec.captions if c not in first.captions)
     if not by_split.get("train"):
         raise BadRecord(file, None, "no usable train records")
+    carved = {}
+    if val_from_train:
+        if by_split.get("val"):
+            raise BadRecord(file, None, f"--val-from-train: {dataset} has its own val split "
+                                        f"({len(by_split['val'])} images); leave the option out")
+        pids = sorted({r.pid for r in by_split["train"]})
+        if len(pids) < 2:
+            raise BadRecord(file, None, f"--val-from-train: {len(pids)} train identity, nothing to carve a val split "
+                                        "from")
+        chosen = set(random.Random(f"{seed}-val").sample(pids, min(len(pids) - 1,
+                                                                    max(1, round(val_from_train * len(pids))))))
+        by_split["val"] = [r for r in by_split["train"] if r.pid in chosen]
+        by_split["train"] = [r for r in by_split["train"] if r.pid not in chosen]
+        carved = {"fraction": val_from_train, "ids": len(chosen), "images": len(by_split["val"]), "seed": seed}
+        print(f"val from train: {len(chosen)} of {len(pids)} identities ({len(by_split['val'])} images), "
+              "identity-disjoint from train", file=log)
     train_pids = sorted({r.pid for r in by_split["train"]})
     train_id = {pid: i for i, pid in enumerate(train_pids)}  # contiguous 0..N-1 for the ID classifier
     layout: dict = {}
@@ -167,7 +187,7 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
             yield {"__key__": f"{split}-{i:08d}", ext: data, "json": meta}
 
     with DatasetWriter(out, dataset=dataset, shard_size=shard_size, min_shards=min_shards) as writer:
-        for split in fmt.splits:
+        for split in (*fmt.splits, *(["val"] if carved and "val" not in fmt.splits else [])):
             if by_split.get(split):
                 grouped = layout if split == "train" else {}
                 stats = {**split_stats(by_split[split]), **({"layout": "by_identity"} if grouped else {})}
@@ -177,6 +197,7 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
             "source": os.path.abspath(root),
             "num_skipped": len(skipped),
             "skipped": [s.as_dict() for s in skipped],
+            **({"val_from_train": carved} if carved else {}),
         })
 
 
@@ -208,12 +229,18 @@ def main(argv=None) -> int:
     ap.add_argument("--group-ids", action="store_true",
                     help="write the train split by identity (shards never split an identity, per-identity counts "
                          "in the manifest), as data.sampler=identity (IVT's identity-sampled batches) needs")
+    ap.add_argument("--val-from-train", type=float, default=0.0, metavar="FRACTION",
+                    help="carve a val split from this fraction of the train identities (identity-disjoint; for "
+                         "datasets without a val split, e.g. ICFG-PEDES: 0.05)")
     add_verbose(ap)
     args = ap.parse_args(argv)
+    if not 0.0 <= args.val_from_train < 1.0:
+        ap.error(f"--val-from-train must be a fraction in [0, 1), got {args.val_from_train}")
 
     def run() -> int:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
-                           args.workers, seed=args.seed, attributes=args.attributes, group_ids=args.group_ids)
+                           args.workers, seed=args.seed, attributes=args.attributes, group_ids=args.group_ids,
+                           val_from_train=args.val_from_train)
         print(summarize(manifest))
         print(f"published {args.out}")
         return 0

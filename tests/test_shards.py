@@ -51,6 +51,34 @@ def test_conversion_round_trips_each_format(tmp_path, dataset):
             assert s["train_id"] == expected
 
 
+def test_val_from_train_carves_an_identity_disjoint_val_split(tmp_path, capsys):
+    """#17 item 5: ICFG-PEDES has no val split; --val-from-train moves a fraction of the train identities (all their
+    images) into one, so checkpoints are selected on val, never on test."""
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = write_raw(root, "icfg-pedes")
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", out, "--shard-size", "3",
+                       "--min-shards", "1", "--val-from-train", "0.25"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert set(manifest["splits"]) == {"train", "val", "test"}
+    train, val = read_split(out, "train"), read_split(out, "val")
+    train_ids, val_ids = {s["pid"] for s in train}, {s["pid"] for s in val}
+    assert len(val_ids) == 1 and len(train_ids) == 3 and not train_ids & val_ids  # 25 % of 4 ids, disjoint
+    source = [r for r in records if r["split"] == "train"]
+    assert len(train) + len(val) == len(source)  # every train image once, in one of the two
+    assert manifest["num_train_ids"] == 3 and sorted({s["train_id"] for s in train}) == [0, 1, 2]
+    assert all(s["train_id"] == -1 for s in val)
+    assert manifest["val_from_train"] == {"fraction": 0.25, "ids": 1, "images": len(val), "seed": 0}
+    assert "1 of 4 identities" in capsys.readouterr().err
+    # a dataset with its own val split refuses it; a bad fraction is a usage error
+    root2 = str(tmp_path / "raw2")
+    write_raw(root2, "cuhk-pedes")
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root2, "--out", str(tmp_path / "o2"),
+                       "--val-from-train", "0.25"]) == 2
+    assert "has its own val split" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_main(["--dataset", "icfg-pedes", "--root", root, "--out", out, "--val-from-train", "1.5"])
+
+
 def test_duplicate_image_records_are_merged_into_one_gallery_image(tmp_path):
     root, out = str(tmp_path / "raw"), str(tmp_path / "out")
     records = make_records("cuhk-pedes")
