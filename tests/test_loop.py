@@ -167,3 +167,28 @@ def test_test_selected_protocol_is_reported_beside_ours(loop_results):
     table = final_table(metrics)
     assert f"test-selected (the papers' protocol), ep {best_test['epoch']}" in table
     assert f"test (at best val, ep {best_val['epoch']})" in table
+
+
+def test_mid_epoch_checkpoint_settings_are_checked(synth_tiny):
+    """A negative interval, a sweep asking for mid-epoch checkpoints, and a data position from another world size
+    each stop with a message naming the problem."""
+    from tbps.config import ConfigError, load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.engine.launcher import preflight
+    from tune.space import load_sweep
+
+    cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", "train.checkpoint_every_steps=-1"])
+    with pytest.raises(ConfigError, match="train.checkpoint_every_steps must be >= 0"):
+        preflight(cfg)
+    with pytest.raises(ConfigError, match="checkpoint_every_steps is for training runs, not sweeps"):
+        load_sweep("smoke", [f"data_url={synth_tiny}", "train.checkpoint_every_steps=2"])
+    cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", "data.loader_workers=0", "data.batch_size=8"])
+    tok = load_tokenizer(f"{synth_tiny}/tokenizer")
+    two_ranks = build_train_loader(cfg.data, tok, rank=0, world_size=2)
+    batches = iter(two_ranks)
+    next(batches)
+    position = two_ranks.position()
+    assert position["count"] == 1 and position["taken"] == [1] and position["world_size"] == 2
+    one_rank = build_train_loader(cfg.data, tok)
+    with pytest.raises(ValueError, match="cannot continue the epoch from data position.*same number of workers"):
+        one_rank.set_epoch(0, position)

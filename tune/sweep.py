@@ -109,6 +109,20 @@ def prepare(spec: SweepSpec) -> SweepSpec:
     return spec
 
 
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Ray Tune copies AWS credentials from the driver's environment into every trainable's runtime env
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime-env agent writes runtime envs into
+    its log: the secret key ended up in ``runtime_env_agent.log``. Trials get credentials the way training runs do
+    (docs/reliability.md): from the process that started a local Ray, or from the nodes' own environment or instance
+    role on a cluster. Ray reads the set when a trainable's actor class is made, so this holds for the whole sweep."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV)
+
+
 def build_tuner(spec: SweepSpec, concurrent: int):
     """A new Tuner, or the interrupted one restored from <storage>/<name> (same command = resume)."""
     import ray.tune
@@ -117,6 +131,7 @@ def build_tuner(spec: SweepSpec, concurrent: int):
 
     import optuna
 
+    keep_credentials_out_of_runtime_envs()
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec.to_dict()),
                                         {"CPU": spec.driver_cpus})
     path = experiment_path(spec)
