@@ -147,6 +147,33 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
     assert "clip-a (val)" in out.stdout
 
 
+def test_search_on_object_storage_writes_no_credential(tiny_checkpoint, synth_tiny, s3_server, tmp_path):
+    """#18 item 7 for search: checkpoint and gallery on S3, the credentials in the environment; neither the outputs,
+    the local cache nor the gallery index cached beside the checkpoint on S3 hold the secret."""
+    import s3fs
+
+    from conftest import SECRET, files_holding, fresh_s3_clients
+
+    fresh_s3_clients()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(tiny_checkpoint.rstrip("/") + "/", "tbps/search/ckpt/", recursive=True)
+    fs.put(synth_tiny.rstrip("/") + "/", "tbps/search/data/", recursive=True)
+    env = {**os.environ, "TBPS_CACHE": str(tmp_path / "cache")}
+    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET
+    out = subprocess.run([sys.executable, "-m", "tbps.search", "--checkpoint", "s3://tbps/search/ckpt", "--gallery",
+                          "s3://tbps/search/data", "a man in a red jacket", "--top-k", "3", "--out",
+                          str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    index = fs.find("tbps/search/ckpt/search-index")
+    assert index, "no gallery index cached beside the checkpoint"
+    fs.get(index, str(tmp_path / "index") + "/")
+    written = [os.path.join(d, f) for root in ("out", "cache", "index") for d, _, fs_ in os.walk(tmp_path / root)
+               for f in fs_]
+    assert any("/index/" in p for p in written) and any("/out/" in p for p in written), written  # scanned something
+    assert files_holding(SECRET, str(tmp_path / "out"), str(tmp_path / "cache"), str(tmp_path / "index")) == []
+    assert SECRET not in out.stdout + out.stderr
+
+
 def test_cross_domain_matrix_cells_equal_single_evaluations(tiny_checkpoint, synth_tiny, tmp_path):
     """#17 item 3: `--data LABEL=URL` repeated: every model on every dataset; matrix.json/md/png; each cell equals
     that (model, dataset) pair evaluated alone."""
