@@ -115,7 +115,9 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
         cfg = from_dict(Config, yaml.safe_load(read_text(join(checkpoint, "config.yaml"))))
         meta = json.loads(read_text(join(checkpoint, "meta.json")))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing): {e}") from None
+        raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing; a best/ "
+                                f"being replaced on object storage lacks meta.json until its upload ends): {e}"
+                                ) from None
     if data_url:
         cfg.data.url = data_url
     tok = load_tokenizer(cfg.data.tokenizer)

@@ -5,6 +5,7 @@ through a TCP proxy on loopback that the test takes down (connections reset, new
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -172,3 +173,47 @@ def test_an_outage_during_an_upload_of_run_outputs(flaky_s3, capfd):
     outage.join()
     assert read_json(f"{outputs.url}/metrics.json") == {"best": {"R1": 12.5}}
     assert f"upload {outputs.url}/metrics.json failed" in capfd.readouterr().err
+
+
+def test_best_on_object_storage_is_never_a_mix_of_two_epochs(s3_server, monkeypatch):
+    """#18 item 6: replacing best/ on S3 deletes its meta.json first and uploads it last, so an upload cut short
+    leaves a directory readers refuse (no meta.json), not new weights under the old epoch's metadata."""
+    import s3fs
+
+    from tbps.engine.checkpoint import RunOutputs
+
+    fresh_s3_clients()
+    outputs = RunOutputs("s3://tbps/atomic", "run")
+
+    def build(epoch):
+        def write(path):
+            os.makedirs(path)
+            for name, body in (("model.pt", f"weights {epoch}"), ("config.yaml", "x: 1"),
+                               ("meta.json", json.dumps({"epoch": epoch}))):
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(body)
+        return write
+
+    outputs.replace_dir("best", build(1))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert json.loads(fs.cat("tbps/atomic/run/best/meta.json")) == {"epoch": 1}
+    order = []
+    real_put = outputs.fs.put
+
+    def put(src, dst, *a, **kw):  # the upload dies after the first file of epoch 2
+        order.append(dst.rsplit("/", 1)[1])
+        if len(order) > 1:
+            raise PermissionError("upload cut short")
+        return real_put(src, dst, *a, **kw)
+
+    monkeypatch.setattr(outputs.fs, "put", put)
+    with pytest.raises(PermissionError):
+        outputs.replace_dir("best", build(2))
+    fs.invalidate_cache()
+    assert order[0] != "meta.json"  # the marker goes last
+    assert not fs.exists("tbps/atomic/run/best/meta.json")  # refused by readers, not a mix of epochs 1 and 2
+    monkeypatch.setattr(outputs.fs, "put", real_put)
+    outputs.replace_dir("best", build(2))
+    fs.invalidate_cache()
+    assert json.loads(fs.cat("tbps/atomic/run/best/meta.json")) == {"epoch": 2}
+    assert fs.cat("tbps/atomic/run/best/model.pt") == b"weights 2"

@@ -91,11 +91,30 @@ class RunOutputs:
         os.replace(tmp, self.path(name))
         self.sync(name)
 
-    def replace_dir(self, name: str, build) -> None:
-        """Build a directory in staging, swap it in, upload it."""
+    def replace_dir(self, name: str, build, marker: str = "meta.json") -> None:
+        """Build a directory in staging, swap it in, upload it. On object storage, where a directory of several
+        objects cannot be replaced at once, the old ``marker`` (a file readers need: a checkpoint directory without
+        meta.json is refused) is deleted first and the new one uploaded last: a reader meets the old directory,
+        the new one, or one that is refused while it is written -- never new weights with old metadata."""
         tmp = self.path(name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)
         shutil.rmtree(self.path(name), ignore_errors=True)
         os.replace(tmp, self.path(name))
-        self.sync(name)
+        if is_local(self.fs):
+            return
+        src, dst, label = self.path(name), f"{self.root}/{name}", join(self.url, name)
+        files = sorted(os.listdir(src))
+        if marker in files:
+            def unpublish():
+                if self.fs.exists(f"{dst}/{marker}"):
+                    self.fs.rm(f"{dst}/{marker}")
+            with_retries("unpublish", f"{label}/{marker}", unpublish)
+            files = [f for f in files if f != marker] + [marker]
+        for f in files:
+            path = os.path.join(src, f)
+            if os.path.isdir(path):
+                with_retries("upload", f"{label}/{f}", lambda: self.fs.put(path.rstrip("/") + "/", f"{dst}/{f}",
+                                                                           recursive=True))
+            else:
+                with_retries("upload", f"{label}/{f}", lambda: self.fs.put(path, f"{dst}/{f}"))
