@@ -348,11 +348,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a preset name or YAML path (None = defaults) and apply ``key=value`` overrides."""
+def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = None,
+                values: Optional[dict[str, Any]] = None) -> Config:
+    """Load a preset name or YAML path (None = defaults) and apply ``key=value`` overrides (text, as typed on a
+    command line), then ``values`` (dotted key -> value, as a sweep samples them); every key and value is checked."""
     tree = read_yaml_tree(preset_path(config)) if config else {}
     for text in overrides or []:
         key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for key, value in (values or {}).items():
         _set_dotted(tree, key, value)
     return from_dict(Config, tree)
 

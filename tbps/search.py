@@ -188,10 +188,11 @@ def fetch_images(index: GalleryIndex, positions: list[int]) -> dict[int, bytes]:
 # ------------------------------------------------------------------------------------------------------ output
 def _tile(data: bytes, rank: int, score: float, pid: int, correct) -> Image.Image:
     tile = Image.new("RGB", (TILE_W, TILE_H + LABEL_H), "white")
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        im.thumbnail((TILE_W - 6, TILE_H - 6))
-        tile.paste(im, ((TILE_W - im.width) // 2, 3 + (TILE_H - 6 - im.height) // 2))
+    from tbps.data.stream import decode_image
+
+    im = decode_image(data)  # the loaders' one decode path
+    im.thumbnail((TILE_W - 6, TILE_H - 6))
+    tile.paste(im, ((TILE_W - im.width) // 2, 3 + (TILE_H - 6 - im.height) // 2))
     color = {True: (30, 160, 60), False: (200, 40, 40), None: (150, 150, 150)}[correct]
     draw = ImageDraw.Draw(tile)
     draw.rectangle([0, 0, TILE_W - 1, TILE_H - 1], outline=color, width=3)

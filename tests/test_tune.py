@@ -96,7 +96,12 @@ def test_bad_sweep_fields(tmp_path):
                           ({"metric": "top1", "methods": {"clip": {"config": "clip_tiny"}}}, "metric must be one of"),
                           ({"methods": {"nope": {"config": "clip_tiny"}}}, "unknown method 'nope'"),
                           ({"methods": {"clip": {"config": "irra_tiny"}}}, "is a 'irra' preset"),
-                          ({"sceduler": {}, "methods": {"clip": {}}}, "unknown sweep key 'sceduler'")]:
+                          ({"sceduler": {}, "methods": {"clip": {}}}, "unknown sweep key 'sceduler'"),
+                          # typed by tbps.config's machinery, as a training config is (#16 item 4)
+                          ({"num_samples": "many", "methods": {"clip": {}}}, "num_samples: expected an integer"),
+                          ({"scheduler": {"grace": 1}, "methods": {"clip": {}}}, "unknown config key scheduler.grace"),
+                          ({"methods": {"clip": {"confg": "clip_tiny"}}}, "unknown config key methods.clip.confg"),
+                          ({"seed": -1, "methods": {"clip": {}}}, "seed must be non-negative")]:
         with pytest.raises(ConfigError, match=message):
             load_sweep(_write(tmp_path, tree))
     with pytest.raises(ConfigError, match="not found"):

@@ -31,16 +31,56 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import yaml
 
-from tbps.config import Config, ConfigError, load_config, parse_override, preset_path, read_yaml_mapping
+from tbps.config import Config, ConfigError, from_dict, load_config, parse_override, preset_path, read_yaml_mapping
 from tbps.eval.metrics import METRICS  # the metrics a sweep can select on
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SECTIONS = typing.get_type_hints(Config)
+
+
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+
+
+# The sweep file's layout, read by tbps.config's typed machinery (unknown keys and wrong types are errors naming
+# the key), then turned into a SweepSpec
+@dataclass
+class SchedulerFields:
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass
+class ResourcesFields:
+    cpus: float = 0.0
+    gpus: float = 0.0
+
+
+@dataclass
+class MethodFields:
+    config: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepFile:
+    name: str = "sweep"
+    storage_path: str = "./runs/sweeps"
+    data_url: str = ""
+    metric: Metric = "R1"
+    num_samples: int = 8
+    seed: int = 0
+    scheduler: SchedulerFields = field(default_factory=SchedulerFields)
+    resources: ResourcesFields = field(default_factory=ResourcesFields)
+    max_concurrent: int = 0
+    driver_cpus: float = 1.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,9 +123,7 @@ class SweepSpec:
                 losses[key[5:]] = float(value)
             else:
                 overrides[key] = value
-        texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for k, v in overrides.items()]
-        cfg = load_config(m.config, texts)
+        cfg = load_config(m.config, values=overrides)
         if cfg.method.name != method:
             raise ConfigError(f"{self.source}: methods.{method}.config {m.config!r} is a {cfg.method.name!r} preset")
         if cfg.train.checkpoint_every_steps:
@@ -222,54 +260,45 @@ def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
     return _build(tree, path)
 
 
+def _typed(cls, tree: dict, source: str, prefix: str = ""):
+    try:
+        return from_dict(cls, tree, prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _build(tree: dict, source: str) -> SweepSpec:
-    allowed = {"name", "storage_path", "data_url", "metric", "num_samples", "seed", "scheduler", "resources",
-               "max_concurrent", "driver_cpus", "overrides", "space", "methods"}
+    allowed = {f.name for f in dataclasses.fields(SweepFile)}
     unknown = sorted(set(tree) - allowed)
     if unknown:
         raise ConfigError(f"{source}: unknown sweep key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
-    sched = tree.get("scheduler") or {}
-    res = tree.get("resources") or {}
-    for where, d, keys in (("scheduler", sched, {"grace_period", "reduction_factor"}),
-                           ("resources", res, {"cpus", "gpus"})):
-        bad = sorted(set(d) - keys)
-        if bad:
-            raise ConfigError(f"{source}: unknown key {where}.{bad[0]}; valid: {', '.join(sorted(keys))}")
-    spec = SweepSpec(source=source)
-    for key in ("name", "storage_path", "data_url", "metric"):
-        if key in tree:
-            if not isinstance(tree[key], str):
-                raise ConfigError(f"{source}: {key} must be a string, got {tree[key]!r}")
-            setattr(spec, key, tree[key])
-    for key, value in (("num_samples", tree.get("num_samples")), ("seed", tree.get("seed")),
-                       ("max_concurrent", tree.get("max_concurrent")),
-                       ("grace_period", sched.get("grace_period")),
-                       ("reduction_factor", sched.get("reduction_factor"))):
-        if value is not None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: {key} must be a non-negative integer, got {value!r}")
-            setattr(spec, key, value)
-    for key, value in (("cpus", res.get("cpus")), ("gpus", res.get("gpus")), ("driver_cpus", tree.get("driver_cpus"))):
-        if value is not None:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: {key} must be a non-negative number, got {value!r}")
-            setattr(spec, key, float(value))
+    tree = {k: ({} if v is None and k in ("scheduler", "resources", "overrides", "space", "methods") else v)
+            for k, v in tree.items()}
+    f: SweepFile = _typed(SweepFile, tree, source)
+    spec = SweepSpec(name=f.name, storage_path=f.storage_path, data_url=f.data_url, metric=f.metric,
+                     num_samples=f.num_samples, seed=f.seed, grace_period=f.scheduler.grace_period,
+                     reduction_factor=f.scheduler.reduction_factor, cpus=f.resources.cpus, gpus=f.resources.gpus,
+                     max_concurrent=f.max_concurrent, driver_cpus=f.driver_cpus, source=source)
+    for key in ("num_samples", "seed", "max_concurrent", "grace_period", "reduction_factor", "cpus", "gpus",
+                "driver_cpus"):
+        if getattr(spec, key) < 0:
+            raise ConfigError(f"{source}: {key} must be non-negative, got {getattr(spec, key)!r}")
     if spec.metric not in METRICS:
         raise ConfigError(f"{source}: metric must be one of {', '.join(METRICS)}, got {spec.metric!r}")
     if spec.num_samples < 1:
         raise ConfigError(f"{source}: num_samples must be at least 1")
     if spec.reduction_factor < 2:
         raise ConfigError(f"{source}: scheduler.reduction_factor must be at least 2")
-    spec.overrides = _mapping(tree.get("overrides"), f"{source}: overrides")
+    spec.overrides = dict(f.overrides)
     for key in spec.overrides:
         _check_key(f"{source}: overrides", key)
     if "data.url" in spec.overrides:
         raise ConfigError(f"{source}: overrides: data.url: a sweep's dataset is its data_url field (data_url: URL)")
-    shared = _mapping(tree.get("space"), f"{source}: space")
+    shared = dict(f.space)
     for key, dist in shared.items():
         _check_key(f"{source}: space", key)
         _check_distribution(f"{source}: space.{key}", dist)
-    methods = _mapping(tree.get("methods"), f"{source}: methods")
+    methods = f.methods
     if not methods:
         raise ConfigError(f"{source}: methods is empty: list at least one method with its config")
     from tbps.methods import METHODS
@@ -278,14 +307,11 @@ def _build(tree: dict, source: str) -> SweepSpec:
         where = f"{source}: methods.{name}"
         if name not in METHODS:
             raise ConfigError(f"{where}: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-        body = _mapping(body, where)
-        bad = sorted(set(body) - {"config", "overrides", "space"})
-        if bad:
-            raise ConfigError(f"{where}: unknown key {bad[0]!r}; valid: config, overrides, space")
-        config = body.get("config") or name
+        body = _typed(MethodFields, {k: ({} if v is None and k != "config" else v)
+                                     for k, v in _mapping(body, where).items()}, source, f"methods.{name}.")
+        config = body.config or name
         preset_path(config)  # raises naming the preset
-        ms = MethodSpace(name, config, _mapping(body.get("overrides"), where + ".overrides"),
-                         _mapping(body.get("space"), where + ".space"))
+        ms = MethodSpace(name, config, dict(body.overrides), dict(body.space))
         for key in ms.overrides:
             _check_key(where + ".overrides", key)
         spec.methods[name] = ms
