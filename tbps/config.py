@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -154,7 +154,9 @@ class TrainConfig:
     run_name: str = "tbps"  # re-running with the same name resumes from its latest checkpoint
     storage_path: str = "./runs"  # local path or s3:// URL for checkpoints and results
     epochs: int = 60
-    num_workers: int = 2  # Ray Train workers
+    num_workers: Union[int, list[int]] = 2  # Ray Train workers; [min, max] = elastic (Ray Train's elastic scaling):
+    # the run goes on with fewer workers (at least min) when a node is lost and grows back to max when capacity
+    # returns; the per-worker batch stays data.batch_size, so the global batch follows the world size (logged)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -178,6 +180,19 @@ class TrainConfig:
     ray_num_cpus: int = 0  # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
     worker_niceness: int = 0  # nice value of the Train worker processes (Ray starts workers at 15), 0-19
     seed: int = 0
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers: equal for a fixed ``num_workers``."""
+        n = self.num_workers
+        if isinstance(n, int):
+            lo = hi = n
+        elif len(n) == 2:
+            lo, hi = n
+        else:
+            raise ConfigError(f"train.num_workers: a number, or [min, max] for elastic workers; got {n!r}")
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"train.num_workers must be >= 1 (and [min, max] with min <= max), got {n!r}")
+        return lo, hi
 
 
 @dataclass
@@ -215,7 +230,15 @@ def _convert(value: Any, tp, key: str):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], key)
+        errors = []
+        for arg in args:  # the first member the value fits
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         if not isinstance(value, (list, tuple)):

@@ -69,8 +69,9 @@ def trial_resources(spec: SweepSpec) -> tuple[float, float]:
     cpus = gpus = 0.0
     for m in spec.methods:
         t = spec.base_config(m).train
-        cpus = max(cpus, spec.driver_cpus + t.num_workers * t.cpus_per_worker)
-        gpus = max(gpus, t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0)
+        workers = t.worker_range()[1]
+        cpus = max(cpus, spec.driver_cpus + workers * t.cpus_per_worker)
+        gpus = max(gpus, workers * t.gpus_per_worker if t.use_gpu else 0.0)
     return cpus, gpus
 
 

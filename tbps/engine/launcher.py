@@ -63,8 +63,12 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.checkpoint_every_steps < 0:
         raise ConfigError(f"train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only), got "
                           f"{cfg.train.checkpoint_every_steps}")
-    if cfg.train.num_workers < 1:
-        raise ConfigError(f"train.num_workers must be >= 1, got {cfg.train.num_workers}")
+    low, high = cfg.train.worker_range()
+    if low < high and cfg.train.zero_stage != 0:
+        raise ConfigError("elastic workers (train.num_workers=[min, max]) support ZeRO-0 so far: ZeRO-1/2/3 "
+                          "checkpoints partition the optimizer state per rank, and DeepSpeed reshards them only "
+                          "through a universal-checkpoint conversion tbps does not run yet; use train.zero_stage=0, "
+                          "or a fixed train.num_workers")
     if not cfg.data.url:
         raise ConfigError("data.url is empty: give the dataset URL (a shards directory or s3://bucket/prefix); "
                           "run `python -m tbps.train` with no arguments for the built-in demo")
@@ -97,8 +101,8 @@ def preflight(cfg: Config) -> dict:
         print(f"[tbps] warning: the train split of {cfg.data.url} is written by identity (shards.build --group-ids) "
               "and data.sampler=random: batches will hold more same-identity pairs than a global shuffle; use "
               "data.sampler=identity, or a conversion without --group-ids", file=sys.stderr)
-    if train_batches(shards, cfg.data, cfg.train.num_workers, workers, 0) == 0:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.num_workers} workers x {workers} "
+    if train_batches(shards, cfg.data, cfg.train.worker_range()[1], workers, 0) == 0:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.worker_range()[1]} workers x {workers} "
                           f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
     for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.pretrained", cfg.model.pretrained),
                      ("model.image_pretrained", cfg.model.image_pretrained),
@@ -132,7 +136,7 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
+    need = cfg.train.worker_range()[1] * cfg.train.cpus_per_worker + 2
     num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
     env = forwarded_env()
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -162,13 +166,14 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from tbps.engine.worker import train_loop_per_worker
 
     resolve_worker_settings(cfg)
+    low, high = cfg.train.worker_range()
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path,

@@ -224,6 +224,17 @@ class TrainRun:
         _, client = self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
         self.global_step = client["step"]
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
+        saved_world = client.get("world_size", self.world_size)
+        if saved_world != self.world_size:  # elastic workers: a node was lost, or capacity came back
+            # data positions are per rank: a mid-epoch checkpoint restarts its epoch on the new world
+            self.start_epoch = client["epoch"] + (0 if client.get("mid_epoch") else 1)
+            self._rebase_schedule(self.start_epoch * self.steps_per_epoch)
+            self.log(f"[tbps] world size changed: {saved_world} -> {self.world_size} worker(s); global batch now "
+                     f"{self.world_size} x {self.cfg.data.batch_size} x accum {self.cfg.train.grad_accum}, "
+                     f"{self.steps_per_epoch} steps/epoch; resuming at the start of epoch {self.start_epoch + 1}"
+                     + (" (its batches before the checkpoint are trained again)" if client.get("mid_epoch") else "")
+                     + f", lr schedule at {self.start_epoch}/{self.cfg.train.epochs} of the run")
+            return
         if not client.get("mid_epoch"):
             self.start_epoch = client["epoch"] + 1
             self.log(f"[tbps] resumed from checkpoint of epoch {client['epoch'] + 1} (step {self.global_step})")
@@ -241,6 +252,15 @@ class TrainRun:
         position = mine["position"]
         self.log(f"[tbps] resumed mid-epoch {client['epoch'] + 1}: after batch {position['count']} of "
                  f"{self.batches} (step {self.global_step})")
+
+    def _rebase_schedule(self, step: int) -> None:
+        """The lr schedule at optimizer step ``step`` of this world size's epochs (LambdaLR, closed form): after a
+        change of world size the steps per epoch differ, and the schedule follows the fraction of the run done."""
+        sched = self.scheduler
+        sched.last_epoch = step
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------------------ train
     def train_one_epoch(self, epoch: int) -> dict:
@@ -309,7 +329,7 @@ class TrainRun:
                                     "skipped_shards": float(len(loader.skipped))})
         skipped = train.pop("skipped_shards") * self.world_size
         metrics = {"epoch": epoch + 1, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
-                   "samples_per_s": seen / max(time.time() - t0, 1e-9),
+                   "world_size": self.world_size, "samples_per_s": seen / max(time.time() - t0, 1e-9),
                    **{f"train_{k}": v for k, v in train.items()}}
         if skipped or cfg.data.on_bad_shard == "skip":  # data.on_bad_shard=skip: train shards skipped, all ranks
             metrics["train_skipped_shards"] = int(round(skipped))
@@ -379,7 +399,7 @@ class TrainRun:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
-                "history": self.history})
+                "history": self.history, "world_size": self.world_size})
             if self.rank == 0:
                 write_model_dir(tmp, state, self.config_yaml, meta)
                 if is_best:
