@@ -76,8 +76,8 @@ class SweepFile:
     seed: int = 0
     scheduler: SchedulerFields = field(default_factory=SchedulerFields)
     resources: ResourcesFields = field(default_factory=ResourcesFields)
-    max_concurrent: int = 0
-    driver_cpus: float = 1.0
+    max_concurrent: int = 0  # 0 = derived from resources
+    driver_cpus: float = 1.0  # CPU held by each trial's driver (the Tune function that runs the TorchTrainer)
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Any] = field(default_factory=dict)
@@ -93,18 +93,19 @@ class MethodSpace:
 
 @dataclass
 class SweepSpec:
-    name: str = "sweep"
-    storage_path: str = "./runs/sweeps"
-    data_url: str = ""
-    metric: str = "R1"
-    num_samples: int = 8
-    seed: int = 0
-    grace_period: int = 1
-    reduction_factor: int = 2
-    cpus: float = 0
-    gpus: float = 0
-    max_concurrent: int = 0  # 0 = derived from resources
-    driver_cpus: float = 1.0  # CPU held by each trial's driver (the Tune function that runs the TorchTrainer)
+    """A validated sweep (defaults: SweepFile's, the one place they are written)."""
+    name: str
+    storage_path: str
+    data_url: str
+    metric: str
+    num_samples: int
+    seed: int
+    grace_period: int
+    reduction_factor: int
+    cpus: float
+    gpus: float
+    max_concurrent: int
+    driver_cpus: float
     overrides: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, MethodSpace] = field(default_factory=dict)
     source: str = "<sweep>"

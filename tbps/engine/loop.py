@@ -286,7 +286,8 @@ class TrainRun:
         for i, batch in enumerate(loader, start=first):
             if i >= self.batches:
                 break
-            read_shards.update(batch["shards"])
+            if epoch == self.start_epoch:  # the placement record (metrics.json "workers") is of the first epoch
+                read_shards.update(batch["shards"])
             if self.on_batch is not None:
                 self.on_batch(epoch, i, batch)
             if i % cfg.train.grad_accum == 0:  # a new optimizer step: its own random state
