@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -77,26 +77,122 @@ class LossTerm:
     weight: float = 1.0
 
 
+def sweepable(*losses: str) -> dict:
+    """Field metadata: a hyperparameter a sweep may vary, read only when one of ``losses`` is configured (none =
+    always read). ``MethodConfig.hyperparameters`` collects them; nothing else lists a method's parameters."""
+    return {"sweep": losses}
+
+
 @dataclass
 class MethodConfig:
-    name: str = "irra"  # clip | irra | ivt | pcc (the registry in tbps.methods checks it)
-    losses: list[LossTerm] = field(default_factory=lambda: [LossTerm("sdm", 1.0), LossTerm("mlm", 1.0),
-                                                            LossTerm("id", 1.0)])
-    temperature: float = 0.02  # SDM / ITC / CMR temperature tau (logits = cos / tau)
-    learnable_temperature: bool = False  # CLIP-style learnable logit scale, initialised from temperature
-    mask_ratio: float = 0.15  # IRRA: fraction of caption tokens masked for IRR
-    cmpm_norm: CmpmNorm = "l2"  # CMPM label rows: l2 (q = y / ||y||_2, the official IVT/IRRA code) | sum (q = y / sum y)
-    bmm_max_drop: float = 0.2  # IVT BMM: per batch drop k ~ U{0..floor(this x N)} of the N token positions
-    cross_layers: int = 4  # IRRA: transformer layers of the cross-modal encoder
-    cross_heads: int = 8  # IRRA: heads of its cross-attention
-    num_parts: int = 8  # PCC: learnable part tokens shared by both modalities
-    decoder_layers: int = 2  # PCC: layers of the shared part decoder
-    margin: float = 0.2  # PCC: base margin of the commonality-based margin ranking loss
-    commonality: bool = True  # PCC: scale each part's margin by its distinctiveness (False = fixed margin)
-    part_weight: float = 0.5  # PCC: weight of part similarity in retrieval (similarity = global + w * parts)
-    gather: Optional[bool] = None  # contrastive losses see features gathered from all ranks (global negatives);
-    # null = the method's choice (IVT: local batches, as its official code; clip/irra/pcc: global)
-    mlm_pad_mask: bool = False  # IRRA: mask padding in the cross-modal encoder (the official code does not)
+    """``method.*``: what every method has. ``method.name`` picks the method's own class below (``METHOD_CONFIGS``),
+    which adds its fields; keys another method has are rejected, naming the method's valid keys."""
+
+    supported_losses: ClassVar[tuple[str, ...]] = ()
+
+    name: str = "irra"  # clip | irra | ivt | pcc
+    losses: list[LossTerm] = field(default_factory=list)  # loss terms and weights (the method's own default)
+    temperature: float = field(default=0.02, metadata=sweepable("sdm", "itc"))  # SDM / ITC temperature tau
+    # (logits = cos / tau)
+    learnable_temperature: bool = field(default=False, metadata=sweepable("sdm", "itc"))  # CLIP-style learnable
+    # logit scale, initialised from temperature
+    gather: Optional[bool] = field(default=None, metadata=sweepable("sdm", "itc", "cmpm"))  # contrastive losses see
+    # features gathered from all ranks (global negatives); null = the method's choice (IVT: local batches, as its
+    # official code; clip/irra/pcc: global)
+
+    def __post_init__(self):
+        valid = self.supported_losses
+        for i, term in enumerate(self.losses):
+            if term.name not in valid:
+                raise ConfigError(f"method.losses: {self.name} has no loss {term.name!r}; valid: {', '.join(valid)}")
+        if not self.losses:
+            raise ConfigError(f"method.losses is empty; {self.name} offers {', '.join(valid)}")
+
+    @classmethod
+    def hyperparameters(cls, losses) -> set[str]:
+        """The method.* fields that change this method's training with these loss terms (names or LossTerms): what a
+        sweep may give it (a conditional search space)."""
+        names = {getattr(t, "name", t) for t in losses}
+        out = set()
+        for f in dataclasses.fields(cls):
+            if "sweep" in f.metadata and (not f.metadata["sweep"] or names & set(f.metadata["sweep"])):
+                out.add(f.name)
+        return out
+
+
+def _losses(*terms):
+    return field(default_factory=lambda: [LossTerm(n, w) for n, w in terms])
+
+
+@dataclass
+class ClipMethodConfig(MethodConfig):
+    """The CLIP-style baseline: two towers, global features, ITC (or SDM) and an optional ID loss."""
+
+    supported_losses: ClassVar[tuple[str, ...]] = ("itc", "sdm", "id")
+    name: str = "clip"
+    losses: list[LossTerm] = _losses(("itc", 1.0))
+
+
+@dataclass
+class IrraMethodConfig(MethodConfig):
+    """IRRA: SDM + implicit relation reasoning (cross-modal MLM) + ID."""
+
+    supported_losses: ClassVar[tuple[str, ...]] = ("sdm", "itc", "mlm", "id")
+    name: str = "irra"
+    losses: list[LossTerm] = _losses(("sdm", 1.0), ("mlm", 1.0), ("id", 1.0))
+    mask_ratio: float = field(default=0.15, metadata=sweepable("mlm"))  # fraction of caption tokens masked for IRR
+    cross_layers: int = field(default=4, metadata=sweepable("mlm"))  # transformer layers of the cross-modal encoder
+    cross_heads: int = field(default=8, metadata=sweepable("mlm"))  # heads of its cross-attention
+    mlm_pad_mask: bool = False  # mask padding in the cross-modal encoder (the official code does not)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.mask_ratio < 1 or (self.mask_ratio == 0 and any(t.name == "mlm" for t in self.losses)):
+            raise ConfigError(f"method.mask_ratio must be in (0, 1) with the mlm loss, got {self.mask_ratio}")
+
+
+@dataclass
+class IvtMethodConfig(MethodConfig):
+    """IVT: one shared tower, multi-level alignment (CMPM over views and text levels), bidirectional mask modelling."""
+
+    supported_losses: ClassVar[tuple[str, ...]] = ("cmpm", "sdm", "id")
+    name: str = "ivt"
+    losses: list[LossTerm] = _losses(("cmpm", 1.0))
+    cmpm_norm: CmpmNorm = field(default="l2", metadata=sweepable("cmpm"))  # CMPM label rows: l2 (q = y / ||y||_2,
+    # the official IVT/IRRA code) | sum (q = y / sum y)
+    bmm_max_drop: float = field(default=0.2, metadata=sweepable())  # BMM: per batch drop k ~ U{0..floor(this x N)}
+    # of the N token positions
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.bmm_max_drop < 1:
+            raise ConfigError(f"method.bmm_max_drop must be in [0, 1), got {self.bmm_max_drop}")
+
+
+@dataclass
+class PccMethodConfig(MethodConfig):
+    """Park et al.: part-level correspondence, commonality-based margin ranking (CMR)."""
+
+    supported_losses: ClassVar[tuple[str, ...]] = ("sdm", "itc", "cmr", "id")
+    name: str = "pcc"
+    losses: list[LossTerm] = _losses(("sdm", 1.0), ("cmr", 1.0), ("id", 0.5))
+    num_parts: int = field(default=8, metadata=sweepable())  # learnable part tokens shared by both modalities
+    decoder_layers: int = field(default=2, metadata=sweepable())  # layers of the shared part decoder
+    margin: float = field(default=0.2, metadata=sweepable("cmr"))  # base margin of the CMR loss
+    commonality: bool = field(default=True, metadata=sweepable("cmr"))  # scale each part's margin by its
+    # distinctiveness (False = fixed margin)
+    part_weight: float = field(default=0.5, metadata=sweepable())  # weight of part similarity in retrieval
+    # (similarity = global + w * parts)
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"clip": ClipMethodConfig, "irra": IrraMethodConfig,
+                                                 "ivt": IvtMethodConfig, "pcc": PccMethodConfig}
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(METHOD_CONFIGS))}")
+    return METHOD_CONFIGS[name]
 
 
 @dataclass
@@ -205,7 +301,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=IrraMethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,6 +321,11 @@ def _convert(value: Any, tp, key: str):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        if tp is MethodConfig:  # the chosen method's own class
+            name = value.get("name", MethodConfig.name)
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}.name: expected a method name, got {name!r}")
+            tp = method_config_class(name)
         return from_dict(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -301,6 +402,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
         data = {k: v for k, v in data.items() if k not in retired}
     unknown = [k for k in data if k not in names]
     if unknown:
+        if issubclass(cls, MethodConfig):
+            other = sorted(n for n, c in METHOD_CONFIGS.items() if unknown[0] in {f.name for f in dataclasses.fields(c)})
+            raise ConfigError(f"unknown config key {prefix}{unknown[0]} for method {cls.name}"
+                              + (f" (a key of {', '.join(other)})" if other else "")
+                              + f"; valid keys of {cls.name}: {', '.join(names)}")
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
@@ -356,8 +462,17 @@ def read_yaml_tree(path: str) -> dict:
     tree = read_yaml_mapping(path)
     base = tree.pop("base", None)
     if base:
-        tree = _deep_merge(read_yaml_tree(preset_path(base)), tree)
+        inherited = read_yaml_tree(preset_path(base))
+        if _method_name(tree) not in (None, _method_name(inherited, MethodConfig.name)):  # another method: its own section, afresh
+            inherited.pop("method", None)
+        tree = _deep_merge(inherited, tree)
     return tree
+
+
+def _method_name(tree: dict, default=None):
+    """The method a config tree names (``default`` when it names none)."""
+    method = tree.get("method")
+    return method.get("name", default) if isinstance(method, dict) else default
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -374,14 +489,32 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = None,
                 values: Optional[dict[str, Any]] = None) -> Config:
     """Load a preset name or YAML path (None = defaults) and apply ``key=value`` overrides (text, as typed on a
-    command line), then ``values`` (dotted key -> value, as a sweep samples them); every key and value is checked."""
+    command line), then ``values`` (dotted key -> value, as a sweep samples them); every key and value is checked.
+    An override naming another method than the preset's (``method.name=clip``) starts the method section from that
+    method's defaults (the preset's method keys belong to its own method); the other method.* overrides apply."""
     tree = read_yaml_tree(preset_path(config)) if config else {}
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    for key, value in (values or {}).items():
+    pairs = [parse_override(text) for text in overrides or []] + list((values or {}).items())
+    names = [value for key, value in pairs if key == "method.name"]
+    if names and names[-1] != _method_name(tree, MethodConfig.name):
+        tree.pop("method", None)  # another method than the preset's: its section starts from that method's defaults
+    for key, value in pairs:
         _set_dotted(tree, key, value)
     return from_dict(Config, tree)
+
+
+def saved_config(tree: dict, source: str = "config.yaml") -> Config:
+    """A run's saved config (its config.yaml). Configs saved before methods had their own config classes held every
+    method's fields in one flat section: the fields of other methods are dropped (they never applied)."""
+    method = tree.get("method")
+    if isinstance(method, dict):
+        name = method.get("name", MethodConfig.name)
+        own = {f.name for f in dataclasses.fields(method_config_class(name))}
+        foreign = {f.name for c in METHOD_CONFIGS.values() for f in dataclasses.fields(c)} - own
+        tree = {**tree, "method": {k: v for k, v in method.items() if k not in foreign}}
+    try:
+        return from_dict(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # whole words of a key name ("aws_secret_access_key", "token"), not substrings ("tokenizer")

@@ -92,7 +92,7 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
     """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory, an official IRRA run directory or an
     official IVT checkpoint file (``overrides`` apply to the last, built from the ivt preset)."""
     from shards.storage import join
-    from tbps.config import Config, from_dict
+    from tbps.config import saved_config
     from tbps.data import load_tokenizer
     from tbps.engine.checkpoint import load_model_state, read_text
     from tbps.methods import TextSpec, build_method
@@ -112,7 +112,7 @@ def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: 
     if is_irra_run(checkpoint):
         return load_irra_run_model(checkpoint, data_url, device)
     try:
-        cfg = from_dict(Config, yaml.safe_load(read_text(join(checkpoint, "config.yaml"))))
+        cfg = saved_config(yaml.safe_load(read_text(join(checkpoint, "config.yaml"))), join(checkpoint, "config.yaml"))
         meta = json.loads(read_text(join(checkpoint, "meta.json")))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing; a best/ "

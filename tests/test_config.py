@@ -32,11 +32,16 @@ def test_presets_load_and_overrides_apply():
     ("model.text_tower=gpt", "model.text_tower must be one of clip, bert, got 'gpt'"),
     ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp32"),
     ("data.on_bad_shard=ignore", "data.on_bad_shard must be one of error, skip"),
-    ("method.cmpm_norm=l1", "method.cmpm_norm must be one of l2, sum"),
+    (["method.name=ivt", "method.cmpm_norm=l1"], "method.cmpm_norm must be one of l2, sum"),
+    ("method.bmm_max_drop=0.3", "unknown config key method.bmm_max_drop for method irra \\(a key of ivt\\); valid "
+                                "keys of irra: name, losses, temperature, learnable_temperature, gather, mask_ratio"),
+    (["method.name=pcc", "method.mask_ratio=0.2"], "unknown config key method.mask_ratio for method pcc"),
+    ("method.losses=[]", "method.losses is empty; irra offers sdm, itc, mlm, id"),
+    ("method.mask_ratio=1.5", "method.mask_ratio must be in \\(0, 1\\) with the mlm loss"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("irra_tiny", [override])
+        load_config("irra_tiny", override if isinstance(override, list) else [override])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,3 +104,34 @@ def test_enum_fields_accept_what_the_code_implements():
     assert typing.get_args(CmpmNorm) == CMPM_NORMS and typing.get_args(OnBadShard) == ON_BAD_SHARD
     for preset in ("irra", "ivt", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
         load_config(preset)  # every preset's values are valid
+
+
+def test_each_method_has_its_own_config_section():
+    from tbps.config import IrraMethodConfig, IvtMethodConfig, PccMethodConfig
+
+    assert type(load_config("ivt_tiny").method) is IvtMethodConfig
+    # another method on a preset: that method's defaults, the other method.* overrides kept
+    cfg = load_config("irra_tiny", ["method.temperature=0.1", "method.name=pcc"])
+    assert type(cfg.method) is PccMethodConfig and cfg.method.temperature == 0.1
+    assert [t.name for t in cfg.method.losses] == ["sdm", "cmr", "id"] and cfg.method.num_parts == 8
+    # a method's sweepable fields come from its class, conditional on its loss terms
+    assert IrraMethodConfig.hyperparameters(["sdm", "id"]) == {"temperature", "learnable_temperature", "gather"}
+    assert {"mask_ratio", "cross_layers", "cross_heads"} <= IrraMethodConfig.hyperparameters(["sdm", "mlm"])
+    assert IvtMethodConfig.hyperparameters(["cmpm"]) == {"gather", "cmpm_norm", "bmm_max_drop"}
+    # the saved config holds the chosen method's fields only
+    assert "num_parts" not in yaml.safe_load(dump_yaml(load_config("irra_tiny")))["method"]
+
+
+def test_configs_saved_with_every_methods_fields_still_load():
+    """Before per-method sections, config.yaml held every method's fields in one flat section."""
+    from tbps.config import Config, from_dict, saved_config
+
+    tree = yaml.safe_load(dump_yaml(load_config("ivt_tiny")))
+    tree["method"].update({"mask_ratio": 0.15, "cross_layers": 4, "num_parts": 8, "margin": 0.2})
+    with pytest.raises(ConfigError, match="unknown config key method.mask_ratio for method ivt"):
+        from_dict(Config, tree)  # as typed config, it is refused
+    cfg = saved_config(tree)
+    assert cfg == load_config("ivt_tiny")
+    tree["method"]["bogus"] = 1  # a key no method has is still an error, naming the file
+    with pytest.raises(ConfigError, match="run/config.yaml: unknown config key method.bogus"):
+        saved_config(tree, "run/config.yaml")

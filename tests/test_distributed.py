@@ -20,9 +20,9 @@ def _setup(name, url):
 
     losses = {"clip": "[{name: itc, weight: 1}]", "irra": "[{name: sdm, weight: 1}, {name: id, weight: 1}]",
               "ivt": "[{name: cmpm, weight: 1}]"}[name]
+    own = {"irra": ["method.mask_ratio=0.0"], "ivt": ["method.bmm_max_drop=0.0"]}.get(name, [])  # no random masking
     cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
-                                       f"method.losses={losses}", "method.mask_ratio=0.0",
-                                       "method.bmm_max_drop=0.0", "method.gather=true"])
+                                       f"method.losses={losses}", *own, "method.gather=true"])
     tok = load_tokenizer(os.path.join(url, "tokenizer"))
     torch.manual_seed(0)
     method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)

@@ -327,7 +327,7 @@ def test_irra_cross_modal_encoder_equals_official_architecture(ref, tmp_path):
     mlm_ids = ids.clone()
     mlm_ids[:, 2] = 49405
     with torch.no_grad():
-        ours = method.mlm_logits({"mlm_ids": mlm_ids, "text_mask": mask}, method._image_tokens(images))
+        ours = method.mlm_logits({"mlm_ids": mlm_ids, "text_mask": mask}, method.image_tokens(images))
         expected = heads.mlm_logits(ref.text_tokens(mlm_ids), ref.visual.tokens(images))  # every position, pads too
         assert torch.allclose(ours, expected, atol=1e-5)
         v, t = method.encode_image(images), method.encode_text(ids, mask)
@@ -336,7 +336,7 @@ def test_irra_cross_modal_encoder_equals_official_architecture(ref, tmp_path):
     # the padding-mask alternative is a switch, and it changes the logits
     masked, _ = _method(run, "method.mlm_pad_mask=true")
     with torch.no_grad():
-        other = masked.mlm_logits({"mlm_ids": mlm_ids, "text_mask": mask}, masked._image_tokens(images))
+        other = masked.mlm_logits({"mlm_ids": mlm_ids, "text_mask": mask}, masked.image_tokens(images))
     assert not torch.allclose(other, ours, atol=1e-3)
 
 

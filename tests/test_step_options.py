@@ -124,7 +124,9 @@ def test_every_attention_layer_runs_through_sdpa(name, synth_tiny, monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     method, batch = _method(name, synth_tiny, 4)
-    cfg = method.cfg
+    from tbps.config import load_config
+
+    cfg = load_config(f"{name}_tiny")  # the config _method built it from
     method(batch)["loss"].backward()
     if name == "ivt":  # one shared stack: the images' forward and the texts' forward
         expected = 2 * cfg.model.shared_layers

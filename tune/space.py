@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-from tbps.config import Config, ConfigError, from_dict, load_config, parse_override, preset_path, read_yaml_mapping
+from tbps.config import (METHOD_CONFIGS, Config, ConfigError, from_dict, load_config, parse_override, preset_path,
+                         read_yaml_mapping)
 from tbps.eval.metrics import METRICS  # the metrics a sweep can select on
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -218,13 +219,11 @@ def _representatives(dist) -> list:
 
 def applies(method: str, key: str, cfg: Config) -> bool:
     """Whether config key ``key`` (or ``loss.<name>``) is a parameter of ``method`` configured as ``cfg``."""
-    from tbps.methods import METHODS
-
     if key.startswith("loss."):
         return key[5:] in {t.name for t in cfg.method.losses}
     section, _, name = key.partition(".")
     if section == "method":
-        return name in METHODS[method].hyperparameters(cfg.method.losses)
+        return name in type(cfg.method).hyperparameters(cfg.method.losses)
     return True
 
 
@@ -232,7 +231,9 @@ def _check_key(where: str, key: str) -> None:
     if key.startswith("loss."):
         return
     section, _, name = key.partition(".")
-    if section not in SECTIONS or "." in name or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+    classes = METHOD_CONFIGS.values() if section == "method" else [SECTIONS.get(section)]  # any method's field
+    if section not in SECTIONS or "." in name or not any(name in {f.name for f in dataclasses.fields(c)}
+                                                         for c in classes):
         raise ConfigError(f"{where}: {key!r} is not a tbps config key (section.field, e.g. method.temperature) "
                           f"nor loss.<name>")
     if key in ("method.name", "method.losses"):
@@ -302,12 +303,10 @@ def _build(tree: dict, source: str) -> SweepSpec:
     methods = f.methods
     if not methods:
         raise ConfigError(f"{source}: methods is empty: list at least one method with its config")
-    from tbps.methods import METHODS
-
     for name, body in methods.items():
         where = f"{source}: methods.{name}"
-        if name not in METHODS:
-            raise ConfigError(f"{where}: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+        if name not in METHOD_CONFIGS:
+            raise ConfigError(f"{where}: unknown method {name!r}; valid: {', '.join(sorted(METHOD_CONFIGS))}")
         body = _typed(MethodFields, {k: ({} if v is None and k != "config" else v)
                                      for k, v in _mapping(body, where).items()}, source, f"methods.{name}.")
         config = body.config or name
@@ -321,7 +320,7 @@ def _build(tree: dict, source: str) -> SweepSpec:
             _check_key(where + ".space", key)
             _check_distribution(f"{where}.space.{key}", dist)
             if not applies(name, key, cfg):
-                have = sorted(f"method.{f}" for f in METHODS[name].hyperparameters(cfg.method.losses)) + \
+                have = sorted(f"method.{f}" for f in type(cfg.method).hyperparameters(cfg.method.losses)) + \
                     sorted(f"loss.{t.name}" for t in cfg.method.losses)
                 raise ConfigError(f"{where}.space: {key} is not a parameter of {name} as configured "
                                   f"(its method parameters: {', '.join(have)}; or any model/data/optim/train key)")

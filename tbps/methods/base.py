@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps import losses as L
-from tbps.config import ConfigError
+from tbps.config import METHOD_CONFIGS, ConfigError, MethodConfig, method_config_class
 from tbps.data.needs import DataNeeds
 from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
 from tbps.models import WeightLoadError
@@ -22,6 +22,8 @@ METHODS: dict[str, type["Method"]] = {}
 def register(name: str):
     def deco(cls):
         cls.name = name
+        cls.config_class = METHOD_CONFIGS[name]
+        cls.supported_losses = cls.config_class.supported_losses  # the config class checks method.losses
         METHODS[name] = cls
         return cls
     return deco
@@ -46,46 +48,33 @@ class TextSpec:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``supported_losses`` and ``backbone_prefixes`` and implement the encoders,
-    ``similarity`` and ``losses`` (a dict of the unweighted loss parts this batch)."""
+    """Base class. Subclasses set ``backbone_prefixes`` and implement the encoders, ``similarity``, ``features`` and
+    ``batch_losses``. Each is built from its own typed config (``config_class``, chosen by ``method.name``: its loss
+    terms, temperature and method fields) plus the architecture fields it reads, by ``build_method``."""
 
     name = "base"
-    supported_losses: tuple[str, ...] = ()
+    config_class: type[MethodConfig] = MethodConfig  # set by ``register``
+    supported_losses: tuple[str, ...] = ()  # the config class's, set by ``register``
     backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
     head_prefixes: tuple[str, ...] = ()  # new modules whose biases also learn at the new-module lr (IRRA's heads)
-    # method.* config fields this method reads, each mapped to the loss it needs ("" = always read). Sweeps use
-    # this to give a method only the parameters it has (a conditional search space).
-    method_fields: dict[str, str] = {}
     default_gather = True  # method.gather: null picks this (global negatives unless the paper used local batches)
 
     @classmethod
     def hyperparameters(cls, losses) -> set[str]:
-        """The method.* fields that change this method's training with these loss terms (names or LossTerms)."""
-        names = {getattr(t, "name", t) for t in losses}
-        fields = {"gather"} if names & {"sdm", "itc", "cmpm"} else set()
-        if names & {"sdm", "itc"}:  # the contrastive temperature (cmpm and cmr have none)
-            fields |= {"temperature", "learnable_temperature"}
-        if "cmpm" in names:
-            fields |= {"cmpm_norm"}
-        return fields | {f for f, loss in cls.method_fields.items() if not loss or loss in names}
+        """The method.* fields that change this method's training with these loss terms (from its config class)."""
+        return cls.config_class.hyperparameters(losses)
 
-    def __init__(self, cfg, text: TextSpec, num_classes: int):
+    def __init__(self, config: MethodConfig, text: TextSpec, num_classes: int):
         super().__init__()
-        self.cfg = cfg
-        self.mcfg = cfg.method
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{self.name} is built from a {self.config_class.__name__}, got "
+                              f"{type(config).__name__} (method.name={getattr(config, 'name', '?')})")
+        self.config = config
         self.text = text
         self.num_classes = num_classes
-        weights = {}
-        for term in cfg.method.losses:
-            if term.name not in self.supported_losses:
-                raise ConfigError(f"method.losses: {self.name} has no loss {term.name!r}; valid: "
-                                  f"{', '.join(self.supported_losses)}")
-            weights[term.name] = term.weight
-        if not weights:
-            raise ConfigError(f"method.losses is empty; {self.name} offers {', '.join(self.supported_losses)}")
-        self.loss_weights = weights
-        scale = torch.tensor([math.log(1.0 / cfg.method.temperature)])  # shape [1]: DeepSpeed dislikes 0-dim params
-        if cfg.method.learnable_temperature:
+        self.loss_weights = {term.name: term.weight for term in config.losses}  # checked when the config loaded
+        scale = torch.tensor([math.log(1.0 / config.temperature)])  # shape [1]: DeepSpeed dislikes 0-dim params
+        if config.learnable_temperature:
             self.log_scale = nn.Parameter(scale)
         else:
             self.register_buffer("log_scale", scale)
@@ -157,7 +146,7 @@ class Method(nn.Module):
     @property
     def gathers(self) -> bool:
         """``method.gather``, or the method's own choice when it is null."""
-        return self.default_gather if self.mcfg.gather is None else bool(self.mcfg.gather)
+        return self.default_gather if self.config.gather is None else bool(self.config.gather)
 
     def contrastive(self, kind: str, v: torch.Tensor, t: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         """sdm / itc / cmpm of image features ``v`` and text features ``t``; with ``method.gather`` (``gathers``)
@@ -168,7 +157,7 @@ class Method(nn.Module):
         if kind == "sdm":
             return L.sdm_rows(v, T, pids, P, self.logit_scale) + L.sdm_rows(t, V, pids, P, self.logit_scale)
         if kind == "cmpm":
-            norm = self.mcfg.cmpm_norm
+            norm = self.config.cmpm_norm
             return L.cmpm_rows(v, T, pids, P, norm=norm) + L.cmpm_rows(t, V, pids, P, norm=norm)
         if kind == "itc":
             targets = torch.arange(len(v), device=v.device) + (row_offset(len(v)) if gather else 0)
@@ -241,9 +230,9 @@ class Method(nn.Module):
 
 
 def build_method(cfg, text: TextSpec, num_classes: int) -> Method:
+    """The method ``cfg.method.name`` with fresh weights: its own config section, the architecture (``cfg.model``)
+    and the image size; ``tbps.methods.pretrained.create_method`` also loads the configured weights."""
     from . import clip, irra, ivt, pcc  # noqa: F401  (register)
 
-    name = cfg.method.name
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg, text, num_classes)
+    method_config_class(cfg.method.name)  # an unknown name: the config error listing the methods
+    return METHODS[cfg.method.name](cfg.method, cfg.model, tuple(cfg.data.image_size), text, num_classes)

@@ -21,8 +21,8 @@ from tbps import losses as L
 from tbps.data.needs import DataNeeds
 from tbps.models.checkpointing import BlockStack
 
-from .base import Method, register
-from .towers import build_towers, image_global, load_clip, load_tower_weights, text_global
+from .base import register
+from .towers import TwoTower
 
 
 class CrossModalEncoder(BlockStack):
@@ -71,29 +71,20 @@ class CrossModalEncoder(BlockStack):
 
 
 @register("irra")
-class IRRA(Method):
-    supported_losses = ("sdm", "itc", "mlm", "id")
+class IRRA(TwoTower):
     # IRRA's solver raises the lr of parameters whose name holds "cross" (cross-attention, cross-modal transformer)
     # and of the classifier and MLM head; its cross-modal LayerNorms (ln_pre_t, ln_pre_i, ln_post) have no "cross" in
     # their names and stay at the base lr with CLIP -- matched here (docs/methods.md)
-    backbone_prefixes = ("image_tower.", "text_tower.", "image_proj.", "text_proj.", "cross.ln_")
+    backbone_prefixes = TwoTower.backbone_prefixes + ("cross.ln_",)
     head_prefixes = ("classifier.", "cross.mlm_head.")
-    method_fields = {"mask_ratio": "mlm", "cross_layers": "mlm", "cross_heads": "mlm"}
+    contrastive_kinds = ("sdm", "itc")
 
-    def __init__(self, cfg, text, num_classes):
-        super().__init__(cfg, text, num_classes)
-        build_towers(self, cfg, text)
-        e = cfg.model.embed_dim
+    def __init__(self, config, model, image_size, text, num_classes):
+        super().__init__(config, model, image_size, text, num_classes)
         if self.wants("mlm"):
-            self.cross = CrossModalEncoder(e, cfg.method.cross_heads, cfg.method.cross_layers, text.vocab_size,
-                                           cfg.method.mlm_pad_mask)
-        if self.wants("id"):
-            self.classifier = nn.Linear(e, num_classes)
-            nn.init.normal_(self.classifier.weight, std=0.001)
-            nn.init.zeros_(self.classifier.bias)
-
-    def load_tower_weights(self, image_url, text_url):
-        load_tower_weights(self, image_url, text_url)
+            self.cross = CrossModalEncoder(model.embed_dim, config.cross_heads, config.cross_layers, text.vocab_size,
+                                           config.mlm_pad_mask)
+        self.add_classifier(std=0.001)
 
     def load_pretrained(self, checkpoint):
         from .pretrained import IrraRun, load_irra_run
@@ -101,34 +92,16 @@ class IRRA(Method):
         if isinstance(checkpoint, IrraRun):
             load_irra_run(self, checkpoint)
         else:
-            load_clip(self, checkpoint)
+            super().load_pretrained(checkpoint)
 
     def data_needs(self):
-        return DataNeeds(mlm_ratio=self.mcfg.mask_ratio if self.wants("mlm") else 0.0)
-
-    def _image_tokens(self, images):
-        return self.image_proj(self.image_tower(images))
-
-    def encode_image(self, images):
-        return image_global(self, self._image_tokens(images))
-
-    def encode_text(self, ids, mask):
-        return self.text_proj(text_global(self, self.text_tower(ids, mask), mask))
+        return DataNeeds(mlm_ratio=self.config.mask_ratio if self.wants("mlm") else 0.0)
 
     def mlm_logits(self, batch, image_tokens):
-        masked = self.text_proj(self.text_tower(batch["mlm_ids"], batch["text_mask"]))
+        masked = self.text_tokens(batch["mlm_ids"], batch["text_mask"])
         return self.cross(masked, image_tokens, text_pad_mask=~batch["text_mask"].bool())
 
-    def features(self, batch):
-        image_tokens = self._image_tokens(batch["images"])
-        v = image_global(self, image_tokens)
-        t = self.encode_text(batch["text_ids"], batch["text_mask"])
-        local = {}
-        if self.wants("mlm"):
-            local["mlm"] = L.mlm_loss(self.mlm_logits(batch, image_tokens), batch["mlm_labels"])
-        if self.wants("id"):
-            local["id"] = L.id_loss(self.classifier(v), self.classifier(t), batch["train_ids"])
-        return {"v": v, "t": t, "pids": batch["pids"]}, local
-
-    def batch_losses(self, f):
-        return {kind: self.contrastive(kind, f["v"], f["t"], f["pids"]) for kind in ("sdm", "itc") if self.wants(kind)}
+    def token_losses(self, batch, image_tokens):
+        if not self.wants("mlm"):
+            return {}
+        return {"mlm": L.mlm_loss(self.mlm_logits(batch, image_tokens), batch["mlm_labels"])}

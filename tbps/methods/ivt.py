@@ -11,13 +11,11 @@ as each official GPU does.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from tbps import losses as L
 from tbps.data.needs import DataNeeds
 from tbps.data.text import trim_padding
-from tbps.config import ConfigError
 from tbps.models import SharedTower, WeightLoadError
 from tbps.models.clip import resize_grid
 from tbps.models.shared import grid_of
@@ -27,22 +25,20 @@ from .base import Method, register
 
 @register("ivt")
 class IVT(Method):
-    supported_losses = ("cmpm", "sdm", "id")
     backbone_prefixes = ("tower.",)
-    method_fields = {"bmm_max_drop": ""}
     default_gather = False  # the official code computes CMPM on each GPU's local batch
 
-    def __init__(self, cfg, text, num_classes):
-        super().__init__(cfg, text, num_classes)
-        m = cfg.model
-        if not 0 <= self.mcfg.bmm_max_drop < 1:
-            raise ConfigError(f"method.bmm_max_drop must be in [0, 1), got {self.mcfg.bmm_max_drop}")
-        patch = int(m.image_overrides.get("patch_size", 16))
-        self.tower = SharedTower(text.vocab_size, text.length, tuple(cfg.data.image_size), m.shared_width,
-                                 m.shared_layers, m.shared_heads, patch=patch, stride=m.patch_stride,
-                                 pad_id=text.pad_id, drop_path=m.drop_path, text_dropout=m.text_dropout)
+    def __init__(self, config, model, image_size, text, num_classes):
+        super().__init__(config, text, num_classes)
+        self.image_size = tuple(image_size)
+        self.pretrained_grid = model.pretrained_grid  # an IVT checkpoint whose patch grid differs: keep | resize
+        self.image_pretrained = model.image_pretrained  # (named when model.pretrained's grid tables are skipped)
+        patch = int(model.image_overrides.get("patch_size", 16))
+        self.tower = SharedTower(text.vocab_size, text.length, self.image_size, model.shared_width,
+                                 model.shared_layers, model.shared_heads, patch=patch, stride=model.patch_stride,
+                                 pad_id=text.pad_id, drop_path=model.drop_path, text_dropout=model.text_dropout)
         if self.wants("id"):
-            self.classifier = nn.Linear(m.shared_width, num_classes)
+            self.classifier = nn.Linear(model.shared_width, num_classes)
 
     def load_tower_weights(self, image_url, text_url):
         if image_url:
@@ -62,7 +58,7 @@ class IVT(Method):
         own = self.tower.state_dict()
         skipped = []
         if state["pos_embed"].shape != own["pos_embed"].shape:
-            if self.cfg.model.pretrained_grid == "resize":
+            if self.pretrained_grid == "resize":
                 old = self._checkpoint_grid(checkpoint)
                 for key in ("pos_embed", "type_embed"):
                     state[key] = resize_grid(state[key][0], self.tower.grid, old)
@@ -72,7 +68,7 @@ class IVT(Method):
                     state.pop(key)
         self.tower.load_mapped(state, [k for k in own if k not in skipped], checkpoint.source, "model.pretrained")
         if skipped:
-            where = "the ImageNet ViT's (model.image_pretrained)" if self.cfg.model.image_pretrained else \
+            where = "the ImageNet ViT's (model.image_pretrained)" if self.image_pretrained else \
                 "their random initialisation (set model.image_pretrained as the official fine-tuning does)"
             print(f"[tbps] model.pretrained: the position and type tables of {checkpoint.source} "
                   f"({checkpoint.grid_tokens} patches) do not fit the {self.tower.grid[0]}x{self.tower.grid[1]} grid "
@@ -82,12 +78,12 @@ class IVT(Method):
     def _checkpoint_grid(self, checkpoint) -> tuple[int, int]:
         from .pretrained import stride_for
 
-        stride = stride_for(checkpoint.grid_tokens, self.cfg.data.image_size, self.tower.patch)
+        stride = stride_for(checkpoint.grid_tokens, self.image_size, self.tower.patch)
         if not stride:
             raise WeightLoadError(f"model.pretrained: cannot tell the patch grid of {checkpoint.source} "
-                                  f"({checkpoint.grid_tokens} patches) at data.image_size {self.cfg.data.image_size}; "
+                                  f"({checkpoint.grid_tokens} patches) at data.image_size {self.image_size}; "
                                   "use model.pretrained_grid=keep")
-        return grid_of(self.cfg.data.image_size, self.tower.patch, stride)
+        return grid_of(self.image_size, self.tower.patch, stride)
 
     def data_needs(self):
         return DataNeeds(views=3, mla=True)
@@ -107,7 +103,7 @@ class IVT(Method):
         else:  # one text level
             ids, mask = trim_padding(batch["text_ids"][:, None], batch["text_mask"][:, None])
         B, V = images.shape[:2]
-        r = self.mcfg.bmm_max_drop if self.training else 0.0
+        r = self.config.bmm_max_drop if self.training else 0.0
         v = self.tower.forward_image(images.flatten(0, 1), bmm_max_drop=r)  # [B*V, D]
         t = self.tower.forward_text(ids.flatten(0, 1), mask.flatten(0, 1), bmm_max_drop=r)  # [B*levels, D]
         pids_v = batch["pids"].repeat_interleave(V)

@@ -17,8 +17,8 @@ from torch import nn
 from tbps import losses as L
 from tbps.models.checkpointing import BlockStack
 
-from .base import Method, register
-from .towers import build_towers, load_clip, load_tower_weights
+from .base import register
+from .towers import TwoTower
 
 
 class PartDecoder(BlockStack):
@@ -41,34 +41,22 @@ class PartDecoder(BlockStack):
 
 
 @register("pcc")
-class PCC(Method):
-    supported_losses = ("sdm", "itc", "cmr", "id")
-    backbone_prefixes = ("image_tower.", "text_tower.", "image_proj.", "text_proj.")
-    head_prefixes = ("classifier.",)
-    method_fields = {"num_parts": "", "decoder_layers": "", "part_weight": "", "margin": "cmr", "commonality": "cmr"}
+class PCC(TwoTower):
+    contrastive_kinds = ("sdm", "itc")
 
-    def __init__(self, cfg, text, num_classes):
-        super().__init__(cfg, text, num_classes)
-        build_towers(self, cfg, text)
-        e = cfg.model.embed_dim
-        heads = max(1, e // 64)
-        self.decoder = PartDecoder(e, heads, cfg.method.decoder_layers, cfg.method.num_parts)
-        if self.wants("id"):
-            self.classifier = nn.Linear(e, num_classes)
-
-    def load_tower_weights(self, image_url, text_url):
-        load_tower_weights(self, image_url, text_url)
-
-    def load_pretrained(self, checkpoint):
-        load_clip(self, checkpoint)
+    def __init__(self, config, model, image_size, text, num_classes):
+        super().__init__(config, model, image_size, text, num_classes)
+        heads = max(1, model.embed_dim // 64)
+        self.decoder = PartDecoder(model.embed_dim, heads, config.decoder_layers, config.num_parts)
+        self.add_classifier(std=None)
 
     # token features in the joint space
     def _image(self, images):
-        tokens = self.image_proj(self.image_tower(images))
+        tokens = self.image_tokens(images)
         return tokens, tokens.amax(dim=1), None
 
     def _text(self, ids, mask):
-        tokens = self.text_proj(self.text_tower(ids, mask))
+        tokens = self.text_tokens(ids, mask)
         pad = ~mask.bool()
         pooled = tokens.masked_fill(pad[..., None], torch.finfo(tokens.dtype).min).amax(dim=1)
         return tokens, pooled, pad
@@ -93,19 +81,19 @@ class PCC(Method):
         return self._pack(glob, fine)
 
     def similarity(self, text_emb, image_emb):
-        e = self.cfg.model.embed_dim
+        e = self.embed_dim
         t = text_emb.view(len(text_emb), -1, e)
         v = image_emb.view(len(image_emb), -1, e)
         glob = t[:, 0] @ v[:, 0].t()
         parts = torch.einsum("ikd,jkd->ij", t[:, 1:], v[:, 1:]) / (t.shape[1] - 1)
-        return glob + self.mcfg.part_weight * parts
+        return glob + self.config.part_weight * parts
 
     def search_vectors(self, emb, side):
         # similarity = global . global + (w / K) * sum_k part_k . part_k: scale the text side's parts by w / K
-        e = self.cfg.model.embed_dim
+        e = self.embed_dim
         x = emb.view(len(emb), -1, e).clone()
         if side == "text":
-            x[:, 1:] *= self.mcfg.part_weight / (x.shape[1] - 1)
+            x[:, 1:] *= self.config.part_weight / (x.shape[1] - 1)
         return x.flatten(1)
 
     def features(self, batch):
@@ -124,5 +112,5 @@ class PCC(Method):
                 out[kind] = self.contrastive(kind, f["vg"], f["tg"], pids) + self.contrastive(kind, f["vc"], f["tc"],
                                                                                              pids)
         if self.wants("cmr"):  # over this rank's (accumulated) batch: CMR does not gather
-            out["cmr"] = L.cmr_loss(f["vf"], f["tf"], pids, self.mcfg.margin, self.mcfg.commonality)
+            out["cmr"] = L.cmr_loss(f["vf"], f["tf"], pids, self.config.margin, self.config.commonality)
         return out

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import yaml
 
-from tbps.config import ConfigError, LossTerm
+from tbps.config import ConfigError, IrraMethodConfig, LossTerm
 from shards.storage import local_copy
 from tbps.models import WeightLoadError
 from tbps.models.clip import ClipCheckpoint, TIMM_BLOCK_KEYS, to_fp32, checked_clip, read_model_file
@@ -147,10 +148,10 @@ def irra_args_to_config(cfg, args: dict) -> None:
     depth, image size, patch stride, text length; the CLIP tokenizer."""
     names = [n.strip() for n in str(args.get("loss_names", "sdm+mlm+id")).split("+") if n.strip()]
     weight = {"id": float(args.get("id_loss_weight", 1.0)), "mlm": float(args.get("mlm_loss_weight", 1.0))}
-    cfg.method.name = "irra"
-    cfg.method.losses = [LossTerm(n, weight.get(n, 1.0)) for n in names]
-    cfg.method.temperature = float(args.get("temperature", cfg.method.temperature))
-    cfg.method.cross_layers = int(args.get("cmt_depth", cfg.method.cross_layers))
+    base = cfg.method if isinstance(cfg.method, IrraMethodConfig) else IrraMethodConfig()
+    cfg.method = dataclasses.replace(base, losses=[LossTerm(n, weight.get(n, 1.0)) for n in names],
+                                     temperature=float(args.get("temperature", base.temperature)),
+                                     cross_layers=int(args.get("cmt_depth", base.cross_layers)))
     cfg.data.image_size = [int(x) for x in args.get("img_size", cfg.data.image_size)]
     cfg.model.patch_stride = int(args.get("stride_size", 0))
     cfg.data.text_length = int(args.get("text_length", cfg.data.text_length))
@@ -269,7 +270,7 @@ def fit_config(cfg, checkpoint, text: TextSpec) -> str:
                          "patch_size": a.patch_size, "embed_dim": a.vision_width, "depth": a.vision_layers,
                          "num_heads": a.vision_heads}
     m.text_width, m.text_layers, m.text_heads, m.embed_dim = a.text_width, a.text_layers, a.text_heads, a.embed_dim
-    if isinstance(checkpoint, IrraRun):
+    if isinstance(checkpoint, IrraRun) and isinstance(cfg.method, IrraMethodConfig):
         cfg.method.cross_heads = max(1, a.embed_dim // 64)  # IRRA: embed_dim // 64
     name = f"ViT-{'B' if a.vision_width == 768 else 'L' if a.vision_width == 1024 else a.vision_width}/{a.patch_size}"
     return (f"{checkpoint.format} checkpoint {clip.source}: CLIP {name} (image {a.vision_width}x{a.vision_layers}, "
