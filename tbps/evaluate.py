@@ -35,97 +35,6 @@ import argparse
 import json
 import sys
 
-import yaml
-
-
-def load_irra_run_model(run_dir: str, data_url: str | None, device: str = "cpu"):
-    """(method, cfg, tokenizer) from an official IRRA output directory: the irra preset fitted to its configs.yaml."""
-    from tbps.config import load_config
-    from tbps.data import load_tokenizer
-    from tbps.methods import TextSpec, build_method
-    from tbps.methods.pretrained import fit_config, irra_args_to_config, load_weights, read_irra_run
-
-    if not data_url:
-        raise ValueError(f"{run_dir} is an IRRA run directory, which names no tbps dataset: give --data URL")
-    run = read_irra_run(run_dir, "--checkpoint")
-    cfg = load_config("irra", [f"data.url={data_url}", f"model.pretrained={run_dir}"])
-    irra_args_to_config(cfg, run.args)
-    tok = load_tokenizer(cfg.data.tokenizer)
-    text = TextSpec.from_tokenizer(tok, cfg.data.text_length)
-    fit_config(cfg, run, text)
-    classifier = run.heads.get("classifier.weight")
-    method = build_method(cfg, text, classifier.shape[0] if classifier is not None else 1)
-    load_weights(method, cfg, run)
-    return method.to(device).eval(), cfg, tok
-
-
-def load_config_model(config: str, overrides: list[str], data_url: str | None = None, device: str = "cpu",
-                      checkpoint=None):
-    """(method, cfg, tokenizer) built from a preset and its configured pretrained weights, without training
-    (``checkpoint``: model.pretrained already read)."""
-    from shards.storage import join
-    from tbps.config import load_config
-    from tbps.data import load_manifest, load_tokenizer
-    from tbps.methods import TextSpec, create_method
-
-    cfg = load_config(config, overrides)
-    if data_url:
-        cfg.data.url = data_url
-    if not cfg.data.url:
-        raise ValueError("give the dataset with --data URL (or data.url=...)")
-    tok = load_tokenizer(cfg.data.tokenizer or join(cfg.data.url, "tokenizer"))
-    num_classes = load_manifest(cfg.data.url).get("num_train_ids", 1)
-    method = create_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), num_classes,
-                           log=lambda m: print(m, file=sys.stderr), checkpoint=checkpoint)
-    return method.to(device).eval(), cfg, tok
-
-
-def is_model_file(url: str) -> bool:
-    from shards.storage import filesystem
-
-    fs, path = filesystem(url)
-    return fs.isfile(path)
-
-
-def load_checkpoint_model(checkpoint: str, data_url: str | None = None, device: str = "cpu",
-                          overrides: list[str] | None = None):
-    """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory, an official IRRA run directory or an
-    official IVT checkpoint file (``overrides`` apply to the last, built from the ivt preset)."""
-    from shards.storage import join
-    from tbps.config import saved_config
-    from tbps.data import load_tokenizer
-    from tbps.engine.checkpoint import load_model_state, read_text
-    from tbps.methods import TextSpec, build_method
-    from tbps.methods.pretrained import IvtCheckpoint, is_irra_run, read_pretrained
-
-    if is_model_file(checkpoint):
-        weights = read_pretrained(checkpoint)  # read once, handed on
-        if not isinstance(weights, IvtCheckpoint):
-            raise ValueError(f"{checkpoint} is a file but not an official IVT checkpoint; --checkpoint takes a tbps "
-                             "checkpoint directory, an IRRA output directory or an IVT .pth (CLIP weights: --config "
-                             "PRESET model.pretrained=FILE)")
-        return load_config_model("ivt", [f"model.pretrained={checkpoint}", *(overrides or [])], data_url, device,
-                                 weights)
-    if overrides:
-        raise ValueError(f"key=value overrides ({overrides[0]}) apply to --config and to official IVT checkpoint "
-                         f"files; {checkpoint} is a directory whose config is fixed")
-    if is_irra_run(checkpoint):
-        return load_irra_run_model(checkpoint, data_url, device)
-    try:
-        cfg = saved_config(yaml.safe_load(read_text(join(checkpoint, "config.yaml"))), join(checkpoint, "config.yaml"))
-        meta = json.loads(read_text(join(checkpoint, "meta.json")))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing; a best/ "
-                                f"being replaced on object storage lacks meta.json until its upload ends): {e}"
-                                ) from None
-    if data_url:
-        cfg.data.url = data_url
-    tok = load_tokenizer(cfg.data.tokenizer)
-    # the checkpoint holds every weight (cfg.model is already fitted to model.pretrained): nothing else is read
-    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), meta["num_classes"])
-    method.load_state_dict(load_model_state(checkpoint))
-    return method.to(device).eval(), cfg, tok
-
 
 def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
                    embeddings_path: str | None = None, ap: str = "standard") -> dict:
@@ -141,7 +50,9 @@ def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256,
 def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str = "test", batch_size: int = 256,
                         device: str = "cpu", cmc: int = 0, embeddings_path: str | None = None,
                         overrides: list[str] | None = None, ap: str = "standard") -> dict:
-    method, cfg, tok = load_checkpoint_model(checkpoint, data_url, device, overrides)
+    from tbps.checkpoint import load_method
+
+    method, cfg, tok = load_method(checkpoint, data_url=data_url, device=device, overrides=overrides)
     return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path, ap)
 
 
@@ -230,6 +141,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.checkpoint and not args.config:
         ap.error("give --checkpoint DIR (repeatable) or --config PRESET with model.pretrained=...")
+    from tbps.checkpoint import is_model_file, load_method
+
     if args.overrides and not args.config and not all(is_model_file(c) for c in args.checkpoint):
         ap.error(f"key=value overrides ({args.overrides[0]}) go with --config or official IVT checkpoint files")
     if args.save_embeddings and not args.out:
@@ -271,7 +184,8 @@ def main(argv=None) -> int:
             rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc,
                                              embeddings_path(i), None if args.config else args.overrides, args.ap)
         if args.config:
-            method, cfg, tok = load_config_model(args.config, args.overrides, args.data, args.device)
+            method, cfg, tok = load_method(config=args.config, overrides=args.overrides, data_url=args.data,
+                                           device=args.device)
             rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
                                              embeddings_path(len(names) - 1), args.ap)
         return 0
@@ -377,6 +291,7 @@ def _matrix_main(args, names: list[str], datasets: dict[str, str]) -> int:
     import os
 
     from shards.cli import run_command
+    from tbps.checkpoint import load_method
     from tbps.eval import format_table
 
     first = next(iter(datasets.values()))
@@ -385,9 +300,11 @@ def _matrix_main(args, names: list[str], datasets: dict[str, str]) -> int:
     def evaluate_all() -> int:
         models = {}
         for name, ckpt in zip(names, args.checkpoint):
-            models[name] = load_checkpoint_model(ckpt, first, args.device, None if args.config else args.overrides)
+            models[name] = load_method(ckpt, data_url=first, device=args.device,
+                                       overrides=None if args.config else args.overrides)
         if args.config:
-            models[names[-1]] = load_config_model(args.config, args.overrides, first, args.device)
+            models[names[-1]] = load_method(config=args.config, overrides=args.overrides, data_url=first,
+                                            device=args.device)
         matrix.update(evaluate_matrix(models, datasets, args.split, args.batch_size, args.device, args.cmc,
                                       log=lambda m: print(m, file=sys.stderr)))
         return 0

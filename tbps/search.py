@@ -8,181 +8,27 @@ The gallery (a split of a shards dataset, default test) is embedded once and cac
 (``<checkpoint>/search-index/``, keyed by the checkpoint and the gallery's manifest), so later queries only embed the
 text and rank. Galleries of ``--faiss-min`` images or more are ranked by a FAISS inner-product index. When a query is
 one of the gallery split's own captions, its person id is known and the results say which images are correct.
+The model comes from ``tbps.checkpoint.load_method`` and the index from ``tbps.retrieval``; this module renders the
+answers (HTML page, PNG grid, results.json) and holds the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import html
-import io
 import json
 import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from shards.storage import filesystem, join, write_bytes_atomic
+from tbps.retrieval import encode_queries, fetch_images, gallery_index, normalise_caption
 
 TILE_W, TILE_H, LABEL_H = 96, 192, 30
-INDEX_FORMAT = 1
-
-
-@dataclass
-class GalleryIndex:
-    vectors: torch.Tensor  # [N, D] search vectors (image side), float32
-    pids: list[int]
-    keys: list[str]
-    shards: list[str]
-    paths: list[str]
-    caption_pids: dict[str, int]  # normalised caption -> pid, for queries taken from the dataset
-    url: str
-    split: str
-    _faiss: object = field(default=None, repr=False)
-
-    def use_faiss(self) -> None:
-        import faiss
-
-        index = faiss.IndexFlatIP(self.vectors.shape[1])  # exact inner product, BLAS-batched
-        index.add(self.vectors.numpy().astype("float32"))
-        self._faiss = index
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = min(k, len(self.keys))
-        if self._faiss is not None:
-            scores, idx = self._faiss.search(queries.float().numpy(), k)
-            return torch.from_numpy(scores), torch.from_numpy(idx).long()
-        scores = queries.float() @ self.vectors.t()
-        # stable ranking: ties keep gallery order, as in evaluation
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return scores.gather(1, order), order
-
-
-def normalise_caption(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
-
-
-def index_key(checkpoint: str, gallery: str, split: str) -> str:
-    """Identifies (checkpoint weights, gallery content): meta.json + config.yaml of the checkpoint, the gallery's
-    manifest (shard hashes included) and the split."""
-    from tbps.engine.checkpoint import read_text
-
-    h = hashlib.sha256()
-    for part in (read_text(join(checkpoint, "meta.json")), read_text(join(checkpoint, "config.yaml")),
-                 read_text(join(gallery, "manifest.json")), split, str(INDEX_FORMAT)):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:20]
-
-
-@torch.no_grad()
-def build_gallery(method, cfg, gallery: str, split: str, device: str = "cpu", batch_size: int = 128,
-                  log=None) -> GalleryIndex:
-    from tbps.data import load_manifest
-    from tbps.data.stream import ShardCheck, _decode_image, shard_samples, split_shards
-    from tbps.data.transforms import BatchAugment, resize_uint8
-
-    manifest = load_manifest(gallery)
-    entries = split_shards(manifest, split, gallery)
-    urls = [join(gallery, s["name"]) for s in entries]
-    check = ShardCheck(gallery, entries)  # a damaged gallery shard stops indexing, naming it
-    augment = BatchAugment(cfg.data, train=False)
-    size = tuple(cfg.data.image_size)
-    method.eval()
-    vecs, pids, keys, shards, paths, caps = [], [], [], [], [], {}
-    batch: list[np.ndarray] = []
-
-    def flush():
-        if batch:
-            emb = method.encode_image(augment(torch.from_numpy(np.stack(batch))).to(device)).float()
-            vecs.append(method.search_vectors(emb, "image").cpu())
-            batch.clear()
-
-    t0 = time.time()
-    for sample in shard_samples(urls, check):
-        meta = json.loads(sample["json"])
-        batch.append(resize_uint8(_decode_image(sample, size), size, cfg.data.interpolation))
-        pids.append(int(meta["pid"]))
-        keys.append(sample["__key__"])
-        shards.append(os.path.basename(sample["__url__"]))
-        paths.append(meta.get("path", ""))
-        for c in meta.get("captions", []):
-            caps.setdefault(normalise_caption(c), int(meta["pid"]))
-        if len(batch) == batch_size:
-            flush()
-            if log:
-                log(f"[search] embedded {len(keys)} gallery images ({len(keys) / (time.time() - t0):.0f}/s)")
-    flush()
-    if not keys:
-        raise ValueError(f"split {split!r} of {gallery} has no images")
-    return GalleryIndex(torch.cat(vecs), pids, keys, shards, paths, caps, gallery, split)
-
-
-def gallery_index(method, cfg, checkpoint: str, gallery: str, split: str = "test", device: str = "cpu",
-                  faiss_min: int = 20000, log=print) -> tuple[GalleryIndex, bool]:
-    """The gallery index: loaded from the cache beside the checkpoint, or built and cached. Returns (index, cached)."""
-    url = join(checkpoint, "search-index", f"{split}-{index_key(checkpoint, gallery, split)}.pt")
-    fs, path = filesystem(url)
-    if fs.exists(path):
-        with fs.open(path, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), weights_only=True)
-        index, cached = GalleryIndex(**state), True
-        log(f"[search] gallery index: {len(index.keys)} images of {gallery} ({split}), from the cache {url}")
-    else:
-        index = build_gallery(method, cfg, gallery, split, device, log=log)
-        buf = io.BytesIO()
-        torch.save({k: getattr(index, k) for k in ("vectors", "pids", "keys", "shards", "paths", "caption_pids",
-                                                   "url", "split")}, buf)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        write_bytes_atomic(fs, path, buf.getvalue())
-        cached = False
-        log(f"[search] gallery index: {len(index.keys)} images embedded and cached at {url}")
-    if len(index.keys) >= faiss_min:
-        from tbps.extras import available
-
-        if available("faiss"):
-            index.use_faiss()
-            log(f"[search] ranking with a FAISS inner-product index ({len(index.keys)} >= --faiss-min {faiss_min})")
-        else:  # the exact torch ranking gives the same results, more slowly on large galleries
-            log(f"[search] FAISS is not installed (pip install 'tbps[search]'): ranking {len(index.keys)} images "
-                "with torch")
-    return index, cached
-
-
-@torch.no_grad()
-def encode_queries(method, cfg, tok, queries: list[str], device: str = "cpu") -> torch.Tensor:
-    from tbps.data.text import tokenize
-
-    ids, mask = tokenize(tok, queries, cfg.data.text_length)
-    emb = method.encode_text(ids.to(device), mask.to(device)).float()
-    return method.search_vectors(emb, "text").cpu()
-
-
-def fetch_images(index: GalleryIndex, positions: list[int]) -> dict[int, bytes]:
-    """Original image bytes of some gallery entries, reading only the shards that hold them."""
-    from tbps.data.stream import IMAGE_KEYS, shard_samples
-
-    want: dict[str, dict[str, int]] = {}
-    for p in positions:
-        want.setdefault(index.shards[p], {})[index.keys[p]] = p
-    out = {}
-    for shard, keys in want.items():
-        left = len(keys)
-        for sample in shard_samples([join(index.url, shard)]):
-            p = keys.get(sample["__key__"])
-            if p is not None:
-                out[p] = next(sample[k] for k in IMAGE_KEYS if k in sample)
-                left -= 1
-                if left == 0:  # stop reading this shard once its images are found
-                    break
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -253,12 +99,12 @@ def _slug(text: str) -> str:
 def search(checkpoint: str, gallery: str, queries: list[str], top_k: int = 10, out: str = "search-results",
            split: str = "test", device: str = "cpu", faiss_min: int = 20000, log=print) -> list[dict]:
     """Answer each query; returns one result dict per query (also written under ``out``)."""
-    from tbps.evaluate import load_checkpoint_model
+    from tbps.checkpoint import load_method
 
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
-    method, cfg, tok = load_checkpoint_model(checkpoint, gallery, device)
-    index, cached = gallery_index(method, cfg, checkpoint, gallery, split, device, faiss_min, log)
+    method, cfg, tok = load_method(checkpoint, data_url=gallery, device=device)
+    index, cached = gallery_index(method, cfg, tok, checkpoint, gallery, split, device, faiss_min, log)
     results = []
     for n, query in enumerate(queries):
         t0 = time.perf_counter()

@@ -127,7 +127,7 @@ def test_an_outage_mid_epoch_gives_the_same_batches(flaky_s3, many_shards, synth
 
 
 def test_an_outage_during_evaluation_reads_and_checkpoint_reads(flaky_s3, many_shards, synth_tiny, tmp_path, capfd):
-    from tbps.engine.checkpoint import load_model_state
+    from tbps.checkpoint import load_model_state
 
     url, proxy = flaky_s3
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))

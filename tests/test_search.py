@@ -20,7 +20,7 @@ def tiny_checkpoint(synth_tiny, tmp_path_factory):
     """CLIP-tiny trained for a few dozen steps in-process (plain loop), saved as a tbps checkpoint directory."""
     from tbps.config import dump_yaml, load_config
     from tbps.data import build_train_loader, load_tokenizer
-    from tbps.engine.checkpoint import write_model_dir
+    from tbps.checkpoint import write_model_dir
     from tbps.methods import TextSpec, build_method
 
     cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", "data.loader_workers=0", "data.batch_size=16",
@@ -225,3 +225,24 @@ def test_bench_quick_modes(script, rows, tmp_path):
         assert line and any(c.isdigit() for c in line.replace(row, "")), out.stdout
     if script == "eval.py":
         assert "| NO |" not in out.stdout  # the two implementations agree
+
+
+def test_the_search_gallery_is_the_evaluation_pass_embedding(tiny_checkpoint, synth_tiny):
+    """tbps.retrieval: the gallery index holds the evaluation pass's image embeddings (one path for both), in split
+    order whatever the loader workers' interleaving, with each image's shard and key to fetch it again."""
+    from dataclasses import replace
+
+    from tbps.checkpoint import load_method
+    from tbps.data import build_eval_loader
+    from tbps.eval import embed
+    from tbps.retrieval import build_gallery, fetch_images
+
+    method, cfg, tok = load_method(tiny_checkpoint, data_url=synth_tiny)
+    cfg.data = replace(cfg.data, loader_workers=2)
+    index = build_gallery(method, cfg, tok, synth_tiny, "test", batch_size=8)
+    local = embed(method, build_eval_loader(cfg.data, tok, "test", 16))
+    want = method.search_vectors(local["img"][local["img_idx"].argsort()], "image")
+    torch.testing.assert_close(index.vectors, want, rtol=1e-5, atol=1e-6)
+    assert index.pids == local["img_pid"][local["img_idx"].argsort()].tolist()
+    images = fetch_images(index, [0, len(index.keys) - 1])
+    assert set(images) == {0, len(index.keys) - 1} and all(b[:2] == b"\xff\xd8" for b in images.values())

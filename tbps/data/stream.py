@@ -44,6 +44,7 @@ from shards.storage import MANIFEST, StorageUnavailableError, join, read_json, r
 from shards.writer import MANIFEST_FORMAT
 from tbps.config import OnBadShard
 
+from .batch import EvalBatch, TrainBatch
 from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
@@ -358,7 +359,7 @@ class ShardStream(IterableDataset):
         return out
 
     # -- per batch (runs in the loader worker)
-    def _collate(self, samples: list[dict], gen: torch.Generator) -> dict:
+    def _collate(self, samples: list[dict], gen: torch.Generator) -> TrainBatch:
         length = self.cfg.text_length
         ids, mask = tokenize(self.tokenizer, [s["caption"] for s in samples], length)
         pixels = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B, H, W, 3]
@@ -573,10 +574,7 @@ def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int
 class EvalStream(IterableDataset):
     """The gallery (each image once) and the queries (every caption) of a split, for one rank.
 
-    Each item is a batch of images with their captions flattened: ``images``, ``image_pids``, ``image_index``
-    (global position in the split, the tie-break order), ``image_path`` (the raw annotation's relative path) and
-    ``text_ids``, ``text_mask``, ``text_pids``, ``text_index`` (unique per caption, in split order),
-    ``text_image`` (the ``image_index`` of each caption's image), ``captions`` (the raw strings).
+    Each item is a batch of images with their captions flattened (``tbps.data.batch.EvalBatch``).
     """
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, batch_size: int, rank: int = 0,
@@ -599,15 +597,16 @@ class EvalStream(IterableDataset):
             for position, sample in enumerate(samples):
                 chunk.append((offset + position, sample))
                 if len(chunk) == self.batch_size:
-                    yield self._batch(chunk)
+                    yield self._batch(chunk, shard["name"])
                     chunk = []
             if chunk:
-                yield self._batch(chunk)
+                yield self._batch(chunk, shard["name"])
             if check.skipped:  # a marker (tbps.eval.embed counts it): this shard's images and captions are missing
                 yield {"skipped_shards": check.drain()}
 
-    def _batch(self, chunk) -> dict:
+    def _batch(self, chunk, shard: str) -> EvalBatch:
         images, pids, index, paths, captions, cpids, cindex, cimage = [], [], [], [], [], [], [], []
+        keys = []
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
@@ -615,6 +614,7 @@ class EvalStream(IterableDataset):
             pids.append(meta["pid"])
             index.append(i)
             paths.append(meta.get("path", sample["__key__"]))
+            keys.append(sample["__key__"])
             for j, cap in enumerate(meta["captions"]):
                 captions.append(cap)
                 cpids.append(meta["pid"])
@@ -622,7 +622,8 @@ class EvalStream(IterableDataset):
                 cimage.append(i)
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
         return {"images": self.augment(torch.from_numpy(np.stack(images))), "image_pids": torch.tensor(pids),
-                "image_index": torch.tensor(index), "image_path": paths,
+                "image_index": torch.tensor(index), "image_path": paths, "image_key": keys,
+                "image_shard": [shard] * len(keys),
                 "text_ids": ids, "text_mask": mask, "text_pids": torch.tensor(cpids),
                 "text_index": torch.tensor(cindex), "text_image": torch.tensor(cimage), "captions": captions}
 

@@ -1,11 +1,8 @@
-"""Checkpoint layout and run outputs.
+"""The engine's side of checkpoints, and run outputs.
 
-A Ray checkpoint directory holds:
-- ``ds/`` — DeepSpeed's state (model, optimizer and scheduler; one optimizer shard per rank under ZeRO), written by
-  every rank and merged by Ray into one directory on storage;
-- ``model.pt`` — the full fp32 weights (``weights_only``-loadable), for evaluation/search without DeepSpeed;
-- ``config.yaml`` — the resolved config (credentials redacted), so any result can be re-run;
-- ``meta.json`` — epoch, global step, best val score so far, the metrics of this epoch.
+A Ray checkpoint directory holds ``ds/`` — DeepSpeed's state (model, optimizer and scheduler; one optimizer shard per
+rank under ZeRO), written by every rank and merged by Ray into one directory on storage — beside a model directory
+(``model.pt``, ``config.yaml``, ``meta.json``: the format of ``tbps.checkpoint``, which reads it back).
 
 Run outputs beside Ray's checkpoints, under ``<storage_path>/<run_name>/``: ``best/`` (model.pt + config.yaml +
 meta.json of the best val epoch), ``metrics.json`` (history, best val, final test) and ``tensorboard/``.
@@ -13,7 +10,6 @@ meta.json of the best val epoch), ``metrics.json`` (history, best val, final tes
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -21,7 +17,7 @@ import tempfile
 
 import torch
 
-from shards.storage import filesystem, is_local, join, read_bytes, with_retries
+from shards.storage import filesystem, is_local, join, with_retries
 
 DS_TAG = "ds"
 
@@ -39,25 +35,6 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return copy()
     return copy()
-
-
-def write_model_dir(path: str, state: dict, config_yaml: str, meta: dict) -> None:
-    os.makedirs(path, exist_ok=True)
-    torch.save(state, os.path.join(path, "model.pt"))
-    with open(os.path.join(path, "config.yaml"), "w") as f:
-        f.write(config_yaml)
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def load_model_state(url: str) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint directory (local or remote) or a model.pt file, with ``weights_only``."""
-    target = url if url.endswith(".pt") else join(url, "model.pt")
-    return torch.load(io.BytesIO(read_bytes(target)), map_location="cpu", weights_only=True)
-
-
-def read_text(url: str) -> str:
-    return read_bytes(url).decode("utf-8")
 
 
 class RunOutputs:

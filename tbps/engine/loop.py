@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from tbps.checkpoint import load_model_state, write_model_dir
 from tbps.config import Config, dump_yaml
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
 from tbps.distributed import world
@@ -32,7 +33,7 @@ from tbps.gradcache import grad_cache_step
 from tbps.methods import TextSpec, build_method, create_method
 from tbps.optim import build_optimizer, build_scheduler
 
-from .checkpoint import DS_TAG, RunOutputs, full_state_dict, load_model_state, write_model_dir
+from .checkpoint import DS_TAG, RunOutputs, full_state_dict
 
 # report(metrics, checkpoint_dir or None): hands a result (and a checkpoint directory, valid during the call) to
 # whoever runs the loop -- ray.train.report in a Ray Train worker

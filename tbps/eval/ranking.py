@@ -1,5 +1,6 @@
-"""The evaluation pass: embed the gallery (each image once) and the queries (every caption) across ranks, then
-rank each rank's own queries against the whole gallery and reduce the metric sums. No rank idles while another
+"""The evaluation pass: embed the gallery (each image once) and the queries (every caption) across ranks
+(``tbps.retrieval.embed``, as search embeds its gallery), then rank each rank's own queries against the whole gallery
+and reduce the metric sums. No rank idles while another
 works, and no rank holds the full Q x G score matrix."""
 
 from __future__ import annotations
@@ -10,43 +11,9 @@ import torch
 import torch.distributed as dist
 
 from tbps.distributed import world
+from tbps.retrieval import embed
 
 from .metrics import KS, METRICS, chance_level, chunk_stats, finish
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool = False) -> dict:
-    """This rank's gallery and query embeddings with their pids and global indices (and, with ``keep_strings``,
-    the images' relative paths and the raw captions)."""
-    model.eval()
-    parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx", "txt_img")}
-    paths, captions, skipped = [], [], []
-    for batch in loader:
-        if "images" not in batch:  # a shard skipped with data.on_bad_shard=skip (its images are missing)
-            skipped += batch.get("skipped_shards", [])
-            continue
-        batch = _to(batch, device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
-                            enabled=autocast_dtype is not None):
-            parts["img"].append(model.encode_image(batch["images"]).float())
-            parts["txt"].append(model.encode_text(batch["text_ids"], batch["text_mask"]).float())
-        parts["img_pid"].append(batch["image_pids"])
-        parts["img_idx"].append(batch["image_index"])
-        parts["txt_pid"].append(batch["text_pids"])
-        parts["txt_idx"].append(batch["text_index"])
-        parts["txt_img"].append(batch["text_image"])
-        if keep_strings:
-            paths += batch["image_path"]
-            captions += batch["captions"]
-    out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
-    out["skipped_shards"] = skipped
-    if keep_strings:
-        out["img_path"], out["caption"] = paths, captions
-    return out
 
 
 def save_embeddings(local: dict, path: str) -> None:

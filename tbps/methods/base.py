@@ -12,6 +12,7 @@ from torch import nn
 
 from tbps import losses as L
 from tbps.config import METHOD_CONFIGS, ConfigError, MethodConfig, method_config_class
+from tbps.data.batch import TrainBatch
 from tbps.data.needs import DataNeeds
 from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
 from tbps.models import WeightLoadError
@@ -98,7 +99,7 @@ class Method(nn.Module):
         vector index (FAISS). Default: the L2-normalised embeddings (cosine)."""
         return F.normalize(emb, dim=-1)
 
-    def features(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def features(self, batch: TrainBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One forward of a training batch, split by how its losses depend on the batch: ``(feats, local)``.
 
         ``feats``: the tensors the batch-level (contrastive) losses read, each with one row per item, so features of
@@ -111,7 +112,7 @@ class Method(nn.Module):
         """The batch-level losses of ``features``' first output (possibly of several micro-batches concatenated)."""
         raise NotImplementedError
 
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The unweighted loss parts of one batch."""
         feats, local = self.features(batch)
         return {**self.batch_losses(feats), **local}
@@ -123,7 +124,7 @@ class Method(nn.Module):
     def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights[k] * v for k, v in parts.items())
 
-    def forward(self, batch: dict, stage: str = "loss"):
+    def forward(self, batch: TrainBatch, stage: str = "loss"):
         """``stage="loss"``: ``{"loss": weighted total, "loss_<part>": detached part, ...}``; ``stage="features"``:
         ``features(batch)`` (so that engines wrapping the method, e.g. DeepSpeed's, see a forward)."""
         if stage == "features":

@@ -1,0 +1,216 @@
+"""Retrieval: embedding a split, and a gallery index that answers free-text queries.
+
+- ``embed``: one pass over an evaluation loader (``tbps.data.EvalStream``: each gallery image once, its captions
+  as queries) through a method's encoders. The evaluation pass (``tbps.eval.evaluate``: the engine's val/test and
+  ``tbps.evaluate``) and the search gallery both embed through it, so search ranks images exactly as evaluation
+  embeds them (same decode, resize and normalisation).
+- ``GalleryIndex``: a split's image side as search vectors (``Method.search_vectors``: inner products equal the
+  method's similarity), with pids, shard keys and paths; ranked by torch or, for large galleries, a FAISS
+  inner-product index. ``gallery_index`` caches it beside the checkpoint, keyed by (checkpoint, gallery, split).
+- ``encode_queries`` and ``fetch_images`` (original bytes of some gallery entries) complete a search.
+
+Imports no Ray, DeepSpeed or argparse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from shards.storage import filesystem, join, write_bytes_atomic
+
+INDEX_FORMAT = 1
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool = False, texts: bool = True,
+          progress=None) -> dict:
+    """This rank's gallery and query embeddings with their pids and global indices, over ``loader``'s
+    ``EvalBatch``es. ``keep_strings``: also the images' relative paths, shard keys and shard names and the raw
+    captions; ``texts=False``: the captions are not embedded (``txt`` stays empty; their pids and strings are
+    kept); ``progress(images_so_far)`` is called after each batch."""
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in ("img", "img_pid", "img_idx", "txt", "txt_pid", "txt_idx", "txt_img")}
+    strings: dict[str, list] = {"img_path": [], "img_key": [], "img_shard": [], "caption": []}
+    skipped, seen = [], 0
+    for batch in loader:
+        if "images" not in batch:  # a shard skipped with data.on_bad_shard=skip (its images are missing)
+            skipped += batch.get("skipped_shards", [])
+            continue
+        batch = _to(batch, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            parts["img"].append(model.encode_image(batch["images"]).float())
+            if texts:
+                parts["txt"].append(model.encode_text(batch["text_ids"], batch["text_mask"]).float())
+        parts["img_pid"].append(batch["image_pids"])
+        parts["img_idx"].append(batch["image_index"])
+        parts["txt_pid"].append(batch["text_pids"])
+        parts["txt_idx"].append(batch["text_index"])
+        parts["txt_img"].append(batch["text_image"])
+        if keep_strings:
+            strings["img_path"] += batch["image_path"]
+            strings["img_key"] += batch["image_key"]
+            strings["img_shard"] += batch["image_shard"]
+            strings["caption"] += batch["captions"]
+        seen += len(batch["image_index"])
+        if progress:
+            progress(seen)
+    out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    out["skipped_shards"] = skipped
+    if keep_strings:
+        out.update(strings)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ gallery index
+@dataclass
+class GalleryIndex:
+    vectors: torch.Tensor  # [N, D] search vectors (image side), float32, in split order
+    pids: list[int]
+    keys: list[str]
+    shards: list[str]
+    paths: list[str]
+    caption_pids: dict[str, int]  # normalised caption -> pid, for queries taken from the dataset
+    url: str
+    split: str
+    _faiss: object = field(default=None, repr=False)
+
+    STATE = ("vectors", "pids", "keys", "shards", "paths", "caption_pids", "url", "split")
+
+    def use_faiss(self) -> None:
+        import faiss
+
+        index = faiss.IndexFlatIP(self.vectors.shape[1])  # exact inner product, BLAS-batched
+        index.add(self.vectors.numpy().astype("float32"))
+        self._faiss = index
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, positions) of the top ``k`` gallery images per query vector."""
+        k = min(k, len(self.keys))
+        if self._faiss is not None:
+            scores, idx = self._faiss.search(queries.float().numpy(), k)
+            return torch.from_numpy(scores), torch.from_numpy(idx).long()
+        scores = queries.float() @ self.vectors.t()
+        # stable ranking: ties keep gallery order, as in evaluation
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return scores.gather(1, order), order
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE}
+
+
+def normalise_caption(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
+
+
+def index_key(checkpoint: str, gallery: str, split: str) -> str:
+    """Identifies (checkpoint weights, gallery content): meta.json + config.yaml of the checkpoint, the gallery's
+    manifest (shard hashes included) and the split."""
+    from tbps.checkpoint import read_text
+
+    h = hashlib.sha256()
+    for part in (read_text(join(checkpoint, "meta.json")), read_text(join(checkpoint, "config.yaml")),
+                 read_text(join(gallery, "manifest.json")), split, str(INDEX_FORMAT)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_gallery(method, cfg, tok, gallery: str, split: str, device: str = "cpu", batch_size: int = 128,
+                  log=None) -> GalleryIndex:
+    """Embed the images of ``split`` of the dataset at ``gallery`` through the evaluation loader (a damaged shard
+    stops it, naming the shard)."""
+    from dataclasses import replace
+
+    from tbps.data import build_eval_loader
+
+    data = replace(cfg.data, url=gallery, on_bad_shard="error")
+    loader = build_eval_loader(data, tok, split, batch_size)
+    t0 = time.time()
+
+    def progress(n):
+        if log:
+            log(f"[search] embedded {n} gallery images ({n / max(time.time() - t0, 1e-9):.0f}/s)")
+    local = embed(method, loader, device, keep_strings=True, texts=False, progress=progress)
+    if not len(local["img_idx"]):
+        raise ValueError(f"split {split!r} of {gallery} has no images")
+    order = local["img_idx"].argsort().tolist()  # split order, whatever the loader workers' interleaving
+    vectors = method.search_vectors(local["img"], "image").cpu()[order]
+    caption_pids: dict[str, int] = {}
+    for caption, pid in zip(local["caption"], local["txt_pid"].tolist()):
+        caption_pids.setdefault(normalise_caption(caption), int(pid))
+    pids = local["img_pid"].tolist()
+    return GalleryIndex(vectors, [int(pids[i]) for i in order], [local["img_key"][i] for i in order],
+                        [local["img_shard"][i] for i in order], [local["img_path"][i] for i in order], caption_pids,
+                        gallery, split)
+
+
+def gallery_index(method, cfg, tok, checkpoint: str, gallery: str, split: str = "test", device: str = "cpu",
+                  faiss_min: int = 20000, log=print) -> tuple[GalleryIndex, bool]:
+    """The gallery index: loaded from the cache beside the checkpoint, or built and cached. Returns (index, cached)."""
+    url = join(checkpoint, "search-index", f"{split}-{index_key(checkpoint, gallery, split)}.pt")
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), weights_only=True)
+        index, cached = GalleryIndex(**state), True
+        log(f"[search] gallery index: {len(index.keys)} images of {gallery} ({split}), from the cache {url}")
+    else:
+        index = build_gallery(method, cfg, tok, gallery, split, device, log=log)
+        buf = io.BytesIO()
+        torch.save(index.state(), buf)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_bytes_atomic(fs, path, buf.getvalue())
+        cached = False
+        log(f"[search] gallery index: {len(index.keys)} images embedded and cached at {url}")
+    if len(index.keys) >= faiss_min:
+        from tbps.extras import available
+
+        if available("faiss"):
+            index.use_faiss()
+            log(f"[search] ranking with a FAISS inner-product index ({len(index.keys)} >= --faiss-min {faiss_min})")
+        else:  # the exact torch ranking gives the same results, more slowly on large galleries
+            log(f"[search] FAISS is not installed (pip install 'tbps[search]'): ranking {len(index.keys)} images "
+                "with torch")
+    return index, cached
+
+
+@torch.no_grad()
+def encode_queries(method, cfg, tok, queries: list[str], device: str = "cpu") -> torch.Tensor:
+    """Search vectors (text side) of free-text queries."""
+    from tbps.data.text import tokenize
+
+    ids, mask = tokenize(tok, queries, cfg.data.text_length)
+    emb = method.encode_text(ids.to(device), mask.to(device)).float()
+    return method.search_vectors(emb, "text").cpu()
+
+
+def fetch_images(index: GalleryIndex, positions: list[int]) -> dict[int, bytes]:
+    """Original image bytes of some gallery entries, reading only the shards that hold them."""
+    from tbps.data.stream import IMAGE_KEYS, shard_samples
+
+    want: dict[str, dict[str, int]] = {}
+    for p in positions:
+        want.setdefault(index.shards[p], {})[index.keys[p]] = p
+    out = {}
+    for shard, keys in want.items():
+        left = len(keys)
+        for sample in shard_samples([join(index.url, shard)]):
+            p = keys.get(sample["__key__"])
+            if p is not None:
+                out[p] = next(sample[k] for k in IMAGE_KEYS if k in sample)
+                left -= 1
+                if left == 0:  # stop reading this shard once its images are found
+                    break
+    return out
