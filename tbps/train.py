@@ -74,7 +74,7 @@ def _train(args) -> int:
         cfg = load_config(config, overrides)
         from tbps.engine.launcher import fit
 
-        result = fit(cfg)
+        result = fit(cfg, verbose=args.verbose)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

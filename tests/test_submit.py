@@ -70,6 +70,12 @@ def test_ray_job_submit_trains_and_writes_metrics(submitted):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert set(metrics["test"]) >= {"R1", "R5", "R10", "mAP", "mINP"}
     assert re.search(r"^test\s+[0-9.]+", out, re.M)  # the final table reached the submitting client
+    # the driver's console: tbps's lines, progress as plain lines (not a terminal), none of Ray's per-report lines,
+    # DeepSpeed's accelerator warning or the workers' prefixes
+    assert re.search(r"^\[tbps\] epoch 2/2 step \d+/\d+ loss [0-9.]+ \(itc [0-9.]+\) lr ", out, re.M), out[-3000:]
+    for noise in ("Reporting training result", "Checkpoint successfully created", "(RayTrainWorker pid=",
+                  "Setting accelerator to CPU", "CUDA_HOME"):
+        assert noise not in out, noise
 
 
 def _mid_epoch_checkpoints(run_dir, epoch: int) -> list[str]:

@@ -223,6 +223,11 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     train = subprocess.run([sys.executable, "-m", "tbps.train", "--config", os.path.join(exp, "best.yaml")],
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, (train.stdout + train.stderr)[-5000:]
+    # the default console (tbps.engine.console): none of Ray's per-report lines or worker prefixes, in the sweep's
+    # output or the training run's; the workers' log files keep them
+    for noise in ("Reporting training result", "(RayTrainWorker pid=", "Setting accelerator to CPU"):
+        assert noise not in out and noise not in train.stdout + train.stderr, noise
+    assert "[tbps] epoch 1/" in train.stdout
     metrics = json.load(open(os.path.join(storage, "smoke-test-best", "metrics.json")))
     assert metrics["test"]["R1"] >= 0 and metrics["best_val"]["epoch"] >= 1
 
@@ -234,3 +239,4 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     # Ray Tune would copy AWS_* credentials into each trainable's runtime env, which Ray's runtime-env agent logs
     # (ray/tune/execution/class_cache.py); tune.sweep keeps them out (tune.sweep.keep_credentials_out_of_runtime_envs)
     assert files_holding(SECRET, *sessions) == []
+    assert files_holding("Reporting training result", sessions[-1]), "a worker log file lost a line"

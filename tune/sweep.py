@@ -25,7 +25,7 @@ from tune.space import SweepSpec, load_sweep
 
 
 # ------------------------------------------------------------------------------------------------- the trial
-def run_trial(config: dict, spec: dict) -> None:
+def run_trial(config: dict, spec: dict, progress: str = "lines") -> None:
     """A Tune trial = the driver of one Ray Train run. Its run name is the trial id, so a trial restarted by a resumed
     sweep continues from its own latest checkpoint."""
     import ray.tune
@@ -38,7 +38,7 @@ def run_trial(config: dict, spec: dict) -> None:
     cfg = sweep.base_config(method, params)
     cfg.train.run_name = ray.tune.get_context().get_trial_id()
     cfg.train.storage_path = runs_path(sweep)
-    trainer = build_trainer(cfg, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, callbacks=[TuneReportCallback()], progress=progress)
     trainer.fit()  # raises on failure: Tune marks the trial ERROR
 
 
@@ -124,8 +124,9 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV)
 
 
-def build_tuner(spec: SweepSpec, concurrent: int):
-    """A new Tuner, or the interrupted one restored from <storage>/<name> (same command = resume)."""
+def build_tuner(spec: SweepSpec, concurrent: int, progress: str = "lines"):
+    """A new Tuner, or the interrupted one restored from <storage>/<name> (same command = resume). ``progress``:
+    the trials' (``tbps.engine.launcher.build_trainer``)."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -133,7 +134,7 @@ def build_tuner(spec: SweepSpec, concurrent: int):
     import optuna
 
     keep_credentials_out_of_runtime_envs()
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec.to_dict()),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec.to_dict(), progress=progress),
                                         {"CPU": spec.driver_cpus})
     path = experiment_path(spec)
     if ray.tune.Tuner.can_restore(path):
@@ -176,7 +177,7 @@ def _sweep(args) -> int:
         spec = prepare(load_sweep(args.config, args.overrides))
         from tbps.engine.launcher import ensure_ray
 
-        ensure_ray(spec.base_config(next(iter(spec.methods))))
+        ensure_ray(spec.base_config(next(iter(spec.methods))), console=None if args.verbose else "none")
         import ray
 
         concurrent = max_concurrent(spec, ray.cluster_resources())
@@ -188,7 +189,7 @@ def _sweep(args) -> int:
     print(f"[sweep] {spec.name}: {spec.num_samples} trials over {', '.join(spec.methods)}, "
           f"{concurrent} at a time, Optuna + ASHA on val {spec.metric}; outputs under {experiment_path(spec)}",
           file=sys.stderr)
-    results = build_tuner(spec, concurrent).fit()
+    results = build_tuner(spec, concurrent, "lines" if args.verbose else "events").fit()
     report = summarize(spec, results)
     print("\n" + report.table)
     finished = len(report.trials) - report.unfinished

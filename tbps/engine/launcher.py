@@ -117,22 +117,33 @@ def resolve_worker_settings(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, console: str | None = None) -> None:
     """Connect to a running cluster (train.ray_address / RAY_ADDRESS / inside `ray job submit`) or start a local Ray
-    with the dashboard bound to 127.0.0.1."""
+    with the dashboard bound to 127.0.0.1. ``console`` (``bar`` | ``none``): print the workers' output through
+    ``tbps.engine.console`` (no Ray noise, no prefixes; progress as a bar, or not at all) and keep Ray's own driver
+    messages to errors; None (``--verbose``): Ray's printing, unchanged."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {"logging_level": logging.ERROR} if console else {}
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    need = cfg.train.worker_range()[1] * cfg.train.cpus_per_worker + 2
-    num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
-    env = forwarded_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **quiet)
+    else:
+        need = cfg.train.worker_range()[1] * cfg.train.cpus_per_worker + 2
+        num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
+        env = forwarded_env()
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           runtime_env={"env_vars": env} if env else None, log_to_driver=True, **quiet)
+        if console and context.dashboard_url:
+            print(f"[tbps] started a local Ray; dashboard at http://{context.dashboard_url}", file=sys.stderr)
+    if console:
+        from tbps.engine.console import install
+
+        install(console)
 
 
 def storage_path(cfg: Config) -> str:
@@ -151,7 +162,9 @@ def worker_runtime_env(cfg: Config) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(cfg.train.worker_niceness)}}
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None):
+def build_trainer(cfg: Config, callbacks: list | None = None, progress: str = "lines"):
+    """The TorchTrainer of one run. ``progress``: how rank 0 reports training progress -- ``lines`` (a [tbps] line
+    every train.log_every steps) or ``events`` (the same, as events ``tbps.engine.console`` renders)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -164,7 +177,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "progress": progress},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -175,11 +188,18 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     )
 
 
-def fit(cfg: Config):
-    """Validate, connect/start Ray, train. Returns Ray's Result (metrics = the final test report)."""
+def fit(cfg: Config, verbose: bool = True):
+    """Validate, connect/start Ray, train. Returns Ray's Result (metrics = the final test report). ``verbose=False``
+    (``python -m tbps.train`` without --verbose): a progress bar and tbps's lines instead of Ray's raw stream."""
     cfg.train.storage_path = storage_path(cfg)
     preflight(cfg)
-    ensure_ray(cfg)
+    ensure_ray(cfg, console=None if verbose else "bar")
     print(f"[tbps] run {cfg.train.run_name!r}: outputs and checkpoints under {cfg.train.storage_path}/"
           f"{cfg.train.run_name}", file=sys.stderr)
-    return build_trainer(cfg).fit()
+    try:
+        return build_trainer(cfg, progress="lines" if verbose else "events").fit()
+    finally:
+        from tbps.engine.console import installed
+
+        if installed():
+            installed().close()

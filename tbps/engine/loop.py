@@ -34,6 +34,7 @@ from tbps.methods import TextSpec, build_method, create_method
 from tbps.optim import build_optimizer, build_scheduler
 
 from .checkpoint import DS_TAG, RunOutputs, full_state_dict
+from .console import format_event, progress_line
 
 # report(metrics, checkpoint_dir or None): hands a result (and a checkpoint directory, valid during the call) to
 # whoever runs the loop -- ray.train.report in a Ray Train worker
@@ -156,7 +157,13 @@ class TrainRun:
     ``on_batch(epoch, index, batch)``, if given, sees every training micro-batch as it is used (audits, tests)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device, report: Report,
-                 node_id: str = "", on_batch: Callable[[int, int, dict], None] | None = None):
+                 node_id: str = "", on_batch: Callable[[int, int, dict], None] | None = None,
+                 progress: str = "lines"):
+        """``progress``: rank 0's report every train.log_every steps -- ``lines`` (plain [tbps] lines) or ``events``
+        (``tbps.engine.console.progress_line``, rendered by the driver's console as a progress bar)."""
+        if progress not in ("lines", "events"):
+            raise ValueError(f"progress must be lines or events, got {progress!r}")
+        self.progress = progress
         cfg.data.tokenizer = tokenizer_path(cfg)  # saved explicitly, so checkpoints stay usable with other data URLs
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.report, self.node_id, self.on_batch = report, node_id, on_batch
@@ -312,11 +319,11 @@ class TrainRun:
             group = []
             _maybe_inject_fault(cfg.train.run_name, rank, epoch, i)
             if rank == 0 and ((i // self.group_size) % cfg.train.log_every == 0 or i == self.batches - 1):
-                rate = seen / max(time.time() - t0, 1e-9)
-                parts = " ".join(f"{k.replace('loss_', '')} {float(v):.3f}" for k, v in out.items() if k != "loss")
-                self.log(f"[tbps] epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{self.batches} loss "
-                         f"{float(out['loss']):.4f} ({parts}) lr {self.scheduler.get_last_lr()[0]:.2e} "
-                         f"{rate:.0f} samples/s")
+                event = {"epoch": epoch + 1, "epochs": cfg.train.epochs, "step": i + 1, "steps": self.batches,
+                         "loss": float(out["loss"]), "lr": float(self.scheduler.get_last_lr()[0]),
+                         "samples_per_s": seen / max(time.time() - t0, 1e-9),
+                         "parts": {k.replace("loss_", ""): float(v) for k, v in out.items() if k != "loss"}}
+                self.log(progress_line(event) if self.progress == "events" else format_event(event))
             step_in_epoch = (i + 1) // cfg.train.grad_accum
             if every and (i + 1) % cfg.train.grad_accum == 0 and step_in_epoch % every == 0 and i + 1 < self.batches:
                 self._checkpoint_mid_epoch(epoch, i + 1, {"sums": {k: float(v) for k, v in sums.items()},
