@@ -43,6 +43,20 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# the search page's test drives a real headless browser: Debian's chromium and its chromedriver
+browser() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then return; fi
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null; then
+    echo "[setup] installing chromium and chromium-driver (Debian packages) for the search page's browser test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+      { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+      echo "[setup] could not install chromium (apt-get install chromium chromium-driver as root)" >&2
+  fi
+}
+
 # subprocesses (ray CLI, ray job entrypoints) must find this environment's python and ray
 export PATH="$PWD/$VENV/bin:$PATH"
 
@@ -56,6 +70,8 @@ case "$cmd" in
     exec "$VENV/bin/python" -m tbps.train "$@" ;;
   test)
     setup
+    browser
+    export TBPS_REQUIRE_BROWSER=${TBPS_REQUIRE_BROWSER:-1}  # the browser test fails rather than skips (0: may skip)
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./run.sh {demo|test|setup} [args]" >&2; exit 2 ;;
 esac

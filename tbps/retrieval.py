@@ -4,7 +4,8 @@
   as queries) through a method's encoders. The evaluation pass (``tbps.eval.evaluate``: the engine's val/test and
   ``tbps.evaluate``) and the search gallery both embed through it, so search ranks images exactly as evaluation
   embeds them (same decode, resize and normalisation).
-- ``GalleryIndex``: a split's image side as search vectors (``Method.search_vectors``: inner products equal the
+- ``GalleryIndex``: a split's image side (or a plain folder's images: ``list_images``, ``ImageFolderStream``) as
+  search vectors (``Method.search_vectors``: inner products equal the
   method's similarity), with pids, shard keys and paths; ranked by torch or, for large galleries, a FAISS
   inner-product index. ``gallery_index`` caches it beside the checkpoint, keyed by (checkpoint, gallery, split).
 - ``encode_queries`` and ``fetch_images`` (original bytes of some gallery entries) complete a search.
@@ -83,9 +84,10 @@ class GalleryIndex:
     caption_pids: dict[str, int]  # normalised caption -> pid, for queries taken from the dataset
     url: str
     split: str
+    source: str = "shards"  # shards (a tbps dataset's split) | images (a plain folder or bucket of image files)
     _faiss: object = field(default=None, repr=False)
 
-    STATE = ("vectors", "pids", "keys", "shards", "paths", "caption_pids", "url", "split")
+    STATE = ("vectors", "pids", "keys", "shards", "paths", "caption_pids", "url", "split", "source")
 
     def use_faiss(self) -> None:
         import faiss
@@ -156,18 +158,128 @@ def build_gallery(method, cfg, tok, gallery: str, split: str, device: str = "cpu
                         gallery, split)
 
 
+# ------------------------------------------------------------------------------------- a folder of image files
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def list_images(url: str) -> list[tuple[str, str]]:
+    """(path relative to ``url``, size and modification stamp) of every image file under the folder or bucket
+    prefix ``url``, recursively, in name order."""
+    from shards.storage import with_retries
+
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    if not with_retries("list", url, lambda: fs.isdir(root)):
+        raise FileNotFoundError(f"--images {url}: no such folder")
+    found = with_retries("list", url, lambda: fs.find(root, detail=True))
+    items = []
+    for path, info in sorted(found.items()):
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            items.append((path[len(root):].lstrip("/"), f"{info.get('size')}:{stamp}"))
+    if not items:
+        raise ValueError(f"--images {url}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    return items
+
+
+class ImageFolderStream(torch.utils.data.IterableDataset):
+    """``EvalBatch``es of a folder's images (no captions, pids -1), decoded, resized and normalised as evaluation
+    does; loader workers take every n-th batch."""
+
+    def __init__(self, url: str, paths: list[str], data_cfg, batch_size: int):
+        from tbps.data.transforms import BatchAugment
+
+        self.url, self.paths, self.cfg, self.batch_size = url, paths, data_cfg, batch_size
+        self.augment = BatchAugment(data_cfg, train=False)
+
+    def __iter__(self):
+        import numpy as np
+
+        from shards.storage import read_bytes
+        from tbps.data.stream import decode_image
+        from tbps.data.transforms import resize_uint8
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        size = tuple(self.cfg.image_size)
+        starts = range(0, len(self.paths), self.batch_size)
+        for start in list(starts)[worker::workers]:
+            rels = self.paths[start:start + self.batch_size]
+            images = []
+            for rel in rels:
+                where = join(self.url, rel)
+                try:
+                    image = decode_image(read_bytes(where), size)
+                except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+                    raise ValueError(f"{where}: not a readable image ({e}); remove it or convert it") from None
+                images.append(resize_uint8(image, size, self.cfg.interpolation))
+            n, empty = len(rels), torch.empty(0, dtype=torch.long)
+            yield {"images": self.augment(torch.from_numpy(np.stack(images))),
+                   "image_pids": torch.full((n,), -1, dtype=torch.long),
+                   "image_index": torch.arange(start, start + n), "image_path": list(rels), "image_key": list(rels),
+                   "image_shard": [""] * n, "text_ids": empty, "text_mask": empty, "text_pids": empty,
+                   "text_index": empty, "text_image": empty, "captions": []}
+
+
+def folder_key(checkpoint: str, url: str, listing: list[tuple[str, str]]) -> str:
+    """Identifies (checkpoint weights, the folder's files as listed: names, sizes, modification stamps)."""
+    from tbps.checkpoint import read_text
+
+    h = hashlib.sha256()
+    for part in (read_text(join(checkpoint, "meta.json")), read_text(join(checkpoint, "config.yaml")), url,
+                 "\n".join(f"{p}\t{s}" for p, s in listing), str(INDEX_FORMAT)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_folder_gallery(method, cfg, url: str, paths: list[str], device: str = "cpu", batch_size: int = 64,
+                         log=None) -> GalleryIndex:
+    """Embed a plain folder's images (no dataset conversion)."""
+    from torch.utils.data import DataLoader
+
+    from tbps.data.stream import resolve_loader_workers
+
+    stream = ImageFolderStream(url, paths, cfg.data, batch_size)
+    workers = min(resolve_loader_workers(cfg.data.loader_workers), -(-len(paths) // batch_size))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    t0 = time.time()
+
+    def progress(n):
+        if log:
+            log(f"[search] embedded {n} of {len(paths)} images ({n / max(time.time() - t0, 1e-9):.0f}/s)")
+    local = embed(method, loader, device, keep_strings=True, texts=False, progress=progress)
+    order = local["img_idx"].argsort().tolist()
+    vectors = method.search_vectors(local["img"], "image").cpu()[order]
+    keys = [local["img_key"][i] for i in order]
+    return GalleryIndex(vectors, [-1] * len(keys), keys, [""] * len(keys), keys, {}, url, "", "images")
+
+
+# ------------------------------------------------------------------------------------------------ the cache
 def gallery_index(method, cfg, tok, checkpoint: str, gallery: str, split: str = "test", device: str = "cpu",
-                  faiss_min: int = 20000, log=print) -> tuple[GalleryIndex, bool]:
-    """The gallery index: loaded from the cache beside the checkpoint, or built and cached. Returns (index, cached)."""
-    url = join(checkpoint, "search-index", f"{split}-{index_key(checkpoint, gallery, split)}.pt")
+                  faiss_min: int = 20000, log=print, images: bool = False) -> tuple[GalleryIndex, bool]:
+    """The gallery index of a dataset split (or, with ``images``, of the plain folder ``gallery``): loaded from the
+    cache beside the checkpoint, or built and cached. Returns (index, cached)."""
+    if images:
+        listing = list_images(gallery)
+        name = f"images-{folder_key(checkpoint, gallery, listing)}.pt"
+        where = f"in {gallery}"
+    else:
+        name = f"{split}-{index_key(checkpoint, gallery, split)}.pt"
+        where = f"of {gallery} ({split})"
+    url = join(checkpoint, "search-index", name)
     fs, path = filesystem(url)
     if fs.exists(path):
         with fs.open(path, "rb") as f:
             state = torch.load(io.BytesIO(f.read()), weights_only=True)
         index, cached = GalleryIndex(**state), True
-        log(f"[search] gallery index: {len(index.keys)} images of {gallery} ({split}), from the cache {url}")
+        log(f"[search] gallery index: {len(index.keys)} images {where}, from the cache {url}")
     else:
-        index = build_gallery(method, cfg, tok, gallery, split, device, log=log)
+        if images:
+            index = build_folder_gallery(method, cfg, gallery, [p for p, _ in listing], device, log=log)
+        else:
+            index = build_gallery(method, cfg, tok, gallery, split, device, log=log)
         buf = io.BytesIO()
         torch.save(index.state(), buf)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -197,8 +309,13 @@ def encode_queries(method, cfg, tok, queries: list[str], device: str = "cpu") ->
 
 
 def fetch_images(index: GalleryIndex, positions: list[int]) -> dict[int, bytes]:
-    """Original image bytes of some gallery entries, reading only the shards that hold them."""
+    """Original image bytes of some gallery entries, reading only the shards (or files) that hold them."""
     from tbps.data.stream import IMAGE_KEYS, shard_samples
+
+    if index.source == "images":
+        from shards.storage import read_bytes
+
+        return {p: read_bytes(join(index.url, index.keys[p])) for p in positions}
 
     want: dict[str, dict[str, int]] = {}
     for p in positions:

@@ -246,3 +246,106 @@ def test_the_search_gallery_is_the_evaluation_pass_embedding(tiny_checkpoint, sy
     assert index.pids == local["img_pid"][local["img_idx"].argsort()].tolist()
     images = fetch_images(index, [0, len(index.keys) - 1])
     assert set(images) == {0, len(index.keys) - 1} and all(b[:2] == b"\xff\xd8" for b in images.values())
+
+
+@pytest.fixture
+def photo_folder(synth_tiny, tmp_path):
+    """The test split's images as plain files in nested folders (JPEG as stored, one re-encoded as PNG), plus a
+    file that is not an image."""
+    import io
+
+    from PIL import Image
+
+    samples = read_split(synth_tiny, "test")
+    root = tmp_path / "photos"
+    for i, s in enumerate(samples):
+        folder = root / ("cam1" if i % 2 else "cam2")
+        folder.mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(s["image"])).save(buf, "PNG")
+            (folder / f"{s['key']}.png").write_bytes(buf.getvalue())
+        else:
+            (folder / f"{s['key']}.jpg").write_bytes(s["image"])
+    (root / "notes.txt").write_text("not an image")
+    return root, samples
+
+
+def test_search_over_a_plain_folder_of_photos(tiny_checkpoint, synth_tiny, photo_folder, tmp_path):
+    """--images: no conversion; each file ranks as the same image in the dataset's gallery does; cached; a file
+    that does not decode is an error naming it."""
+    from tbps.search import SearchService, search
+
+    root, samples = photo_folder
+    query = samples[3]["captions"][0]
+    first = search(tiny_checkpoint, None, [query], top_k=6, out=str(tmp_path / "a"), images=str(root),
+                   log=lambda m: None)[0]
+    assert first["index_cached"] is False and first["gallery_size"] == len(samples) == 36
+    assert first["source"] == "images" and all(h["correct"] is None and h["pid"] == -1 for h in first["hits"])
+    assert (tmp_path / "a" / "index.html").read_text().count("<figure") == 6
+    # each JPEG file embeds as the same image in the dataset's gallery (same bytes, same decode path; the PNG, a
+    # lossless copy of the decoded pixels, misses only JPEG's reduced-scale decoding)
+    again = SearchService(tiny_checkpoint, images=str(root), log=lambda m: None)
+    assert again.cached is True
+    dataset = SearchService(tiny_checkpoint, gallery=synth_tiny, log=lambda m: None)
+    position = {k: i for i, k in enumerate(dataset.index.keys)}
+    for i, key in enumerate(again.index.keys):
+        want = dataset.index.vectors[position[key.rsplit("/", 1)[1].split(".")[0]]]
+        tol = 1e-5 if key.endswith(".jpg") else 0.05
+        torch.testing.assert_close(again.index.vectors[i], want, rtol=0, atol=tol, msg=key)
+    hits = again.answer(query, 6)[0]
+    assert [h["key"] for h in hits] == [h["key"] for h in first["hits"]]
+    # a new file changes the listing: a new index; a file that does not decode stops with its name
+    (root / "cam1" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match=r"cam1/broken\.jpg: not a readable image"):
+        SearchService(tiny_checkpoint, images=str(root), log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="--images .*nowhere: no such folder"):
+        SearchService(tiny_checkpoint, images=str(tmp_path / "nowhere"), log=lambda m: None)
+
+
+def test_the_served_search_page_answers_a_typed_query_in_headless_chromium(tiny_checkpoint, photo_folder):
+    """`tbps.search --serve`: a real browser (Debian's chromium, driven by Selenium through chromedriver) loads the
+    page, types a query, submits it and gets the top K."""
+    import shutil
+    import threading
+
+    from tbps.search import SearchService, make_server
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("TBPS_REQUIRE_BROWSER") == "1":  # ./run.sh test installs them: never skipped in CI
+            pytest.fail("chromium / chromedriver not found (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed (./run.sh test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, samples = photo_folder
+    server = make_server(SearchService(tiny_checkpoint, images=str(root), log=lambda m: None), port=0, top_k=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        chrome.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        assert "36 images in" in chrome.page_source and not chrome.find_elements(By.TAG_NAME, "figure")
+        query = samples[7]["captions"][0]
+        box = chrome.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys(query)
+        chrome.find_element(By.ID, "go").click()
+        WebDriverWait(chrome, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#results figure")))
+        figures = chrome.find_elements(By.CSS_SELECTOR, "#results figure")
+        assert len(figures) == 4
+        assert chrome.find_element(By.ID, "query").text == f"“{query}”"
+        scores = [float(e.text) for e in chrome.find_elements(By.CSS_SELECTOR, "#results .score")]
+        assert scores == sorted(scores, reverse=True)
+        assert all(img.get_property("naturalWidth") > 0 for img in chrome.find_elements(By.TAG_NAME, "img"))
+        assert chrome.find_element(By.ID, "q").get_attribute("value") == query  # the next query starts from it
+    finally:
+        chrome.quit()
+        server.shutdown()
