@@ -191,15 +191,18 @@ def build_trainer(cfg: Config, callbacks: list | None = None, progress: str = "l
 def fit(cfg: Config, verbose: bool = True):
     """Validate, connect/start Ray, train. Returns Ray's Result (metrics = the final test report). ``verbose=False``
     (``python -m tbps.train`` without --verbose): a progress bar and tbps's lines instead of Ray's raw stream."""
+    from tbps.engine.lease import DriverLease
+
     cfg.train.storage_path = storage_path(cfg)
     preflight(cfg)
-    ensure_ray(cfg, console=None if verbose else "bar")
-    print(f"[tbps] run {cfg.train.run_name!r}: outputs and checkpoints under {cfg.train.storage_path}/"
-          f"{cfg.train.run_name}", file=sys.stderr)
-    try:
-        return build_trainer(cfg, progress="lines" if verbose else "events").fit()
-    finally:
-        from tbps.engine.console import installed
+    with DriverLease(cfg.train.storage_path, cfg.train.run_name):  # one driver per run (a second one stops here)
+        ensure_ray(cfg, console=None if verbose else "bar")
+        print(f"[tbps] run {cfg.train.run_name!r}: outputs and checkpoints under {cfg.train.storage_path}/"
+              f"{cfg.train.run_name}", file=sys.stderr)
+        try:
+            return build_trainer(cfg, progress="lines" if verbose else "events").fit()
+        finally:
+            from tbps.engine.console import installed
 
-        if installed():
-            installed().close()
+            if installed():
+                installed().close()
