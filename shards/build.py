@@ -1,6 +1,9 @@
 """Convert a raw text-based person search dataset into WebDataset shards.
 
     python -m shards.build --dataset cuhk-pedes --root /data/CUHK-PEDES --out s3://bucket/cuhk-pedes
+    python -m shards.build --dataset jsonl --root corpus.jsonl --out s3://bucket/mals   # any image-text corpus
+
+Generic corpora (jsonl, csv, WebDataset tars) convert streaming, in parallel and resumably: shards/corpus.py.
 
 One sample per image: the original image bytes (``jpg``/``png``/...) and a ``json`` record with all captions, the
 original person id, the contiguous train id (train split; -1 elsewhere) and the image's relative path; with
@@ -24,6 +27,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from .cli import add_verbose, run_command
+from .corpus import KINDS, convert_corpus
 from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
 from .writer import DatasetWriter, group_shard_counts
 
@@ -214,15 +218,22 @@ def summarize(manifest: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shards.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", required=True, choices=sorted(FORMATS))
-    ap.add_argument("--root", required=True, help="directory holding the annotation JSON and imgs/")
+    ap.add_argument("--dataset", required=True, choices=sorted(FORMATS) + list(KINDS),
+                    help="a raw dataset's format, or a generic image-text corpus: jsonl | csv (one record per "
+                         "image: image, caption or captions, optional person_id and split) | wds (existing "
+                         "WebDataset tars with jpg + txt/json)")
+    ap.add_argument("--root", required=True, help="directory holding the annotation JSON and imgs/; for a corpus "
+                                                  "the .jsonl/.csv file, or the folder/prefix of .tar files")
+    ap.add_argument("--work-dir", help="corpora: the folder of the resumable conversion's plan and progress "
+                                       "(default ~/.cache/tbps/corpus/<hash of root and out>)")
     ap.add_argument("--out", required=True, help="output directory or fsspec URL (e.g. s3://bucket/prefix)")
     ap.add_argument("--shard-size", type=int, default=1000, help="max samples (images) per shard")
     ap.add_argument("--min-shards", type=int, default=8,
                     help="at least this many shards per split, so every rank x loader worker gets work")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in the manifest) instead of "
                                                             "stopping")
-    ap.add_argument("--workers", type=int, default=8, help="threads that check images")
+    ap.add_argument("--workers", type=int, default=8, help="threads that check images (corpora: processes that "
+                                                           "write shards)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order of the train records")
     ap.add_argument("--attributes", help="IVT's attribute annotation JSON (cuhk_pedes_att.json layout): stores each "
                                          "caption's attribute phrases for IVT's word-level texts")
@@ -236,6 +247,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 0.0 <= args.val_from_train < 1.0:
         ap.error(f"--val-from-train must be a fraction in [0, 1), got {args.val_from_train}")
+
+    if args.dataset in KINDS:
+        for flag, given in (("--attributes", args.attributes), ("--group-ids", args.group_ids),
+                            ("--val-from-train", args.val_from_train)):
+            if given:
+                ap.error(f"{flag} applies to the raw datasets ({', '.join(sorted(FORMATS))}), not to a {args.dataset} "
+                         "corpus (give records a split instead)")
+
+        def run() -> int:
+            manifest = convert_corpus(args.dataset, args.root, args.out, args.shard_size, args.min_shards,
+                                      args.skip_bad, args.workers, args.work_dir)
+            print(summarize(manifest))
+            print(f"published {args.out}")
+            return 0
+        return run_command("python -m shards.build", run, args.verbose,
+                           after=f"nothing was published to {args.out} (run the same command again to resume)")
 
     def run() -> int:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,

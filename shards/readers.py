@@ -51,6 +51,9 @@ class BadRecord(ValueError):
             where += f" ({path})"
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # picklable with its fields (raised in shards/corpus.py's writer processes)
+        return BadRecord, (self.file, self.index, self.reason, self.path)
+
     def as_dict(self) -> dict:
         return {"file": self.file, "record": self.index, "path": self.path, "reason": self.reason}
 
@@ -129,6 +132,12 @@ def load_image(root: str, record: RawRecord, file: str) -> tuple[bytes, str]:
         raise BadRecord(file, record.index, f"image not found: {path}", record.path) from None
     except OSError as e:
         raise BadRecord(file, record.index, f"cannot read image {path}: {e}", record.path) from None
+    return data, check_image(data, file, record.index, record.path, path)
+
+
+def check_image(data: bytes, file: str, index: int | None, path: str | None, where: str | None = None) -> str:
+    """Check that image bytes decode; returns the file extension of their format. Errors name the record."""
+    where = where or path
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
@@ -136,7 +145,7 @@ def load_image(root: str, record: RawRecord, file: str) -> tuple[bytes, str]:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadRecord(file, record.index, f"cannot decode image {path}: {e}", record.path) from None
+        raise BadRecord(file, index, f"cannot decode image {where}: {e}", path) from None
     if fmt not in IMAGE_EXT:
-        raise BadRecord(file, record.index, f"unsupported image format {fmt} ({path})", record.path)
-    return data, IMAGE_EXT[fmt]
+        raise BadRecord(file, index, f"unsupported image format {fmt} ({where})", path)
+    return IMAGE_EXT[fmt]
