@@ -35,8 +35,22 @@ CmpmNorm = Literal["l2", "sum"]
 
 # ------------------------------------------------------------------------------------------------------ sections
 @dataclass
+class MixMember:
+    """One dataset of a training mixture (``data.url: [{url: ..., weight: ...}, ...]``)."""
+
+    url: str = ""
+    weight: float = 1.0  # its share of each epoch's training samples (shares = weights / their sum)
+    eval: bool = False  # val and test come from this member (exactly one)
+
+
+@dataclass
 class DataConfig:
-    url: str = ""  # dataset URL (local dir, s3://...) holding manifest.json; "" = the built-in ToyPEDES demo set
+    url: Union[str, list[MixMember]] = ""  # dataset URL (local dir, s3://...) holding manifest.json; "" = the
+    # built-in ToyPEDES demo set. A list of {url, weight, eval} trains on a mixture: each epoch draws weight / sum
+    # of weights of its samples from each member's train split (its shards repeated or a seeded subset), identities
+    # kept apart; val/test, the tokenizer ("" = <url>/tokenizer) come from the member with eval: true, which url
+    # then names (the members move to data.mix)
+    mix: list[MixMember] = field(default_factory=list)  # the training mixture (set through data.url)
     train_split: str = "train"
     val_split: str = "val"  # checkpoints are selected on this split
     test_split: str = "test"  # reported once, at the end
@@ -69,6 +83,26 @@ class DataConfig:
     # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
     text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
+
+    def __post_init__(self):
+        if isinstance(self.url, list):
+            if self.mix:
+                raise ConfigError("data.url is a list and data.mix is set: give the mixture once (data.url)")
+            self.mix, members = list(self.url), self.url
+            evals = [m for m in members if m.eval]
+            if len(evals) != 1:
+                raise ConfigError(f"data.url: a mixture needs exactly one member marked eval: true (its val and test "
+                                  f"splits evaluate), got {len(evals)} of {len(members)}")
+            self.url = evals[0].url
+        for i, m in enumerate(self.mix):
+            if not m.url:
+                raise ConfigError(f"data.url[{i}]: a mixture member needs a url")
+            if not m.weight > 0:
+                raise ConfigError(f"data.url[{i}] ({m.url}): weight must be > 0, got {m.weight}")
+        if len({m.url for m in self.mix}) != len(self.mix):
+            raise ConfigError("data.url: a mixture lists the same dataset twice")
+        if self.mix and self.sampler == "identity":
+            raise ConfigError("data.sampler=identity works on one dataset, not a mixture (data.url list)")
 
 
 @dataclass

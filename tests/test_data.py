@@ -517,3 +517,43 @@ def test_loader_workers_default_to_what_the_worker_cpus_allow():
     assert cfg.data.loader_workers == 1
     with pytest.raises(ConfigError, match="data.loader_workers must be >= 0, or -1"):
         resolve_worker_settings(load_config("irra_tiny", ["data.loader_workers=-3"]))
+
+
+def test_a_two_dataset_mixture_samples_the_weights_and_keeps_identities_apart(tmp_path):
+    """data.url = [{url, weight, eval}, ...]: each epoch draws weight / sum of weights of its samples from each
+    member; person ids stay apart and train ids are offset (the ID classifier spans the union)."""
+    from shards.synth import generate
+    from tbps.config import ConfigError, load_config
+    from tbps.data import build_tokenizer, build_train_loader, load_tokenizer
+    from tbps.data.stream import num_train_ids
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    generate(out=a, size="tiny", seed=0, min_shards=8, progress=False)  # 120 train images, 40 ids, 8 shards
+    generate(out=b, size="tiny", seed=1, min_shards=8, progress=False)
+    build_tokenizer(["a person in a red coat"], os.path.join(b, "tokenizer"))
+    cfg = load_config("clip_tiny", [f"data.url=[{{url: {a}, weight: 3}}, {{url: {b}, weight: 1, eval: true}}]",
+                                    "data.loader_workers=0", "data.batch_size=8", "data.sampling=images"])
+    assert cfg.data.url == b and [m.url for m in cfg.data.mix] == [a, b]
+    assert num_train_ids(cfg.data, {}) == 80
+    loader = build_train_loader(cfg.data, load_tokenizer(os.path.join(b, "tokenizer")))
+    drawn = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        counts, keys = [0, 0], set()
+        for batch in loader:
+            for pid, tid, key, shard in zip(batch["pids"].tolist(), batch["train_ids"].tolist(), batch["keys"],
+                                            batch["shards"]):
+                member = pid % 2
+                counts[member] += 1
+                assert (0 <= tid < 40) if member == 0 else (40 <= tid < 80), (pid, tid)
+                if member == 1:
+                    keys.add(key)
+        total = sum(counts)
+        assert total >= 200  # an epoch holds as many images as both members (240), less the partial batches
+        assert abs(counts[0] / total - 0.75) < 0.04, counts  # the weights' shares, within shard granularity
+        drawn.append(keys)
+    assert drawn[0] != drawn[1]  # member b's subset is redrawn each epoch
+    with pytest.raises(ConfigError, match="exactly one member marked eval: true"):
+        load_config("clip_tiny", [f"data.url=[{{url: {a}}}, {{url: {b}}}]"])
+    with pytest.raises(ConfigError, match=r"data.url\[1\] .*weight must be > 0"):
+        load_config("clip_tiny", [f"data.url=[{{url: {a}, eval: true}}, {{url: {b}, weight: 0}}]"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from tbps.config import load_config
+from tbps.config import ConfigError, load_config
 from tbps.data import load_tokenizer
 from tbps.methods import TextSpec, create_method
 from tbps.models import WeightLoadError
@@ -412,3 +412,43 @@ def test_zero_shot_evaluation_with_saved_embeddings(ref, tmp_path, synth_tiny):
     assert emb["text_emb"].shape[0] == manifest["splits"]["test"]["captions"]
     assert np.allclose(np.linalg.norm(emb["image_emb"], axis=1), 1, atol=1e-5)
     assert all(p.startswith("synth/") for p in emb["image_path"]) and all(isinstance(c, str) for c in emb["caption"])
+
+
+def test_a_tbps_checkpoint_starts_a_fine_tuning_run(tmp_path, synth_tiny):
+    """model.pretrained=<run>/best: pretrain, then fine-tune. Every weight but the ID classifier (the pretraining
+    data's identities) comes from the checkpoint, with its architecture; another method or image size is refused."""
+    from tbps.checkpoint import write_model_dir
+    from tbps.config import dump_yaml
+    from tbps.methods import build_method
+
+    tok_dir = os.path.join(synth_tiny, "tokenizer")
+    pre = load_config("irra_tiny", [f"data.url={synth_tiny}", f"data.tokenizer={tok_dir}", "method.cross_layers=2"])
+    text = TextSpec.from_tokenizer(load_tokenizer(tok_dir), pre.data.text_length)
+    torch.manual_seed(1)
+    trained = build_method(pre, text, 40)
+    write_model_dir(str(tmp_path / "best"), trained.state_dict(), dump_yaml(pre), {"epoch": 3, "num_classes": 40})
+
+    fine = load_config("irra_tiny", [f"data.url={synth_tiny}", f"data.tokenizer={tok_dir}",
+                                     f"model.pretrained={tmp_path / 'best'}", "model.drop_path=0.1"])
+    logs = []
+    method = create_method(fine, text, 7, log=logs.append)
+    assert fine.method.cross_layers == 2 and fine.model.drop_path == 0.1  # its architecture, this run's regulariser
+    got, want = method.state_dict(), trained.state_dict()
+    for k, v in got.items():
+        if k.startswith("classifier."):
+            assert v.shape[0] == 7
+        else:
+            assert torch.equal(v, want[k]), k
+    assert any("tbps irra checkpoint" in line for line in logs)
+    # a run without the MLM term leaves IRRA's cross-modal encoder out, and says so
+    no_mlm = load_config("irra_tiny", [f"data.url={synth_tiny}", f"data.tokenizer={tok_dir}",
+                                       f"model.pretrained={tmp_path / 'best'}",
+                                       "method.losses=[{name: sdm, weight: 1}]"])
+    logs.clear()
+    create_method(no_mlm, text, 7, log=logs.append)
+    assert any("not used by this run's losses: cross" in line for line in logs), logs
+    with pytest.raises(ConfigError, match=r"holds a irra model: it starts irra runs only \(this run: method.name=clip"):
+        create_method(load_config("clip_tiny", [f"model.pretrained={tmp_path / 'best'}"]), text, 7, log=None)
+    with pytest.raises(ConfigError, match=r"trained at data.image_size \[96, 32\]"):
+        create_method(load_config("irra_tiny", [f"model.pretrained={tmp_path / 'best'}", "data.image_size=[64, 32]"]),
+                      text, 7, log=None)

@@ -200,7 +200,7 @@ class ShardCheck:
 
     def __init__(self, url: str, shards: list[dict], on_bad: str = "error"):
         check_on_bad_shard(on_bad)
-        self.expected = {join(url, s["name"]): s for s in shards}
+        self.expected = {s.get("url") or join(url, s["name"]): s for s in shards}
         self.on_bad = on_bad
         self.skipped: list[str] = []
 
@@ -306,13 +306,66 @@ def _decode_image(sample: dict, target_hw: tuple[int, int] | None = None) -> Ima
     raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
 
 
+class Mixture:
+    """The train split of a mixture of datasets (``data.url: [{url, weight, eval}, ...]``, kept in ``data.mix``).
+
+    Each epoch, member i contributes ``weight_i / sum(weights)`` of the epoch's units (images, or pairs with
+    ``data.sampling=pairs``; the epoch holds as many units as all members together): its shards ``floor(f)`` times
+    plus a seeded subset of ``frac(f)`` of them, ``f`` = that share over the member's own share of the units.
+    Identities stay apart: person ids become ``pid * members + i`` and train ids are offset by the earlier members'
+    counts, so the ID classifier spans the union."""
+
+    def __init__(self, members, split: str):
+        self.members = list(members)
+        self.entries: list[list[dict]] = []
+        self.train_id_offsets: list[int] = []
+        offset = 0
+        for i, m in enumerate(self.members):
+            manifest = load_manifest(m.url)
+            shards = split_shards(manifest, split, m.url)
+            self.entries.append([{**e, "url": join(m.url, e["name"]), "member": i} for e in shards])
+            self.train_id_offsets.append(offset)
+            offset += int(manifest.get("num_train_ids", 0))
+        self.num_train_ids = offset
+        self.member_of = {e["url"]: e["member"] for entries in self.entries for e in entries}
+
+    def all_shards(self) -> list[dict]:
+        return [e for entries in self.entries for e in entries]
+
+    def epoch_shards(self, epoch: int, seed: int, weight: str = "samples") -> list[dict]:
+        sizes = [sum(e[weight] for e in entries) for entries in self.entries]
+        total, weights = sum(sizes), sum(m.weight for m in self.members)
+        out: list[dict] = []
+        for i, (entries, size, m) in enumerate(zip(self.entries, sizes, self.members)):
+            factor = (m.weight / weights) * total / max(size, 1)
+            whole = int(factor)
+            out += entries * whole
+            out += random.Random(f"{seed}-mix-{epoch}-{i}").sample(entries, round((factor - whole) * len(entries)))
+        return out
+
+    def relabel(self, url: str, pid: int, train_id: int) -> tuple[int, int]:
+        i = self.member_of.get(url)
+        if i is None:
+            return pid, train_id
+        return pid * len(self.members) + i, (train_id + self.train_id_offsets[i] if train_id >= 0 else -1)
+
+
+def num_train_ids(cfg, manifest: dict) -> int:
+    """Identities the ID classifier spans: the dataset's train ids, or the union of a mixture's (``cfg``: the
+    DataConfig; ``manifest``: ``data.url``'s)."""
+    if cfg.mix:
+        return Mixture(cfg.mix, cfg.train_split).num_train_ids
+    return int(manifest["num_train_ids"])
+
+
 class ShardStream(IterableDataset):
     """Batches of one split for one rank; each DataLoader worker streams its own shards."""
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, needs: DataNeeds | None = None,
                  rank: int = 0, world_size: int = 1, train: bool = True):
         self.url, self.split, self.cfg, self.tokenizer = url, split, cfg, tokenizer
-        self.shards = split_shards(manifest, split, url)
+        self.mixture = Mixture(cfg.mix, split) if train and cfg.mix else None
+        self.shards = self.mixture.all_shards() if self.mixture else split_shards(manifest, split, url)
         self.needs = needs or DataNeeds()
         self.rank, self.world_size, self.train = rank, world_size, train
         self.weight = sampling_weight(cfg.sampling, train)
@@ -333,12 +386,19 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_shards(self) -> list[dict]:
+        """This epoch's shards: the split's, or a mixture's draw for the epoch."""
+        if self.mixture:
+            return self.mixture.epoch_shards(self.epoch, self.cfg.seed, self.weight)
+        return self.shards
+
     def assignment(self):
-        return assign_shards(self.shards, self.world_size, self.num_workers, self.epoch, self.cfg.seed, self.weight)
+        return assign_shards(self.epoch_shards(), self.world_size, self.num_workers, self.epoch, self.cfg.seed,
+                             self.weight)
 
     def num_batches(self) -> int:
         if self.train:
-            return train_batches(self.shards, self.cfg, self.world_size, self.num_workers, self.epoch)
+            return train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch)
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
@@ -350,9 +410,11 @@ class ShardStream(IterableDataset):
         index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
         caption = meta["captions"][index]
         image = resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation) if decode else None
-        out = {"image": image, "caption": caption, "caption_index": index,
-               "pid": meta["pid"], "train_id": meta.get("train_id", -1), "key": sample["__key__"],
-               "shard": os.path.basename(str(sample.get("__url__", "")))}
+        pid, train_id = meta["pid"], meta.get("train_id", -1)
+        if self.mixture:  # identities of different members kept apart
+            pid, train_id = self.mixture.relabel(sample.get("__url__"), pid, train_id)
+        out = {"image": image, "caption": caption, "caption_index": index, "pid": pid, "train_id": train_id,
+               "key": sample["__key__"], "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
             attributes = meta.get("caption_attributes")
             out["mla"] = mla_texts(caption, rng, attributes[index] if attributes else None)
@@ -406,7 +468,7 @@ class ShardStream(IterableDataset):
         mine = self.assignment()[self.rank][worker] if info or self.num_workers == 1 else \
             [s for w in self.assignment()[self.rank] for s in w]
         rng = random.Random(_seed_int(self.cfg.seed, self.epoch, self.rank, worker))
-        urls = [join(self.url, s["name"]) for s in mine]
+        urls = [s.get("url") or join(self.url, s["name"]) for s in mine]
         check = ShardCheck(self.url, mine, self.cfg.on_bad_shard)
         skip = self.skip[worker] if self.skip else 0
         batches = self._identity_batches(urls, worker, rng, check, skip) if self.identity else \

@@ -29,7 +29,7 @@ def preflight(cfg: Config) -> dict:
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
-    from tbps.data.stream import check_pair_counts, sampling_weight, split_shards, train_batches
+    from tbps.data.stream import Mixture, check_pair_counts, sampling_weight, split_shards, train_batches
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.loop import tokenizer_path
 
@@ -75,9 +75,17 @@ def preflight(cfg: Config) -> dict:
                 if key == "val_split" else ""
             raise ConfigError(f"data.{key}: split {split!r} not in {cfg.data.url} (has "
                               f"{', '.join(manifest['splits'])}){hint}")
-    shards = split_shards(manifest, cfg.data.train_split)
     workers = max(1, cfg.data.loader_workers)
     weight = sampling_weight(cfg.data.sampling)
+    shards = split_shards(manifest, cfg.data.train_split)
+    if cfg.data.mix:  # every member's train split; the batch check below on the mixture's first epoch
+        for i, member in enumerate(cfg.data.mix):
+            try:
+                if cfg.data.train_split not in load_manifest(member.url)["splits"]:
+                    raise ValueError(f"split {cfg.data.train_split!r} not in {member.url}")
+            except (FileNotFoundError, OSError, ValueError) as e:
+                raise ConfigError(f"data.url[{i}]: {e}") from None
+        shards = Mixture(cfg.data.mix, cfg.data.train_split).epoch_shards(0, cfg.data.seed, weight)
     if weight == "captions":
         try:
             check_pair_counts(shards, cfg.data.url)

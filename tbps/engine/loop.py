@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tbps.checkpoint import load_model_state, write_model_dir
 from tbps.config import Config, dump_yaml
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
+from tbps.data.stream import num_train_ids
 from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
@@ -171,8 +172,9 @@ class TrainRun:
 
         self.tok = load_tokenizer(tokenizer_path(cfg))
         self.manifest = manifest = load_manifest(cfg.data.url)
+        self.num_classes = num_train_ids(cfg.data, manifest)  # a mixture's: the union of its members' identities
         text = TextSpec.from_tokenizer(self.tok, cfg.data.text_length)
-        method = create_method(cfg, text, manifest["num_train_ids"], log=self.log)  # fits cfg.model to pretrained
+        method = create_method(cfg, text, self.num_classes, log=self.log)  # fits cfg.model to pretrained
         if cfg.train.activation_checkpointing:
             switched = method.set_activation_checkpointing(True)
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
@@ -197,7 +199,7 @@ class TrainRun:
         # evaluation: under autocast in the training precision on GPUs (bf16-autocast included)
         self.autocast = (torch.bfloat16 if precision == "bf16-autocast" else self.dtype) if cfg.train.use_gpu else None
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
-        self.eval_model = build_method(cfg, text, manifest["num_train_ids"]).to(device)
+        self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
             method.compile_step()
             self.eval_model.compile_encoders()
@@ -356,7 +358,7 @@ class TrainRun:
         of a run can be evaluated the same way. Not a new best/, not a metrics.json line."""
         state = full_state_dict(self.engine, self.cfg.train.zero_stage)
         meta = {"epoch": epoch, "step": self.global_step, "method": self.cfg.method.name,
-                "num_classes": self.manifest["num_train_ids"], "mid_epoch": epoch + 1,
+                "num_classes": self.num_classes, "mid_epoch": epoch + 1,
                 "batches_done": batches_done}
         with tempfile.TemporaryDirectory() as tmp:
             # the engine's client state is rank 0's; each rank's data position and loss sums go in a file of its own
@@ -404,7 +406,7 @@ class TrainRun:
         metrics.update({f"best_val_{metric}": self.best, "best_epoch": self.best_epoch})
         self.history.append(dict(metrics))
         meta = {"epoch": epoch + 1, "step": self.global_step, "metrics": metrics, "method": cfg.method.name,
-                "num_classes": self.manifest["num_train_ids"]}
+                "num_classes": self.num_classes}
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,

@@ -236,9 +236,85 @@ def _summarise(keys: list[str]) -> str:
     return ", ".join(heads)
 
 
+# ------------------------------------------------------------------------------------------------------ tbps
+@dataclass
+class TbpsCheckpoint:
+    """A tbps model directory (a run's ``best/`` or ``checkpoint_*``) as a starting point: pretrain on a corpus,
+    then fine-tune (``model.pretrained=<run>/best``). ``config``: the saved ``tbps.config.Config``."""
+
+    state: dict[str, torch.Tensor]
+    config: object
+    source: str
+    format: str = "tbps"
+
+
+def is_tbps_checkpoint(url: str) -> bool:
+    from shards.storage import filesystem, join
+
+    fs, _ = filesystem(url)
+    return all(fs.exists(filesystem(join(url, f))[1]) for f in ("model.pt", "config.yaml", "meta.json"))
+
+
+def read_tbps_checkpoint(url: str) -> TbpsCheckpoint:
+    from shards.storage import join
+    from tbps.checkpoint import load_model_state, read_text
+    from tbps.config import saved_config
+
+    cfg = saved_config(yaml.safe_load(read_text(join(url, "config.yaml"))), join(url, "config.yaml"))
+    return TbpsCheckpoint(load_model_state(url), cfg, url)
+
+
+# the architecture: taken from the checkpoint's config (regularisers such as drop_path stay this run's)
+MODEL_ARCH = ("activation", "image_tower", "image_overrides", "patch_stride", "image_pool", "text_tower", "text_pool",
+              "text_width", "text_layers", "text_heads", "embed_dim", "shared_width", "shared_layers", "shared_heads")
+METHOD_ARCH = {"irra": ("cross_layers", "cross_heads"), "pcc": ("num_parts", "decoder_layers")}
+
+
+def fit_tbps_config(cfg, ckpt: TbpsCheckpoint, text: TextSpec) -> str:
+    saved = ckpt.config
+    if saved.method.name != cfg.method.name:
+        raise ConfigError(f"model.pretrained: {ckpt.source} holds a {saved.method.name} model: it starts "
+                          f"{saved.method.name} runs only (this run: method.name={cfg.method.name})")
+    if list(saved.data.image_size) != list(cfg.data.image_size):
+        raise ConfigError(f"model.pretrained: {ckpt.source} was trained at data.image_size {saved.data.image_size}; "
+                          f"this run has {cfg.data.image_size} (set it to the checkpoint's)")
+    embeddings = [v for k, v in ckpt.state.items() if k.endswith(("token_embedding.weight", "word_embeddings.weight"))]
+    if embeddings and embeddings[0].shape[0] != text.vocab_size:
+        raise ConfigError(f"model.pretrained: {ckpt.source} has a vocabulary of {embeddings[0].shape[0]} tokens, this "
+                          f"run's tokenizer {text.vocab_size}: set data.tokenizer={saved.data.tokenizer} (the "
+                          "checkpoint's)")
+    for key in MODEL_ARCH:
+        setattr(cfg.model, key, getattr(saved.model, key))
+    for key in METHOD_ARCH.get(cfg.method.name, ()):
+        setattr(cfg.method, key, getattr(saved.method, key))
+    cfg.model.image_pretrained = cfg.model.text_pretrained = ""  # every tower weight comes from the checkpoint
+    return f"tbps {saved.method.name} checkpoint {ckpt.source} (its architecture; the ID classifier starts fresh)"
+
+
+def load_tbps_checkpoint(method: Method, ckpt: TbpsCheckpoint, log=print) -> None:
+    """Every weight but the ID classifier (its identities are the pretraining data's): shapes must match; heads the
+    run does not have (e.g. IRRA's MLM head without mlm) are left out, named."""
+    own = method.state_dict()
+    state = {k: v for k, v in ckpt.state.items() if not k.startswith("classifier.")}
+    missing = [k for k in own if k not in state and not k.startswith("classifier.")]
+    if missing:
+        raise WeightLoadError(f"model.pretrained: {ckpt.source} lacks {len(missing)} weight(s) this model has: "
+                              f"{', '.join(missing[:8])}")
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise WeightLoadError(f"model.pretrained: shapes of {ckpt.source} differ: {'; '.join(shapes[:6])}")
+    unused = sorted({k.split(".")[0] for k in state if k not in own})
+    method.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if unused and log:
+        log(f"[tbps] model.pretrained: not used by this run's losses: {', '.join(unused)}")
+
+
 # ------------------------------------------------------------------------------------------------------ the entry
 def read_pretrained(url: str):
-    """A ``ClipCheckpoint``, an ``IrraRun`` or an ``IvtCheckpoint`` from ``model.pretrained``."""
+    """A ``ClipCheckpoint``, an ``IrraRun``, an ``IvtCheckpoint`` or a ``TbpsCheckpoint`` from ``model.pretrained``."""
+    if is_tbps_checkpoint(url):
+        return read_tbps_checkpoint(url)
     if is_irra_run(url):
         return read_irra_run(url)
     sd, fmt, activation, source = read_model_file(url)
@@ -252,6 +328,8 @@ def fit_config(cfg, checkpoint, text: TextSpec) -> str:
     the same model. Returns a one-line description."""
     if isinstance(checkpoint, IvtCheckpoint):
         return fit_ivt_config(cfg, checkpoint, text)
+    if isinstance(checkpoint, TbpsCheckpoint):
+        return fit_tbps_config(cfg, checkpoint, text)
     clip = checkpoint.clip if isinstance(checkpoint, IrraRun) else checkpoint
     a = clip.arch
     if cfg.model.text_tower != "clip":
@@ -277,13 +355,15 @@ def fit_config(cfg, checkpoint, text: TextSpec) -> str:
             f"text {a.text_width}x{a.text_layers}, embedding {a.embed_dim}, {m.activation})")
 
 
-def load_weights(method: Method, cfg, checkpoint=None) -> None:
+def load_weights(method: Method, cfg, checkpoint=None, log=print) -> None:
     """Load ``checkpoint`` (from ``read_pretrained``) and the tower checkpoints of ``cfg.model`` into a built method:
     the towers after a CLIP checkpoint, before an IVT one (the official IVT order)."""
     towers = cfg.model.image_pretrained or cfg.model.text_pretrained
     if towers and isinstance(checkpoint, IvtCheckpoint):
         method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
-    if checkpoint is not None:
+    if isinstance(checkpoint, TbpsCheckpoint):
+        load_tbps_checkpoint(method, checkpoint, log)
+    elif checkpoint is not None:
         method.load_pretrained(checkpoint)
     if towers and not isinstance(checkpoint, IvtCheckpoint):
         method.load_tower_weights(cfg.model.image_pretrained, cfg.model.text_pretrained)
@@ -298,5 +378,5 @@ def create_method(cfg, text: TextSpec, num_classes: int, log=print, checkpoint=N
         if log:
             log(f"[tbps] model.pretrained: {description}")
     method = build_method(cfg, text, num_classes)
-    load_weights(method, cfg, checkpoint)
+    load_weights(method, cfg, checkpoint, log)
     return method
