@@ -310,6 +310,8 @@ class TrainConfig:
     ray_num_cpus: int = 0  # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
     worker_niceness: int = 0  # nice value of the Train worker processes (Ray starts workers at 15), 0-19
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # train these seeds concurrently, one run each (<run_name>-seed<s>,
+    # train.seed and data.seed = s), and summarise them: mean ± std and a 95 % interval (<run_name>/seeds.md)
 
     def worker_range(self) -> tuple[int, int]:
         """(min, max) Ray Train workers: equal for a fixed ``num_workers``."""

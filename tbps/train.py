@@ -72,6 +72,8 @@ def _train(args) -> int:
                 print("[tbps] no --config and no data.url: running the embedded demo", file=sys.stderr)
                 overrides = demo_overrides() + overrides
         cfg = load_config(config, overrides)
+        if cfg.train.seeds:
+            return _train_seeds(cfg, args.verbose)
         from tbps.engine.launcher import fit
 
         result = fit(cfg, verbose=args.verbose)
@@ -88,6 +90,36 @@ def _train(args) -> int:
     print("\n" + final_table(read_run_metrics(cfg)))
     print(f"\nrun outputs: {cfg.train.storage_path}/{cfg.train.run_name} (metrics.json, best/, tensorboard/)")
     return 0
+
+
+def _train_seeds(cfg, verbose: bool) -> int:
+    """train.seeds: the runs concurrently, then their summary (tbps/seeds.py) in <run>/seeds.json and seeds.md."""
+    import json
+
+    from shards.storage import filesystem, join, read_json, write_bytes_atomic
+    from tbps.engine.launcher import fit_seeds, seed_configs
+    from tbps.seeds import aggregate, markdown
+
+    errors = fit_seeds(cfg, verbose=verbose)
+    failed = {s: e for s, e in errors.items() if e}
+    for seed, error in failed.items():
+        print(f"error: seed {seed} failed: {error.splitlines()[0] if error else error}", file=sys.stderr)
+    runs = {}
+    for seed, c in seed_configs(cfg).items():
+        if seed not in failed:
+            runs[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
+    if not runs:
+        return 1
+    summary = aggregate(runs)
+    text = markdown(summary, f"{cfg.train.run_name}: {cfg.method.name}, seeds {', '.join(map(str, runs))}")
+    out = join(cfg.train.storage_path, cfg.train.run_name)
+    fs, root = filesystem(out)
+    fs.makedirs(root, exist_ok=True)
+    write_bytes_atomic(fs, f"{root}/seeds.json", json.dumps(summary, indent=1).encode())
+    write_bytes_atomic(fs, f"{root}/seeds.md", text.encode())
+    print("\n" + text)
+    print(f"summary: {out}/seeds.md, seeds.json; runs: {', '.join(f'{out}-seed{s}' for s in runs)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def ensure_ray(cfg: Config, console: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, **quiet)
     else:
-        need = cfg.train.worker_range()[1] * cfg.train.cpus_per_worker + 2
+        need = max(1, len(cfg.train.seeds)) * (cfg.train.worker_range()[1] * cfg.train.cpus_per_worker + 1) + 1
         num_cpus = cfg.train.ray_num_cpus or max(os.cpu_count() or 1, need)
         env = forwarded_env()
         context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -170,9 +170,10 @@ def worker_runtime_env(cfg: Config) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(cfg.train.worker_niceness)}}
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None, progress: str = "lines"):
+def build_trainer(cfg: Config, callbacks: list | None = None, progress: str = "lines", label: str = ""):
     """The TorchTrainer of one run. ``progress``: how rank 0 reports training progress -- ``lines`` (a [tbps] line
-    every train.log_every steps) or ``events`` (the same, as events ``tbps.engine.console`` renders)."""
+    every train.log_every steps) or ``events`` (the same, as events ``tbps.engine.console`` renders); ``label``
+    names the run in its lines (``[tbps seed 1] …``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -185,7 +186,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None, progress: str = "l
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "progress": progress},
+        train_loop_config={"config": to_dict(cfg), "progress": progress, "label": label},
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -214,3 +215,57 @@ def fit(cfg: Config, verbose: bool = True):
 
             if installed():
                 installed().close()
+
+
+def seed_configs(cfg: Config) -> dict[int, Config]:
+    """``train.seeds``: one config per seed (``<run_name>-seed<s>``; ``train.seed`` and ``data.seed`` = s)."""
+    import copy
+
+    if len(set(cfg.train.seeds)) != len(cfg.train.seeds):
+        raise ConfigError(f"train.seeds lists a seed twice: {cfg.train.seeds}")
+    out = {}
+    for seed in cfg.train.seeds:
+        c = copy.deepcopy(cfg)
+        c.train.seeds, c.train.seed, c.data.seed = [], seed, seed
+        c.train.run_name = f"{cfg.train.run_name}-seed{seed}"
+        out[seed] = c
+    return out
+
+
+def fit_seeds(cfg: Config, verbose: bool = True) -> dict[int, str | None]:
+    """Train ``train.seeds`` concurrently (each run's driver a Ray task, as Tune runs trials; Ray queues what the
+    cluster cannot hold at once). Returns seed -> None, or the run's error."""
+    import ray
+
+    from tbps.engine.lease import DriverLease
+
+    cfg.train.storage_path = storage_path(cfg)
+    runs = seed_configs(cfg)
+    for c in runs.values():
+        preflight(c)
+    leases = []
+    try:
+        for c in runs.values():
+            leases.append(DriverLease(c.train.storage_path, c.train.run_name).acquire())
+        ensure_ray(cfg, console=None if verbose else "none")
+        print(f"[tbps] seeds {cfg.train.seeds}: runs {', '.join(c.train.run_name for c in runs.values())} under "
+              f"{cfg.train.storage_path}", file=sys.stderr)
+
+        @ray.remote(num_cpus=0)
+        def run(config: dict, progress: str, label: str) -> str | None:
+            from tbps.config import Config as _Config, from_dict
+
+            result = build_trainer(from_dict(_Config, config), progress=progress, label=label).fit()
+            return None if result.error is None else str(result.error)
+        progress = "lines" if verbose else "events"  # the console drops the events of concurrent runs
+        refs = {seed: run.remote(to_dict(c), progress, f"seed {seed}") for seed, c in runs.items()}
+        out = {}
+        for seed, ref in refs.items():
+            try:
+                out[seed] = ray.get(ref)
+            except Exception as e:  # the task itself failed
+                out[seed] = str(e)
+        return out
+    finally:
+        for lease in leases:
+            lease.release()

@@ -159,12 +159,12 @@ class TrainRun:
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device, report: Report,
                  node_id: str = "", on_batch: Callable[[int, int, dict], None] | None = None,
-                 progress: str = "lines"):
-        """``progress``: rank 0's report every train.log_every steps -- ``lines`` (plain [tbps] lines) or ``events``
+                 progress: str = "lines", label: str = ""):
+        """``label``: names the run in its lines (``[tbps seed 1] …``, several runs in one output). ``progress``: rank 0's report every train.log_every steps -- ``lines`` (plain [tbps] lines) or ``events``
         (``tbps.engine.console.progress_line``, rendered by the driver's console as a progress bar)."""
         if progress not in ("lines", "events"):
             raise ValueError(f"progress must be lines or events, got {progress!r}")
-        self.progress = progress
+        self.progress, self.label = progress, label
         cfg.data.tokenizer = tokenizer_path(cfg)  # saved explicitly, so checkpoints stay usable with other data URLs
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.report, self.node_id, self.on_batch = report, node_id, on_batch
@@ -225,6 +225,8 @@ class TrainRun:
         # Ray Train V2 patches print() in workers to tee into both stdout and the root logger (every line twice in
         # the driver's output): write the progress line once, directly
         if self.rank == 0:
+            if self.label:
+                message = message.replace("[tbps]", f"[tbps {self.label}]", 1)
             sys.stdout.write(message + "\n")
             sys.stdout.flush()
 

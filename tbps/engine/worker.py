@@ -26,7 +26,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     run = TrainRun(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, report,
-                   node_id=ray.get_runtime_context().get_node_id(), progress=loop_config.get("progress", "lines"))
+                   node_id=ray.get_runtime_context().get_node_id(), progress=loop_config.get("progress", "lines"),
+                   label=loop_config.get("label", ""))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
