@@ -136,9 +136,18 @@ def test_ray_job_submit_runs_a_sweep(ray_head, synth_tiny, tmp_path):
     storage = tmp_path / "sweeps"
     out = _submit(ray_head, "python", "-m", "tune.sweep", "--config", "smoke", f"data_url={synth_tiny}",
                   f"storage_path={storage}", "name=submitted", "num_samples=2", "train.epochs=1",
-                  "train.max_steps_per_epoch=2")
+                  "train.max_steps_per_epoch=2", "seeds=2", "train.num_workers=1")
     assert "2 trials over irra, pcc" in out
-    table = open(storage / "submitted" / "results.md").read()
+    # seeds=2: each method's best configuration trained again with 2 seeds, all 4 runs at once; mean ± std and the
+    # 95 % interval in results.md, best.yaml chosen by the mean
+    seeds = json.loads((storage / "submitted" / "seeds" / "irra-seed1" / "metrics.json").read_text())
+    assert seeds["history"][-1]["epoch"] == 1 and "test" in seeds
+    section = open(storage / "submitted" / "results.md").read().split("## Seeds")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| irra") or line.startswith("| pcc")]
+    assert len(rows) == 2, section
+    assert all(re.search(r"\d+\.\d\d ± \d+\.\d\d \[", r) and r.endswith("| 2 |") for r in rows), section
+    assert "# Chosen by the mean over 2 seeds" in open(storage / "submitted" / "best.yaml").read()
+    table = open(storage / "submitted" / "results.md").read().split("## Seeds")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     assert len(rows) == 2 and {r.split("|")[3].strip() for r in rows} == {"irra", "pcc"}, table
     assert all("completed" in r or "stopped early (ASHA)" in r for r in rows), table

@@ -128,6 +128,36 @@ def table(spec: SweepSpec, trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(spec: SweepSpec, seeds: dict) -> str:
+    """Each method's best configuration over ``spec.seeds`` seeds: mean ± std and the 95 % interval of the mean."""
+    m = spec.metric
+    lines = [f"## Seeds: each method's best configuration trained again with {spec.seeds} seeds",
+             "", "Mean ± sample std; [95 % interval of the mean] (Student's t).", "",
+             f"| method | trial | params | val {m} | test R1 | test mAP | seeds |", "|---|---|---|---|---|---|---|"]
+    for method, entry in _by_mean(spec, seeds):
+        t, summary = entry["trial"], entry["summary"]
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items())) or "(preset)"
+
+        def cell(part, key):
+            x = (summary or {}).get(part, {}).get(key)
+            if not x:
+                return "—"
+            return f"{x['mean']:.2f} ± {x['std']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]"
+        n = len(summary["seeds"]) if summary else 0
+        failed = f", {len(entry['errors'])} failed" if entry["errors"] else ""
+        lines.append(f"| {method} | {t.trial_id} | {params} | {cell('val', m)} | {cell('test', 'R1')} | "
+                     f"{cell('test', 'mAP')} | {n}{failed} |")
+    return "\n".join(lines)
+
+
+def _by_mean(spec: SweepSpec, seeds: dict) -> list:
+    """Methods by the mean val metric of their seeds, best first (methods without one last)."""
+    def mean(entry):
+        x = (entry["summary"] or {}).get("val", {}).get(spec.metric)
+        return x["mean"] if x else -math.inf
+    return sorted(seeds.items(), key=lambda kv: -mean(kv[1]))
+
+
 def csv_text(trials: list[Trial]) -> str:
     keys = sorted({k for t in trials for k in t.params})
     buf = io.StringIO()
@@ -142,19 +172,26 @@ def csv_text(trials: list[Trial]) -> str:
     return buf.getvalue()
 
 
-def best_config_yaml(spec: SweepSpec, best: Trial) -> str:
+def best_config_yaml(spec: SweepSpec, best: Trial, seeds: dict | None = None) -> str:
     cfg = spec.base_config(best.method, best.params)
     cfg.train.run_name = f"{spec.name}-best"
     cfg.train.storage_path = spec.storage_path
+    chosen = ""
+    if seeds and seeds.get(best.method, {}).get("summary"):
+        x = seeds[best.method]["summary"]["val"].get(spec.metric)
+        if x:
+            chosen = (f"# Chosen by the mean over {len(x['values'])} seeds: val {spec.metric} {x['mean']:.2f} ± "
+                      f"{x['std']:.2f}, 95 % interval [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}].\n")
     head = (f"# Best trial of sweep {spec.name!r} ({best.trial_id}): {best.method}, val {spec.metric} "
-            f"{_fmt(best.metric)} after {best.epochs_run} epochs.\n"
+            f"{_fmt(best.metric)} after {best.epochs_run} epochs.\n" + chosen +
             f"# Sampled: {', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or '(preset)'}\n"
             f"# Run it: python -m tbps.train --config best.yaml   (train.epochs etc. may be raised for a full run)\n")
     return head + dump_yaml(cfg)
 
 
-def plot(spec: SweepSpec, trials: list[Trial], path: str) -> None:
-    """Metric against each sampled parameter, one row per method; stopped trials hollow."""
+def plot(spec: SweepSpec, trials: list[Trial], path: str, seeds: dict | None = None) -> None:
+    """Metric against each sampled parameter, one row per method; stopped trials hollow; with ``seeds``, each
+    method's best configuration as its seeds' mean with the 95 % interval (red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +218,12 @@ def plot(spec: SweepSpec, trials: list[Trial], path: str) -> None:
                     xs, ys = zip(*pts)
                     ax.scatter(xs, ys, s=28, facecolors="none" if stopped else "C0", edgecolors="C0",
                                label="stopped early" if stopped else "completed")
+            confirmed = (seeds or {}).get(m)
+            x = (confirmed["summary"] or {}).get("val", {}).get(spec.metric) if confirmed else None
+            if x and isinstance(confirmed["trial"].params.get(key), (int, float)) and x["n"] > 1:
+                ax.errorbar([confirmed["trial"].params[key]], [x["mean"]], yerr=[[x["mean"] - x["ci95"][0]],
+                                                                                  [x["ci95"][1] - x["mean"]]],
+                            fmt="D", color="C3", capsize=3, label=f"{x['n']} seeds: mean, 95 % interval")
             if isinstance(dist, dict) and set(dist) & {"uniform", "loguniform", "int"}:
                 (kind, (lo, hi)), = dist.items()
                 if kind == "loguniform":
@@ -205,8 +248,9 @@ def plot(spec: SweepSpec, trials: list[Trial], path: str) -> None:
     plt.close(fig)
 
 
-def summarize(spec: SweepSpec, results) -> Report:
-    """Write results.md, results.csv, best.yaml and metric_vs_params.png under <storage>/<name>/."""
+def summarize(spec: SweepSpec, results, seeds: dict | None = None) -> Report:
+    """Write results.md, results.csv, best.yaml and metric_vs_params.png under <storage>/<name>/. ``seeds``
+    (``tune.sweep.confirm_with_seeds``): the seeds section, error bars, and best.yaml chosen by the seeds' mean."""
     from shards.storage import filesystem, join
 
     from tune.sweep import experiment_path
@@ -215,22 +259,30 @@ def summarize(spec: SweepSpec, results) -> Report:
     text = table(spec, trials)
     done = [t for t in trials if t.metric == t.metric]
     best = done[0] if done else None
+    if seeds:
+        text += "\n\n" + seeds_table(spec, seeds)
+        ranked = [e for _, e in _by_mean(spec, seeds) if e["summary"]]
+        if ranked:
+            best = ranked[0]["trial"]
     out = experiment_path(spec)
     fs, root = filesystem(out)
     files = {"results.md": f"# Sweep {spec.name}\n\n{text}\n", "results.csv": csv_text(trials)}
     if best:
-        files["best.yaml"] = best_config_yaml(spec, best)
+        files["best.yaml"] = best_config_yaml(spec, best, seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for name, body in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(body)
         if trials:
-            plot(spec, trials, os.path.join(tmp, "metric_vs_params.png"))
+            plot(spec, trials, os.path.join(tmp, "metric_vs_params.png"), seeds)
         fs.makedirs(root, exist_ok=True)
         for name in os.listdir(tmp):
             fs.put(os.path.join(tmp, name), f"{root}/{name}")
     best_line = (f"{best.trial_id} {best.method} val {spec.metric} {_fmt(best.metric)} "
                  f"({', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or 'preset'})"
                  if best else "no trial reported a val metric")
+    x = ((seeds or {}).get(best.method, {}).get("summary") or {}).get("val", {}).get(spec.metric) if best else None
+    if x:
+        best_line += f"; over {x['n']} seeds val {spec.metric} {x['mean']:.2f} ± {x['std']:.2f}"
     return Report(trials, text, best, best_line, out, join(out, "best.yaml") if best else "",
                   sum(t.status == "unfinished" for t in trials))

@@ -79,6 +79,8 @@ class SweepFile:
     resources: ResourcesFields = field(default_factory=ResourcesFields)
     max_concurrent: int = 0  # 0 = derived from resources
     driver_cpus: float = 1.0  # CPU held by each trial's driver (the Tune function that runs the TorchTrainer)
+    seeds: int = 1  # > 1: after the search, each method's best configuration is trained again with this many seeds
+    # (concurrently); results.md, the plot and best.yaml's choice then use their mean ± std and 95 % interval
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +109,7 @@ class SweepSpec:
     gpus: float
     max_concurrent: int
     driver_cpus: float
+    seeds: int
     overrides: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, MethodSpace] = field(default_factory=dict)
     source: str = "<sweep>"
@@ -280,15 +283,17 @@ def _build(tree: dict, source: str) -> SweepSpec:
     spec = SweepSpec(name=f.name, storage_path=f.storage_path, data_url=f.data_url, metric=f.metric,
                      num_samples=f.num_samples, seed=f.seed, grace_period=f.scheduler.grace_period,
                      reduction_factor=f.scheduler.reduction_factor, cpus=f.resources.cpus, gpus=f.resources.gpus,
-                     max_concurrent=f.max_concurrent, driver_cpus=f.driver_cpus, source=source)
+                     max_concurrent=f.max_concurrent, driver_cpus=f.driver_cpus, seeds=f.seeds, source=source)
     for key in ("num_samples", "seed", "max_concurrent", "grace_period", "reduction_factor", "cpus", "gpus",
-                "driver_cpus"):
+                "driver_cpus", "seeds"):
         if getattr(spec, key) < 0:
             raise ConfigError(f"{source}: {key} must be non-negative, got {getattr(spec, key)!r}")
     if spec.metric not in METRICS:
         raise ConfigError(f"{source}: metric must be one of {', '.join(METRICS)}, got {spec.metric!r}")
     if spec.num_samples < 1:
         raise ConfigError(f"{source}: num_samples must be at least 1")
+    if spec.seeds < 1:
+        raise ConfigError(f"{source}: seeds must be at least 1")
     if spec.reduction_factor < 2:
         raise ConfigError(f"{source}: scheduler.reduction_factor must be at least 2")
     spec.overrides = dict(f.overrides)

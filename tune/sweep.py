@@ -9,7 +9,9 @@ full multi-worker Ray Train (DeepSpeed) run of tbps.
 resources.cpus, resources.gpus, scheduler.grace_period, ...) or, for any tbps config key, that key in every trial
 (train.num_workers=4). Re-running the same command resumes an interrupted sweep. Results land in
 <storage_path>/<name>/: results.md (trials sorted by the metric), results.csv, best.yaml (runs as is with
-``python -m tbps.train --config best.yaml``) and metric_vs_params.png.
+``python -m tbps.train --config best.yaml``) and metric_vs_params.png. ``seeds=N`` trains each method's best
+configuration again with N seeds after the search (``confirm_with_seeds``): results.md then reports mean ± std and
+the 95 % interval per method and configuration, the plot marks them, and best.yaml takes the best mean.
 """
 
 from __future__ import annotations
@@ -40,6 +42,46 @@ def run_trial(config: dict, spec: dict, progress: str = "lines") -> None:
     cfg.train.storage_path = runs_path(sweep)
     trainer = build_trainer(cfg, callbacks=[TuneReportCallback()], progress=progress)
     trainer.fit()  # raises on failure: Tune marks the trial ERROR
+
+
+# ------------------------------------------------------------------------------------------------- seeds
+def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
+    """``seeds`` > 1: each method's best trial's configuration trained again with seeds 0..seeds-1, all runs at once
+    (runs ``<storage>/<name>/seeds/<method>-seed<s>``; a re-run of the command resumes them). Returns method ->
+    {"trial": Trial, "summary": tbps.seeds.aggregate of the runs, "errors": {seed: error}}."""
+    from shards.storage import join, read_json
+    from tbps.engine.launcher import fit_concurrently, seed_configs
+    from tbps.seeds import aggregate
+
+    best = {}
+    for t in trials:  # sorted by the metric: the first of each method is its best
+        if t.metric == t.metric and t.method not in best:
+            best[t.method] = t
+    runs, seeds_of = {}, {}
+    for method, t in best.items():
+        cfg = spec.base_config(method, t.params)
+        cfg.train.run_name = method
+        cfg.train.storage_path = join(experiment_path(spec), "seeds")
+        cfg.train.seeds = list(range(spec.seeds))
+        for seed, c in seed_configs(cfg).items():
+            runs[f"{method} seed {seed}"] = c
+            seeds_of[f"{method} seed {seed}"] = (method, seed)
+    print(f"[sweep] seeds: the best configuration of {', '.join(best)} with {spec.seeds} seeds each "
+          f"({len(runs)} runs)", file=sys.stderr)
+    errors = fit_concurrently(runs, verbose)
+    out = {}
+    for method, t in best.items():
+        metrics, failed = {}, {}
+        for label, (m, seed) in seeds_of.items():
+            if m != method:
+                continue
+            if errors[label]:
+                failed[seed] = errors[label].splitlines()[0]
+                continue
+            c = runs[label]
+            metrics[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
+        out[method] = {"trial": t, "summary": aggregate(metrics) if metrics else None, "errors": failed}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -191,12 +233,15 @@ def _sweep(args) -> int:
           file=sys.stderr)
     results = build_tuner(spec, concurrent, "lines" if args.verbose else "events").fit()
     report = summarize(spec, results)
-    print("\n" + report.table)
     finished = len(report.trials) - report.unfinished
     if finished < spec.num_samples:
+        print("\n" + report.table)
         print(f"\n[sweep] interrupted with {finished} of {spec.num_samples} trials finished: run the same command "
               f"again to resume", file=sys.stderr)
         return 130
+    if spec.seeds > 1:
+        report = summarize(spec, results, seeds=confirm_with_seeds(spec, report.trials, args.verbose))
+    print("\n" + report.table)
     print(f"\nbest: {report.best_line}\nresults: {report.outputs}\nrun the best config: "
           f"python -m tbps.train --config {report.best_yaml}")
     return 0

@@ -233,23 +233,30 @@ def seed_configs(cfg: Config) -> dict[int, Config]:
 
 
 def fit_seeds(cfg: Config, verbose: bool = True) -> dict[int, str | None]:
-    """Train ``train.seeds`` concurrently (each run's driver a Ray task, as Tune runs trials; Ray queues what the
-    cluster cannot hold at once). Returns seed -> None, or the run's error."""
+    """Train ``train.seeds`` concurrently. Returns seed -> None, or the run's error."""
+    cfg.train.storage_path = storage_path(cfg)
+    runs = seed_configs(cfg)
+    print(f"[tbps] seeds {cfg.train.seeds}: runs {', '.join(c.train.run_name for c in runs.values())} under "
+          f"{cfg.train.storage_path}", file=sys.stderr)
+    errors = fit_concurrently({f"seed {s}": c for s, c in runs.items()}, verbose, ensure=cfg)
+    return {s: errors[f"seed {s}"] for s in runs}
+
+
+def fit_concurrently(runs: dict[str, Config], verbose: bool = True, ensure: Config | None = None) -> dict:
+    """Train several runs at once, each run's driver a Ray task (as Tune runs trials; Ray queues what the cluster
+    cannot hold at once); each run's lines are named by its label. Returns label -> None, or the run's error."""
     import ray
 
     from tbps.engine.lease import DriverLease
 
-    cfg.train.storage_path = storage_path(cfg)
-    runs = seed_configs(cfg)
     for c in runs.values():
+        c.train.storage_path = storage_path(c)
         preflight(c)
     leases = []
     try:
         for c in runs.values():
             leases.append(DriverLease(c.train.storage_path, c.train.run_name).acquire())
-        ensure_ray(cfg, console=None if verbose else "none")
-        print(f"[tbps] seeds {cfg.train.seeds}: runs {', '.join(c.train.run_name for c in runs.values())} under "
-              f"{cfg.train.storage_path}", file=sys.stderr)
+        ensure_ray(ensure or next(iter(runs.values())), console=None if verbose else "none")
 
         @ray.remote(num_cpus=0)
         def run(config: dict, progress: str, label: str) -> str | None:
@@ -258,13 +265,13 @@ def fit_seeds(cfg: Config, verbose: bool = True) -> dict[int, str | None]:
             result = build_trainer(from_dict(_Config, config), progress=progress, label=label).fit()
             return None if result.error is None else str(result.error)
         progress = "lines" if verbose else "events"  # the console drops the events of concurrent runs
-        refs = {seed: run.remote(to_dict(c), progress, f"seed {seed}") for seed, c in runs.items()}
+        refs = {label: run.remote(to_dict(c), progress, label) for label, c in runs.items()}
         out = {}
-        for seed, ref in refs.items():
+        for label, ref in refs.items():
             try:
-                out[seed] = ray.get(ref)
+                out[label] = ray.get(ref)
             except Exception as e:  # the task itself failed
-                out[seed] = str(e)
+                out[label] = str(e)
         return out
     finally:
         for lease in leases:
