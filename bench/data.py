@@ -7,7 +7,8 @@ pad + crop, normalise, random erasing).
 
 Goal (issue #2): shards >= 1.5x the folder baseline per core; S3 within 10% of local disk. Issue #18: checking each
 shard's sha256 against the manifest while streaming costs <= 3 % (shards_local, verified as training reads, vs
-unverified_local).
+unverified_local). ``trainloader``: the whole training loader (TrainLoader: its round-robin, per-batch seeding,
+tokenisation, MLM masking, collation) in one process, on the same shards.
 """
 
 from __future__ import annotations
@@ -90,6 +91,25 @@ def time_shards(url: str, cfg, n: int, batch_size: int = 64, verify: bool = True
     return count / (time.perf_counter() - start)
 
 
+def time_trainloader(url: str, cfg, n: int, tokenizer) -> float:
+    """The whole training loader in one process (``data.loader_workers: 0``, so per core like the rows above):
+    ``TrainLoader``'s own round-robin and batch positions, per-batch seeded generators, shuffle buffer, tokenisation,
+    IRRA's MLM masking and collation, on top of the shard path."""
+    from tbps.data import DataNeeds, build_train_loader
+
+    loader = build_train_loader(cfg, tokenizer, DataNeeds(mlm_ratio=0.15))
+    count, epoch = 0, 0
+    start = time.perf_counter()
+    while count < n:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            count += len(batch["pids"])
+            if count >= n:
+                break
+        epoch += 1
+    return count / (time.perf_counter() - start)
+
+
 def start_moto():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,6 +142,15 @@ def main(argv=None) -> int:
     generate(out=shards, raw=raw, size=args.size, seed=0, progress=False)
     cfg = DataConfig(image_size=list(args.image_size))
     transform = build_transform(cfg, train=True)
+    from tbps.data import build_tokenizer, load_tokenizer
+
+    captions = [c for s in wds.DataPipeline(wds.SimpleShardList([join(shards, e["name"]) for e in
+                                                                  split_shards(load_manifest(shards), "train")]),
+                                            wds.tarfile_to_samples()) for c in json.loads(s["json"])["captions"]]
+    build_tokenizer(captions, os.path.join(shards, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(shards, "tokenizer"))
+    loader_cfg = DataConfig(url=shards, image_size=list(args.image_size), loader_workers=0, batch_size=64,
+                            sampling="images", text_length=48)
     target = tuple(args.image_size)
 
     moto = start_moto()
@@ -131,10 +160,11 @@ def main(argv=None) -> int:
 
         boto3.client("s3").create_bucket(Bucket="bench")
         s3fs.S3FileSystem(skip_instance_cache=True).put(shards + "/", "bench/shards/", recursive=True)
-        results = {"folder": [], "shards_local": [], "shards_s3": [], "unverified_local": []}
+        results = {"folder": [], "shards_local": [], "shards_s3": [], "unverified_local": [], "trainloader": []}
         for _ in range(args.repeats):  # interleaved, best of N: the same machine state for every contender
             results["folder"].append(time_folder(raw, transform, args.samples))
             results["shards_local"].append(time_shards(shards, cfg, args.samples))
+            results["trainloader"].append(time_trainloader(shards, loader_cfg, args.samples, tokenizer))
             results["unverified_local"].append(time_shards(shards, cfg, args.samples, verify=False))
             results["shards_s3"].append(time_shards("s3://bench/shards", cfg, args.samples))
     finally:
@@ -150,8 +180,10 @@ def main(argv=None) -> int:
           f"ToyPEDES {args.size}, decode+augment to {target[0]}x{target[1]}, {args.samples} samples, "
           f"best of {args.repeats}")
     print(f"{'reader':<16}{'samples/s/core':>16}{'vs folder':>11}")
-    for k in ("folder", "shards_local", "shards_s3", "unverified_local"):
+    for k in ("folder", "shards_local", "shards_s3", "unverified_local", "trainloader"):
         print(f"{k:<16}{best[k]:>16.0f}{best[k] / best['folder']:>10.2f}x")
+    print(f"TrainLoader (round-robin, seeded batches, tokenise, MLM, collate) vs the shard path: "
+          f"{best['trainloader'] / best['shards_local']:.2f}x")
     print(f"S3 vs local disk: {best['shards_s3'] / best['shards_local']:.2f}x")
     cost = 1 - best["shards_local"] / best["unverified_local"]
     print(f"sha256 check of every shard read: {100 * cost:.1f} % of local decode throughput (goal <= 3 %)")
