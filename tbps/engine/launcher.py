@@ -56,11 +56,11 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only), got "
                           f"{cfg.train.checkpoint_every_steps}")
     low, high = cfg.train.worker_range()
-    if low < high and cfg.train.zero_stage != 0:
-        raise ConfigError("elastic workers (train.num_workers=[min, max]) support ZeRO-0 so far: ZeRO-1/2/3 "
-                          "checkpoints partition the optimizer state per rank, and DeepSpeed reshards them only "
-                          "through a universal-checkpoint conversion tbps does not run yet; use train.zero_stage=0, "
-                          "or a fixed train.num_workers")
+    if low < high and cfg.train.zero_stage == 3:
+        raise ConfigError("elastic workers (train.num_workers=[min, max]) support ZeRO stages 0-2 (a ZeRO-1/2 "
+                          "checkpoint of another world size is resharded through DeepSpeed's universal checkpoint); "
+                          "ZeRO-3 partitions the weights too and is not resharded by tbps yet: use "
+                          "train.zero_stage=2, or a fixed train.num_workers")
     if not cfg.data.url:
         raise ConfigError("data.url is empty: give the dataset URL (a shards directory or s3://bucket/prefix); "
                           "run `python -m tbps.train` with no arguments for the built-in demo")

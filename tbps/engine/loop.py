@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -231,9 +232,42 @@ class TrainRun:
             sys.stdout.flush()
 
     # ----------------------------------------------------------------------------------------------- resume
+    def _load_engine(self, checkpoint_dir: str) -> dict:
+        """The engine's state from a checkpoint; returns the client state. A ZeRO-1/2 checkpoint saved by another
+        number of ranks (elastic workers) is resharded: DeepSpeed's universal-checkpoint conversion
+        (``deepspeed.checkpoint.ds_to_universal``) into a private folder, loaded with ``load_universal``."""
+        import glob
+
+        saved = len(glob.glob(os.path.join(checkpoint_dir, DS_TAG, "*_optim_states.pt")))
+        if self.cfg.train.zero_stage not in (1, 2) or saved in (0, self.world_size):
+            return self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)[1]
+        import contextlib
+        import io
+        import types
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        work = tempfile.mkdtemp(prefix="tbps-universal-")
+        try:
+            args = types.SimpleNamespace(input_folder=os.path.join(checkpoint_dir, DS_TAG),
+                                         output_folder=os.path.join(work, "universal"), num_extract_workers=1,
+                                         num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                         inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(args)  # its own progress lines stay out of the run's output
+            self.log(f"[tbps] ZeRO-{self.cfg.train.zero_stage} optimizer state of {saved} rank(s) resharded for "
+                     f"{self.world_size} (DeepSpeed universal checkpoint)")
+            self.engine._config.load_universal_checkpoint = True
+            try:
+                return self.engine.load_checkpoint(work, tag="universal")[1]
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def resume(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint this run reported: after its epoch, or, for a mid-epoch one, at its step."""
-        _, client = self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
+        client = self._load_engine(checkpoint_dir)
         self.global_step = client["step"]
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
         saved_world = client.get("world_size", self.world_size)
