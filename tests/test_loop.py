@@ -249,7 +249,7 @@ def _elastic_rest(rank, url, out_dir, stage):
                    "steps_per_epoch": run.steps_per_epoch, "final": final}, f)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [2])  # ZeRO-0's direct load is every other resume test's path
 def test_elastic_resume_on_fewer_workers(synth_tiny, tmp_path, stage):
     """#18 item 5 (the worker side): a mid-epoch checkpoint of 2 ranks resumes on 1 rank: the epoch restarts on the
     new world, the lr schedule is rebased to the new steps per epoch, the run finishes and metrics.json records the

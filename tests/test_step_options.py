@@ -81,7 +81,7 @@ def test_activation_checkpointing_lowers_activation_memory(name, synth_tiny):
     assert checkpointed < plain / 3, (checkpointed, plain)
 
 
-@pytest.mark.parametrize("name", ["clip", "irra"])
+@pytest.mark.parametrize("name", ["irra"])  # IRRA = the two-tower base CLIP is, plus its cross-modal encoder
 def test_compiled_step_equals_the_eager_step(name, synth_tiny):
     """train.compile (Method.compile_step, Method.compile_encoders): the compiled step's loss and gradients, and the
     compiled encoders' outputs, equal eager ones (CPU inductor; dropout off: compiled kernels draw their own masks)."""
