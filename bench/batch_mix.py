@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     base = sum(same_id_pairs(b) for b in glob) / len(glob)
     print(f"{len(train)} train images, {len(pair_pids)} pairs, {args.ids} identities, batch {args.batch}, "
           f"shuffle buffer {args.buffer}\n")
-    print(f"| stream | batches | same-identity pairs per batch | x global shuffle |\n|---|---|---|---|")
+    print("| stream | batches | same-identity pairs per batch | x global shuffle |\n|---|---|---|---|")
     for name, batches in rows.items():
         mean = sum(same_id_pairs(b) for b in batches) / len(batches)
         print(f"| {name} | {len(batches)} | {mean:.2f} | {mean / base:.2f} |")

@@ -287,6 +287,8 @@ class TrainConfig:
     num_workers: Union[int, list[int]] = 2  # Ray Train workers; [min, max] = elastic (Ray Train's elastic scaling):
     # the run goes on with fewer workers (at least min) when a node is lost and grows back to max when capacity
     # returns; the per-worker batch stays data.batch_size, so the global batch follows the world size (logged)
+    elastic_resize_interval_s: float = 60.0  # elastic workers: seconds between Ray Train's checks for capacity
+    # to grow back (ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts from the last checkpoint
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -324,6 +326,9 @@ class TrainConfig:
             raise ConfigError(f"train.num_workers: a number, or [min, max] for elastic workers; got {n!r}")
         if not 1 <= lo <= hi:
             raise ConfigError(f"train.num_workers must be >= 1 (and [min, max] with min <= max), got {n!r}")
+        if self.elastic_resize_interval_s <= 0:
+            raise ConfigError(f"train.elastic_resize_interval_s must be > 0 seconds, "
+                              f"got {self.elastic_resize_interval_s}")
         return lo, hi
 
 

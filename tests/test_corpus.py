@@ -36,7 +36,6 @@ def _images(folder, samples) -> list[str]:
 
 
 def _read(url: str) -> dict[str, list[dict]]:
-    from shards.storage import join
     from tbps.data import load_manifest
 
     manifest = load_manifest(url)

@@ -264,6 +264,8 @@ def test_elastic_resume_on_fewer_workers(synth_tiny, tmp_path, stage):
                                             "train.zero_stage=3"]))
     with pytest.raises(ConfigError, match="train.num_workers must be >= 1"):
         load_config("clip_tiny", ["train.num_workers=[2, 1]"]).train.worker_range()
+    with pytest.raises(ConfigError, match="train.elastic_resize_interval_s must be > 0"):
+        load_config("clip_tiny", ["train.num_workers=[1, 2]", "train.elastic_resize_interval_s=0"]).train.worker_range()
     run_ranks(_elastic_first, 2, synth_tiny, str(tmp_path), stage)
     first = json.load(open(tmp_path / "first0.json"))
     run_ranks(_elastic_rest, 1, synth_tiny, str(tmp_path), stage)

@@ -114,6 +114,17 @@ def _maybe_inject_fault(run: str, rank: int, epoch: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _maybe_hold(run: str, epoch: int) -> None:
+    """Fault-injection hook for the node-loss test: TBPS_FAULT_HOLD="run:epoch:path[,run:epoch:path...]" makes every
+    rank wait at the start of that (0-based) epoch while ``path`` exists, so a test can change the cluster at a
+    known point of the run. Unset, it costs one environment lookup per epoch."""
+    for spec in filter(None, os.environ.get("TBPS_FAULT_HOLD", "").split(",")):
+        name, e, path = spec.split(":", 2)
+        if (name, int(e)) == (run, epoch):
+            while os.path.exists(path):
+                time.sleep(0.2)
+
+
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     if world()[1] == 1 or not values:
         return values
@@ -511,6 +522,7 @@ class TrainRun:
                  f"{cfg.train.grad_accum}, {self.steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, "
                  f"{self.precision}, {self.threads} torch thread(s) per worker at nice {self.niceness}")
         for epoch in range(self.start_epoch, cfg.train.epochs):
+            _maybe_hold(cfg.train.run_name, epoch)
             metrics = self.train_one_epoch(epoch)
             self.validate_and_checkpoint(epoch, metrics)
         return self.final_test()
