@@ -129,6 +129,21 @@ def index_key(checkpoint: str, gallery: str, split: str) -> str:
 
 
 @torch.no_grad()
+def _embed_images(method, loader, device: str, log, what: str, total: int | None = None):
+    """One image-only ``embed`` pass with progress lines. Returns (its output, the order that sorts its rows by
+    ``img_idx`` -- the gallery's order, whatever the loader workers' interleaving --, the sorted search vectors)."""
+    t0 = time.time()
+
+    def progress(n):
+        if log:
+            of = f" of {total}" if total is not None else ""
+            log(f"[search] embedded {n}{of} {what} ({n / max(time.time() - t0, 1e-9):.0f}/s)")
+    local = embed(method, loader, device, keep_strings=True, texts=False, progress=progress)
+    order = local["img_idx"].argsort().tolist()
+    vectors = method.search_vectors(local["img"], "image").cpu()[order] if order else None
+    return local, order, vectors
+
+
 def build_gallery(method, cfg, tok, gallery: str, split: str, device: str = "cpu", batch_size: int = 128,
                   log=None) -> GalleryIndex:
     """Embed the images of ``split`` of the dataset at ``gallery`` through the evaluation loader (a damaged shard
@@ -138,17 +153,10 @@ def build_gallery(method, cfg, tok, gallery: str, split: str, device: str = "cpu
     from tbps.data import build_eval_loader
 
     data = replace(cfg.data, url=gallery, on_bad_shard="error")
-    loader = build_eval_loader(data, tok, split, batch_size)
-    t0 = time.time()
-
-    def progress(n):
-        if log:
-            log(f"[search] embedded {n} gallery images ({n / max(time.time() - t0, 1e-9):.0f}/s)")
-    local = embed(method, loader, device, keep_strings=True, texts=False, progress=progress)
-    if not len(local["img_idx"]):
+    local, order, vectors = _embed_images(method, build_eval_loader(data, tok, split, batch_size), device, log,
+                                          "gallery images")
+    if not order:
         raise ValueError(f"split {split!r} of {gallery} has no images")
-    order = local["img_idx"].argsort().tolist()  # split order, whatever the loader workers' interleaving
-    vectors = method.search_vectors(local["img"], "image").cpu()[order]
     caption_pids: dict[str, int] = {}
     for caption, pid in zip(local["caption"], local["txt_pid"].tolist()):
         caption_pids.setdefault(normalise_caption(caption), int(pid))
@@ -244,14 +252,7 @@ def build_folder_gallery(method, cfg, url: str, paths: list[str], device: str = 
     stream = ImageFolderStream(url, paths, cfg.data, batch_size)
     workers = min(resolve_loader_workers(cfg.data.loader_workers), -(-len(paths) // batch_size))
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
-    t0 = time.time()
-
-    def progress(n):
-        if log:
-            log(f"[search] embedded {n} of {len(paths)} images ({n / max(time.time() - t0, 1e-9):.0f}/s)")
-    local = embed(method, loader, device, keep_strings=True, texts=False, progress=progress)
-    order = local["img_idx"].argsort().tolist()
-    vectors = method.search_vectors(local["img"], "image").cpu()[order]
+    local, order, vectors = _embed_images(method, loader, device, log, "images", total=len(paths))
     keys = [local["img_key"][i] for i in order]
     return GalleryIndex(vectors, [-1] * len(keys), keys, [""] * len(keys), keys, {}, url, "", "images")
 

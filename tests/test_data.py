@@ -525,7 +525,7 @@ def test_a_two_dataset_mixture_samples_the_weights_and_keeps_identities_apart(tm
     from shards.synth import generate
     from tbps.config import ConfigError, load_config
     from tbps.data import build_tokenizer, build_train_loader, load_tokenizer
-    from tbps.data.stream import num_train_ids
+    from tbps.data.stream import Mixture
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     generate(out=a, size="tiny", seed=0, min_shards=8, progress=False)  # 120 train images, 40 ids, 8 shards
@@ -534,8 +534,10 @@ def test_a_two_dataset_mixture_samples_the_weights_and_keeps_identities_apart(tm
     cfg = load_config("clip_tiny", [f"data.url=[{{url: {a}, weight: 3}}, {{url: {b}, weight: 1, eval: true}}]",
                                     "data.loader_workers=0", "data.batch_size=8", "data.sampling=images"])
     assert cfg.data.url == b and [m.url for m in cfg.data.mix] == [a, b]
-    assert num_train_ids(cfg.data, {}) == 80
-    loader = build_train_loader(cfg.data, load_tokenizer(os.path.join(b, "tokenizer")))
+    mixture = Mixture(cfg.data.mix, cfg.data.train_split)  # what TrainRun reads once: members' manifests
+    assert mixture.num_train_ids == 80
+    loader = build_train_loader(cfg.data, load_tokenizer(os.path.join(b, "tokenizer")), mixture=mixture)
+    assert loader.stream.mixture is mixture  # not read again
     drawn = []
     for epoch in range(2):
         loader.set_epoch(epoch)

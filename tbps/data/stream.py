@@ -350,21 +350,13 @@ class Mixture:
         return pid * len(self.members) + i, (train_id + self.train_id_offsets[i] if train_id >= 0 else -1)
 
 
-def num_train_ids(cfg, manifest: dict) -> int:
-    """Identities the ID classifier spans: the dataset's train ids, or the union of a mixture's (``cfg``: the
-    DataConfig; ``manifest``: ``data.url``'s)."""
-    if cfg.mix:
-        return Mixture(cfg.mix, cfg.train_split).num_train_ids
-    return int(manifest["num_train_ids"])
-
-
 class ShardStream(IterableDataset):
     """Batches of one split for one rank; each DataLoader worker streams its own shards."""
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, needs: DataNeeds | None = None,
-                 rank: int = 0, world_size: int = 1, train: bool = True):
+                 rank: int = 0, world_size: int = 1, train: bool = True, mixture: Mixture | None = None):
         self.url, self.split, self.cfg, self.tokenizer = url, split, cfg, tokenizer
-        self.mixture = Mixture(cfg.mix, split) if train and cfg.mix else None
+        self.mixture = (mixture or Mixture(cfg.mix, split)) if train and cfg.mix else None
         self.shards = self.mixture.all_shards() if self.mixture else split_shards(manifest, split, url)
         self.needs = needs or DataNeeds()
         self.rank, self.world_size, self.train = rank, world_size, train
@@ -626,10 +618,13 @@ def _worker_init(_):
 
 
 def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int = 0, world_size: int = 1,
-                       manifest: dict | None = None, url: str | None = None) -> TrainLoader:
+                       manifest: dict | None = None, url: str | None = None,
+                       mixture: Mixture | None = None) -> TrainLoader:
+    """``manifest`` and ``mixture`` (``data.mix``'s members, read once by the caller) are read here if not given."""
     url = url or cfg.url
     manifest = manifest or load_manifest(url)
-    return TrainLoader(ShardStream(url, manifest, cfg.train_split, cfg, tokenizer, needs, rank, world_size, True))
+    return TrainLoader(ShardStream(url, manifest, cfg.train_split, cfg, tokenizer, needs, rank, world_size, True,
+                                   mixture))
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

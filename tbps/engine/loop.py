@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tbps.checkpoint import load_model_state, write_model_dir
 from tbps.config import Config, dump_yaml
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
-from tbps.data.stream import num_train_ids
+from tbps.data.stream import Mixture
 from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
@@ -184,13 +184,16 @@ class TrainRun:
 
         self.tok = load_tokenizer(tokenizer_path(cfg))
         self.manifest = manifest = load_manifest(cfg.data.url)
-        self.num_classes = num_train_ids(cfg.data, manifest)  # a mixture's: the union of its members' identities
+        # a mixture's members are read once, here: the ID classifier spans the union of their identities
+        self.mixture = Mixture(cfg.data.mix, cfg.data.train_split) if cfg.data.mix else None
+        self.num_classes = self.mixture.num_train_ids if self.mixture else int(manifest["num_train_ids"])
         text = TextSpec.from_tokenizer(self.tok, cfg.data.text_length)
         method = create_method(cfg, text, self.num_classes, log=self.log)  # fits cfg.model to pretrained
         if cfg.train.activation_checkpointing:
             switched = method.set_activation_checkpointing(True)
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
-        self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest)
+        self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest,
+                                               mixture=self.mixture)
         accum = cfg.train.grad_accum
         batches = len(self.train_loader)
         if cfg.train.max_steps_per_epoch:

@@ -24,7 +24,6 @@ def register(name: str):
     def deco(cls):
         cls.name = name
         cls.config_class = METHOD_CONFIGS[name]
-        cls.supported_losses = cls.config_class.supported_losses  # the config class checks method.losses
         METHODS[name] = cls
         return cls
     return deco
@@ -55,7 +54,6 @@ class Method(nn.Module):
 
     name = "base"
     config_class: type[MethodConfig] = MethodConfig  # set by ``register``
-    supported_losses: tuple[str, ...] = ()  # the config class's, set by ``register``
     backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
     head_prefixes: tuple[str, ...] = ()  # new modules whose biases also learn at the new-module lr (IRRA's heads)
     default_gather = True  # method.gather: null picks this (global negatives unless the paper used local batches)
