@@ -197,9 +197,9 @@ for path in hold.values():
     open(path, "w").close()
 # the workers (started by the raylets below, so they inherit this) wait at the start of epoch 2 and of epoch 3
 # (0-based 1, 2) while these files exist: the test changes the cluster at known points; Ray Train gives up on
-# starting a worker group that cannot be placed after 10 s instead of 60
+# placing a worker group (its placement group) after 3 s instead of 60
 os.environ["TBPS_FAULT_HOLD"] = ",".join(f"two-node:{e}:{p}" for e, p in hold.items())
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
 
 import ray
 from ray.cluster_utils import Cluster
