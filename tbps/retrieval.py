@@ -241,7 +241,6 @@ def folder_key(checkpoint: str, url: str, listing: list[tuple[str, str]]) -> str
     return h.hexdigest()[:20]
 
 
-@torch.no_grad()
 def build_folder_gallery(method, cfg, url: str, paths: list[str], device: str = "cpu", batch_size: int = 64,
                          log=None) -> GalleryIndex:
     """Embed a plain folder's images (no dataset conversion)."""
