@@ -13,6 +13,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "tbps-test-secret-6c1f9e0b2d7a"  # the S3 server fixture's AWS_SECRET_ACCESS_KEY
+# Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so it notices a finished
+# or failed worker group up to 2 s late; the suite runs some 25 Ray Train runs. Every Ray process the tests start
+# inherits this (a faster poll, not a different behaviour).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def fresh_s3_clients() -> None:
