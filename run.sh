@@ -17,7 +17,7 @@ TORCH_DISK_GB=${TORCH_DISK_GB:-9}   # free space the torch step needs (installed
 setup() {
   local stamp="$VENV/.tbps-setup"
   local want
-  want=$(cat pyproject.toml run.sh cluster/constraints.txt | sha256sum | cut -c1-16)
+  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   echo "[setup] creating $VENV and installing tbps (first run takes a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -34,9 +34,7 @@ setup() {
   # no pip cache for torch: the cached wheels would double its footprint on disk
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-cache-dir $TORCH_SPEC
-  # the versions the cluster nodes install (cluster/constraints.txt), so tests and clusters run the same code; a
-  # new upstream release changes nothing until the pins are moved (tests/test_cluster.py checks they hold)
-  "$VENV/bin/python" -m pip install -q -c cluster/constraints.txt -e ".[all,test]"
+  "$VENV/bin/python" -m pip install -q -e ".[all,test]"
   # the checkout as a sys.path entry too, not only through setuptools' editable import hook (which Python consults
   # after every path entry): a folder named shards/ or tune/ in the directory a command runs from is then a mere
   # namespace portion that our regular packages take precedence over, instead of shadowing them
