@@ -142,12 +142,9 @@ def main(argv=None) -> int:
     generate(out=shards, raw=raw, size=args.size, seed=0, progress=False)
     cfg = DataConfig(image_size=list(args.image_size))
     transform = build_transform(cfg, train=True)
-    from tbps.data import build_tokenizer, load_tokenizer
+    from tbps.data import build_tokenizer, load_tokenizer, split_captions
 
-    captions = [c for s in wds.DataPipeline(wds.SimpleShardList([join(shards, e["name"]) for e in
-                                                                  split_shards(load_manifest(shards), "train")]),
-                                            wds.tarfile_to_samples()) for c in json.loads(s["json"])["captions"]]
-    build_tokenizer(captions, os.path.join(shards, "tokenizer"))
+    build_tokenizer(split_captions(shards, "train"), os.path.join(shards, "tokenizer"))
     tokenizer = load_tokenizer(os.path.join(shards, "tokenizer"))
     loader_cfg = DataConfig(url=shards, image_size=list(args.image_size), loader_workers=0, batch_size=64,
                             sampling="images", text_length=48)

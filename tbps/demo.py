@@ -14,8 +14,7 @@ from shards.build import summarize
 def demo_dataset(size: str = "demo", seed: int = 0) -> str:
     """Path of the cached ToyPEDES demo shards (+ tokenizer), generated on first use."""
     from shards.synth import generate
-    from tbps.data import build_tokenizer, load_manifest
-    from tbps.data.stream import split_shards
+    from tbps.data import build_tokenizer, split_captions
 
     cache = os.path.expanduser(os.environ.get("TBPS_CACHE", "~/.cache/tbps"))
     out = os.path.join(cache, f"toypedes-{size}-seed{seed}")
@@ -25,16 +24,7 @@ def demo_dataset(size: str = "demo", seed: int = 0) -> str:
         print(f"[demo] generating ToyPEDES ({size}) into {out}", file=sys.stderr)
         generate(out=out, size=size, seed=seed, workers=min(4, os.cpu_count() or 1))
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        import json
-
-        import webdataset as wds
-
-        captions = []
-        for shard in split_shards(load_manifest(out), "train"):
-            for s in wds.DataPipeline(wds.SimpleShardList([os.path.join(out, shard["name"])]),
-                                      wds.tarfile_to_samples()):
-                captions += json.loads(s["json"])["captions"]
-        build_tokenizer(captions, tok_dir)
+        build_tokenizer(split_captions(out, "train"), tok_dir)
     return out
 
 

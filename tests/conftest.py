@@ -93,27 +93,13 @@ def s3_server():
 def synth_tiny(tmp_path_factory):
     """ToyPEDES 'tiny' as shards, with a word-level tokenizer built from its train captions."""
     from shards.synth import generate
-    from tbps.data import build_tokenizer
+    from tbps.data import build_tokenizer, split_captions
 
     out = str(tmp_path_factory.mktemp("synth") / "shards")
     generate(out=out, size="tiny", seed=0, min_shards=4, progress=False)
-    captions = _captions(out, "train")
+    captions = split_captions(out, "train")
     build_tokenizer(captions, os.path.join(out, "tokenizer"))
     return out
-
-
-def _captions(url: str, split: str) -> list[str]:
-    import webdataset as wds
-
-    from shards.storage import join
-    from tbps.data import load_manifest
-    from tbps.data.stream import split_shards
-
-    caps = []
-    for shard in split_shards(load_manifest(url), split):
-        for sample in wds.DataPipeline(wds.SimpleShardList([join(url, shard["name"])]), wds.tarfile_to_samples()):
-            caps += json.loads(sample["json"])["captions"]
-    return caps
 
 
 def read_split(url: str, split: str) -> list[dict]:

@@ -6,7 +6,7 @@ from .needs import DataNeeds
 from .text import build_tokenizer, load_tokenizer, mask_tokens, mla_texts
 
 _STREAM = ("EvalStream", "ShardStream", "TrainLoader", "assign_shards", "batches_per_epoch", "build_eval_loader",
-           "build_train_loader", "load_manifest")
+           "build_train_loader", "load_manifest", "split_captions")
 
 __all__ = ["DataNeeds", "EvalBatch", "TrainBatch", *_STREAM, "build_tokenizer", "load_tokenizer", "mask_tokens", "mla_texts"]
 

@@ -271,6 +271,12 @@ def prefetched_shards(urls: list[str], depth: int = 1, check: ShardCheck | None 
             yield {"url": url, "stream": io.BytesIO(data)}
 
 
+def split_captions(url: str, split: str = "train") -> list[str]:
+    """Every caption of a split, in shard order (to build a word-level tokenizer from a dataset's train text)."""
+    shards = split_shards(load_manifest(url), split, url)
+    return [c for s in shard_samples([join(url, e["name"]) for e in shards]) for c in json.loads(s["json"])["captions"]]
+
+
 def shard_samples(urls: list[str], check: ShardCheck | None = None) -> Iterator[dict]:
     """Samples (dicts of raw fields keyed by extension, plus ``__key__``/``__url__``) of the given shards, in order.
     A missing, corrupt (``check``) or unreadable shard raises :class:`CorruptShardError` naming it, or with
