@@ -46,10 +46,18 @@ def files_holding(secret: str, *roots: str) -> list[str]:
     return hits
 
 
+# ports Ray gives its own components by default (GCS, dashboard, client server, dashboard agent, worker range): a
+# port a test hands to `ray start` or to a server beside Ray must not be one of them
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, *range(10002, 20000)}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @pytest.fixture(scope="session")
