@@ -13,11 +13,13 @@ VENV=${TBPS_VENV:-.venv}
 # another build, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 TORCH_DISK_GB=${TORCH_DISK_GB:-9}   # free space the torch step needs (installed size plus one wheel being unpacked)
+# every other package at the exact version CI tests with (.ci/relock re-resolves it); TBPS_LOCK= installs the newest
+LOCK=${TBPS_LOCK-requirements-lock.txt}
 
 setup() {
   local stamp="$VENV/.tbps-setup"
   local want
-  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+  want=$(cat pyproject.toml run.sh ${LOCK:+"$LOCK"} | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   echo "[setup] creating $VENV and installing tbps (first run takes a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -34,7 +36,14 @@ setup() {
   # no pip cache for torch: the cached wheels would double its footprint on disk
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-cache-dir $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[all,test]"
+  if [ -z "$LOCK" ]; then
+    "$VENV/bin/python" -m pip install -q -e ".[all,test]"
+  elif ! "$VENV/bin/python" -m pip install -q -c "$LOCK" -e ".[all,test]"; then
+    # the lock is resolved for one Python and platform (its header says which); another may lack some pinned wheel
+    echo "[setup] warning: the versions pinned in $LOCK do not install here (see pip's message above);" \
+         "installing the newest compatible releases instead -- they are not the set CI tests with" >&2
+    "$VENV/bin/python" -m pip install -q -e ".[all,test]"
+  fi
   # the checkout as a sys.path entry too, not only through setuptools' editable import hook (which Python consults
   # after every path entry): a folder named shards/ or tune/ in the directory a command runs from is then a mere
   # namespace portion that our regular packages take precedence over, instead of shadowing them

@@ -130,13 +130,53 @@ def test_kuberay_manifests_parse_and_name_real_modules_and_configs():
     assert f"rayproject/ray:{ray.__version__}" in docker
 
 
-def test_constraints_pin_what_we_test_with():
-    from importlib.metadata import version
+def _pins(path: str) -> dict:
+    """name (normalised) -> version of every `name==version` line."""
+    pins = {}
+    for line in open(path):
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)\s*$", line)
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2]
+    return pins
 
-    pins = dict(line.split("==") for line in open(os.path.join(CLUSTER, "constraints.txt"))
-                if "==" in line and not line.startswith("#"))
-    for pkg in ("ray", "deepspeed", "torch", "webdataset", "transformers", "timm"):
-        assert pins[pkg].strip() == version(pkg).split("+")[0], pkg
+
+LOCK = os.path.join(ROOT, "requirements-lock.txt")
+
+
+def test_cluster_constraints_pin_the_versions_ci_installs():
+    """The cluster nodes get what CI tests with: cluster/constraints.txt agrees with requirements-lock.txt (what
+    run.sh installs) on every package both pin, and with run.sh's default TORCH_SPEC on torch and torchvision."""
+    cluster, lock = _pins(os.path.join(CLUSTER, "constraints.txt")), _pins(LOCK)
+    for pkg in ("ray", "deepspeed", "transformers", "tokenizers", "timm", "webdataset", "s3fs", "fsspec"):
+        assert pkg in cluster and pkg in lock, pkg
+    assert {k: v for k, v in cluster.items() if k in lock and lock[k] != v} == {}
+    torch_spec = re.search(r'TORCH_SPEC=\$\{TORCH_SPEC:-"([^"]*)"\}', open(os.path.join(ROOT, "run.sh")).read())[1]
+    assert {f"{k}=={cluster[k]}" for k in ("torch", "torchvision")} == set(torch_spec.split())
+
+
+def test_installed_versions_are_the_lock():
+    """run.sh installed the locked versions (not whatever PyPI has newest today), so a release upstream cannot change
+    what CI tests. Skipped on an interpreter or platform the lock was not resolved for (run.sh then falls back to the
+    newest compatible releases, with a warning)."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    m = re.search(r"for CPython (\d+\.\d+)\.\d+ on (\S+) (\S+?);", open(LOCK).read(1000))
+    here = (".".join(platform.python_version_tuple()[:2]), sys.platform, platform.machine())
+    if m.groups() != here:
+        pytest.skip(f"the lock is resolved for Python {m[1]} on {m[2]} {m[3]}; this is Python {' on '.join(here)}")
+    off = {}
+    for pkg, want in _pins(LOCK).items():
+        try:
+            have = version(pkg)
+        except PackageNotFoundError:  # a dependency of another platform or Python (environment markers)
+            continue
+        if have != want:
+            off[pkg] = f"{have} installed, {want} locked"
+    assert off == {}, f"{off}: re-run ./run.sh setup (it installs with -c requirements-lock.txt)"
+    for pkg in ("ray", "deepspeed", "transformers", "timm", "webdataset", "moto"):
+        version(pkg)
 
 
 # ------------------------------------------------------------------------------------------------ two nodes
