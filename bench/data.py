@@ -4,16 +4,21 @@ torchvision's per-image transforms (the public TBPS repos' way): same images, sa
 pad + crop, normalise, random erasing).
 
     python bench/data.py [--size demo] [--image-size 384 128] [--samples 4000] [--quick]
+    python bench/data.py --image-size 384 128 --loader-workers 7 15 --images-per-id 16 [--no-s3]
+                                          # + the training loader with 7 and 15 loader processes (total samples/s)
 
 Goal (issue #2): shards >= 1.5x the folder baseline per core; S3 within 10% of local disk. Issue #18: checking each
 shard's sha256 against the manifest while streaming costs <= 3 % (shards_local, verified as training reads, vs
 unverified_local). ``trainloader``: the whole training loader (TrainLoader: its round-robin, per-batch seeding,
-tokenisation, MLM masking, collation) in one process, on the same shards.
+tokenisation, MLM masking, collation) in one process, on the same shards. ``trainloader_wN`` (issue #15): the same
+loader with N loader processes, as a GPU worker runs it (``data.loader_workers``), in total samples/s against the
+rate the GPU step consumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -110,6 +116,27 @@ def time_trainloader(url: str, cfg, n: int, tokenizer) -> float:
     return count / (time.perf_counter() - start)
 
 
+def time_loader_workers(url: str, cfg, workers: int, epochs: int, tokenizer) -> float:
+    """The training loader as a GPU worker runs it: ``workers`` loader processes decoding, augmenting, tokenising
+    and masking, this process only receiving the batches (where the training step would run). Total samples/s over
+    ``epochs`` epochs, each timed from its first batch on (the loader processes' start-up left out)."""
+    from tbps.data import DataNeeds, build_train_loader
+
+    loader = build_train_loader(replace(cfg, loader_workers=workers), tokenizer, DataNeeds(mlm_ratio=0.15))
+    count, elapsed = 0, 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        next(batches)
+        start = time.perf_counter()
+        for batch in batches:
+            count += len(batch["pids"])
+        elapsed += time.perf_counter() - start
+    if count == 0:
+        raise ValueError(f"{workers} loader workers got one batch per epoch: generate more data (--images-per-id)")
+    return count / elapsed
+
+
 def start_moto():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,13 +160,25 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, nargs=2, default=[96, 32], metavar=("H", "W"))
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loader-workers", type=int, nargs="*", default=[],
+                    help="also time the training loader with these numbers of loader processes (total samples/s)")
+    ap.add_argument("--epochs", type=int, default=2, help="--loader-workers: epochs timed per measurement")
+    ap.add_argument("--images-per-id", type=int, help="more images per identity (default: the size's)")
+    ap.add_argument("--no-s3", action="store_true",
+                    help="leave out the S3 row (also left out where moto, boto3 or s3fs is not installed)")
     ap.add_argument("--quick", action="store_true", help="tiny data, few samples: checks the comparison runs")
     args = ap.parse_args(argv)
     if args.quick:
-        args.size, args.samples, args.repeats = "tiny", 200, 1
+        args.size, args.samples, args.repeats, args.loader_workers, args.epochs = "tiny", 200, 1, [2], 1
+    missing = [m for m in ("moto", "boto3", "s3fs") if importlib.util.find_spec(m) is None]
+    s3 = not args.no_s3 and not missing
+    if not args.no_s3 and missing:
+        print(f"(the S3 row is left out: {', '.join(missing)} not installed)")
     work = tempfile.mkdtemp(prefix="tbps-bench-data-")
     shards, raw = os.path.join(work, "shards"), os.path.join(work, "raw")
-    generate(out=shards, raw=raw, size=args.size, seed=0, progress=False)
+    # enough shards for two per loader process (shards are dealt to loader workers whole)
+    generate(out=shards, raw=raw, size=args.size, seed=0, progress=False, images_per_id=args.images_per_id,
+             min_shards=max([8] + [2 * n for n in args.loader_workers]), workers=os.cpu_count() or 1)
     cfg = DataConfig(image_size=list(args.image_size))
     transform = build_transform(cfg, train=True)
     from tbps.data import build_tokenizer, load_tokenizer, split_captions
@@ -149,23 +188,34 @@ def main(argv=None) -> int:
     loader_cfg = DataConfig(url=shards, image_size=list(args.image_size), loader_workers=0, batch_size=64,
                             sampling="images", text_length=48)
     target = tuple(args.image_size)
+    # --quick's 120 images give two loader processes a few batches each only at a smaller batch
+    workers_cfg = replace(loader_cfg, batch_size=16) if args.quick else loader_cfg
 
-    moto = start_moto()
+    moto = start_moto() if s3 else None
     try:
-        import boto3
-        import s3fs
+        if s3:
+            import boto3
+            import s3fs
 
-        boto3.client("s3").create_bucket(Bucket="bench")
-        s3fs.S3FileSystem(skip_instance_cache=True).put(shards + "/", "bench/shards/", recursive=True)
+            boto3.client("s3").create_bucket(Bucket="bench")
+            s3fs.S3FileSystem(skip_instance_cache=True).put(shards + "/", "bench/shards/", recursive=True)
         results = {"folder": [], "shards_local": [], "shards_s3": [], "unverified_local": [], "trainloader": []}
+        if not s3:
+            del results["shards_s3"]
+        results.update({f"trainloader_w{n}": [] for n in args.loader_workers})
         for _ in range(args.repeats):  # interleaved, best of N: the same machine state for every contender
             results["folder"].append(time_folder(raw, transform, args.samples))
             results["shards_local"].append(time_shards(shards, cfg, args.samples))
             results["trainloader"].append(time_trainloader(shards, loader_cfg, args.samples, tokenizer))
             results["unverified_local"].append(time_shards(shards, cfg, args.samples, verify=False))
-            results["shards_s3"].append(time_shards("s3://bench/shards", cfg, args.samples))
+            if s3:
+                results["shards_s3"].append(time_shards("s3://bench/shards", cfg, args.samples))
+            for n in args.loader_workers:
+                results[f"trainloader_w{n}"].append(time_loader_workers(shards, workers_cfg, n, args.epochs,
+                                                                        tokenizer))
     finally:
-        moto.terminate()
+        if moto is not None:
+            moto.terminate()
     best = {k: max(v) for k, v in results.items()}
     # sanity: the two readers see the same images (the comparison is apples to apples)
     first = next(iter(wds.DataPipeline(wds.SimpleShardList([join(shards, "train-000000.tar")]),
@@ -178,12 +228,19 @@ def main(argv=None) -> int:
           f"best of {args.repeats}")
     print(f"{'reader':<16}{'samples/s/core':>16}{'vs folder':>11}")
     for k in ("folder", "shards_local", "shards_s3", "unverified_local", "trainloader"):
-        print(f"{k:<16}{best[k]:>16.0f}{best[k] / best['folder']:>10.2f}x")
+        if k in best:
+            print(f"{k:<16}{best[k]:>16.0f}{best[k] / best['folder']:>10.2f}x")
     print(f"TrainLoader (round-robin, seeded batches, tokenise, MLM, collate) vs the shard path: "
           f"{best['trainloader'] / best['shards_local']:.2f}x")
-    print(f"S3 vs local disk: {best['shards_s3'] / best['shards_local']:.2f}x")
+    if s3:
+        print(f"S3 vs local disk: {best['shards_s3'] / best['shards_local']:.2f}x")
     cost = 1 - best["shards_local"] / best["unverified_local"]
     print(f"sha256 check of every shard read: {100 * cost:.1f} % of local decode throughput (goal <= 3 %)")
+    if args.loader_workers:
+        print(f"\n{'loader':<20}{'processes':>10}{'samples/s':>11}{'per process':>13}{'vs in-process':>14}")
+        for n in args.loader_workers:
+            k = f"trainloader_w{n}"
+            print(f"{k:<20}{n:>10}{best[k]:>11.0f}{best[k] / n:>13.0f}{best[k] / best['trainloader']:>13.2f}x")
     return 0
 
 

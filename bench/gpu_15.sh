@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue #15's GPU measurement for the device tool (one H100; 10 minutes a command, 30 device minutes a session):
-#   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile]   (default: all but profile, in that order)
+#   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile] [engine] [data]
+#                        (default: irra ivt pcc clip max, in that order)
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
 # limit keeps what it has), train_step.md (the table), max_batch.json, env.txt. Split the presets over calls when
 # one call cannot hold them all. The device image has torch, timm and transformers but no Ray, DeepSpeed or
 # webdataset: bench/train_step.py needs none of them (synthetic batches; tbps.methods imports without them).
+# `engine` (the step through DeepSpeed's engine against the plain step) and `data` (the loader on the machine's 16
+# cores) need DeepSpeed and webdataset: run `bash bench/gpu_wheels.sh` here first and name .whl in the call's carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -16,6 +19,10 @@ import platform, torch, timm, transformers
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), timm.__version__, transformers.__version__,
       platform.python_version())
 PY
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (bench/gpu_wheels.sh)
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tbps-site .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/tbps-site  # ahead of the image's site-packages, as every PYTHONPATH entry
+fi
 what=("$@")
 [ ${#what[@]} -gt 0 ] || what=(irra ivt pcc clip max)
 for p in "${what[@]}"; do
@@ -23,6 +30,14 @@ for p in "${what[@]}"; do
     # where a step's time goes (host syncs, graph breaks, kernels per step, device busy time, top kernels)
     python bench/train_step.py --paper --profile irra pcc clip --batches 64 --compile both --steps 5 \
         --json "$OUT/profile.json" | tee -a "$OUT/profile.md"
+  elif [ "$p" = engine ]; then
+    # the same compiled IRRA step at batch 128, plain against DeepSpeed's engine (ZeRO-0) in one process
+    python bench/train_step.py --paper --engine --rounds 10 --block 5 --json "$OUT/engine.json" \
+        | tee -a "$OUT/engine.md"
+  elif [ "$p" = data ]; then
+    # the training loader at 384x128 with 7 (train.cpus_per_worker: 8) and 15 loader processes
+    python bench/data.py --image-size 384 128 --samples 1000 --repeats 1 --no-s3 --loader-workers 7 15 \
+        --images-per-id 16 | tee -a "$OUT/data.md"
   elif [ "$p" = max ]; then
     # the largest IRRA batch with and without activation checkpointing / grad_cache
     python bench/train_step.py --paper --max-batch --max-batch-limit 4096 --json "$OUT/max_batch.json" \

@@ -4,7 +4,8 @@
     python bench/run_all.py --quick    # each in its --quick mode (a couple of minutes): checks they all run
     python bench/run_all.py --only eval train_step
 
-On a GPU machine add `python bench/train_step.py --paper` for the paper configs' samples/s and MFU.
+On a GPU machine add `python bench/train_step.py --paper` for the paper configs' samples/s and MFU (bench/gpu_15.sh
+runs the whole GPU set).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SCRIPTS = {
     "overhead": "overhead.py",  # issue #4: Ray Train + DeepSpeed vs a plain loop
     "eval": "eval.py",  # issue #7: retrieval_metrics vs full argsort + Python loop
     "train_step": "train_step.py",  # issue #7: samples/s per method (MFU on GPU)
+    "engine": "train_step.py --engine",  # issue #15: the step through DeepSpeed's engine vs the plain step
     "batch_mix": "batch_mix.py",  # issue #13: same-identity pairs per batch vs a global shuffle
 }
 
@@ -34,7 +36,8 @@ def main(argv=None) -> int:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     failed = []
     for name in args.only or SCRIPTS:
-        cmd = [sys.executable, os.path.join(HERE, SCRIPTS[name])] + (["--quick"] if args.quick else [])
+        script, *extra = SCRIPTS[name].split()
+        cmd = [sys.executable, os.path.join(HERE, script), *extra] + (["--quick"] if args.quick else [])
         print(f"\n## {name}: {' '.join(os.path.relpath(c) if c.endswith('.py') else c for c in cmd[1:])}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd, env=env)

@@ -7,6 +7,8 @@ backward + optimizer step on one device, eager and compiled (``train.compile``'s
     python bench/train_step.py --paper --max-batch      # largest IRRA batch that fits, with and without
                                                         # activation checkpointing / grad_cache
     python bench/train_step.py --quick                  # 2 steps per method, small batch: checks everything runs (CI)
+    python bench/train_step.py [--paper] --engine         # the same step plain and through DeepSpeed's engine in
+                                                        # one process, interleaved (goal: <= 5 % over plain)
     python bench/train_step.py --paper --profile irra --batches 64 [--compile on]
                                                         # where one step's time goes: host synchronisations, graph
                                                         # breaks, kernels launched, device busy time, top operators
@@ -34,6 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench/overhead.py's paired ratios
 
 CPU_PRESETS = ("clip_tiny", "irra_tiny", "ivt_tiny", "pcc_tiny")
 PAPER_PRESETS = ("irra", "clip", "pcc", "ivt")
@@ -272,6 +275,125 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
             "graph_breaks": breaks, "device": device_name(device), "torch": torch.__version__}
 
 
+ENGINE_ARMS = ("plain", "deepspeed")  # + "deepspeed-bf16" on a GPU
+
+
+def _single_process_group(device: torch.device) -> None:
+    """A one-rank process group for DeepSpeed, without a launcher (and without MPI discovery)."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, compiled: bool, zero_stage: int = 0):
+    """One contender of ``engine_compare``, built from the same seed, weights and batch as the others: the step
+    function and its description. ``plain``: forward + backward under bf16 autocast on a GPU (fp32 on CPU), the
+    config's gradient clipping, tbps's optimizer (``build_optimizer``: parameter groups, fused on a GPU) and lr
+    schedule. ``deepspeed``: the same through DeepSpeed's engine, built as tbps.train builds it (``initialize_engine``
+    with the config's JSON) at the same precision (``bf16-autocast``; fp32 on CPU). ``deepspeed-bf16``: the engine at
+    tbps's default GPU precision (DeepSpeed bf16: bf16 weights, fp32 master copy)."""
+    from tbps.optim import build_optimizer, build_scheduler
+
+    cuda = device.type == "cuda"
+    cfg, method, batch, _ = setup(preset, batch_size, device)
+    cfg.train.use_gpu, cfg.train.zero_stage = cuda, zero_stage
+    optimizer = build_optimizer(method, cfg.optim, fused=cuda)
+    scheduler = build_scheduler(optimizer, cfg.optim, 10**6, cfg.train.epochs)
+    if arm == "plain":
+        params = [p for p in method.parameters() if p.requires_grad]
+        clip = cfg.optim.grad_clip
+        if compiled:
+            method.compile_step()
+
+        def step():
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = method(batch)["loss"]
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step, "bf16-autocast" if cuda else "fp32", cfg.method.name
+
+    from tbps.engine.loop import initialize_engine
+
+    _single_process_group(device)
+    cfg.train.precision = "bf16" if arm == "deepspeed-bf16" else "bf16-autocast" if cuda else "fp32"
+    engine, _, _ = initialize_engine(cfg, method, optimizer, scheduler)
+    if compiled:  # as the worker does: after DeepSpeed has placed the parameters
+        method.compile_step()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    if dtype is not None:  # the worker casts batches to the weights' precision
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+    def engine_step():
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        return out["loss"].detach()
+    return engine_step, cfg.train.precision, cfg.method.name
+
+
+def engine_compare(preset: str, batch_size: int, device: torch.device, compiled: bool, rounds: int, block: int,
+                   warmup: int, zero_stage: int = 0) -> list[dict]:
+    """The same training step, plain PyTorch against DeepSpeed's engine in one process (issue #15: <= 5 % over the
+    plain step). The contenders run interleaved, a block of steps each per round in a rotating order, and each
+    engine's ratio pairs its block with the plain block of the same round (bench/overhead.py's method). First, as a
+    check that they compute the same step: every contender's first loss from the shared initial weights."""
+    from statistics import median
+
+    from overhead import paired_ratio
+
+    arms = list(ENGINE_ARMS) + (["deepspeed-bf16"] if device.type == "cuda" else [])
+    built = {arm: engine_arm(arm, preset, batch_size, device, compiled, zero_stage) for arm in arms}
+    first = {}
+    for arm, (step, *_) in built.items():
+        torch.manual_seed(1)
+        first[arm] = float(step())  # the step from the shared initial weights
+        for _ in range(warmup):
+            step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(step, n):
+        out = []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            out.append(time.perf_counter() - t)
+        return out
+
+    blocks = {arm: [] for arm in arms}
+    for r in range(rounds):
+        for k in range(len(arms)):
+            arm = arms[(r + k) % len(arms)]  # no contender always goes first
+            blocks[arm].append(timed(built[arm][0], block))
+    rows = []
+    for arm in arms:
+        ratio, lo, hi = paired_ratio(blocks[arm], blocks["plain"]) if arm != "plain" else (1.0, 1.0, 1.0)
+        step_s = median(t for b in blocks[arm] for t in b)
+        rows.append({"method": built[arm][2], "preset": preset, "batch": batch_size, "compiled": compiled,
+                     "step": arm, "precision": built[arm][1], "zero_stage": zero_stage if arm != "plain" else None,
+                     "step_ms": step_s * 1000, "samples_per_s": batch_size / step_s, "vs_plain": ratio,
+                     "vs_plain_interval": [lo, hi], "first_loss": first[arm],
+                     "first_loss_vs_plain": abs(first[arm] - first["plain"]) / max(abs(first["plain"]), 1e-12),
+                     "rounds": rounds, "block": block, "device": device_name(device), "torch": torch.__version__})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--paper", action="store_true", help="paper configs (needs a GPU)")
@@ -287,6 +409,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-limit", type=int, default=8192)
     ap.add_argument("--profile", nargs="+", metavar="PRESET",
                     help="profile one step of these presets (at --batches, eager unless --compile on/both)")
+    ap.add_argument("--engine", action="store_true",
+                    help="the same step plain and through DeepSpeed's engine in one process, interleaved (needs "
+                         "deepspeed; default presets: irra_tiny clip_tiny, or irra with --paper)")
+    ap.add_argument("--zero-stage", type=int, default=0, help="--engine: the engine's ZeRO stage")
+    ap.add_argument("--rounds", type=int, default=12, help="--engine: interleaved rounds")
+    ap.add_argument("--block", type=int, default=5, help="--engine: timed steps per contender and round")
     ap.add_argument("--json", help="write the rows as a JSON list here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -310,6 +438,26 @@ def main(argv=None) -> int:
             for batch in batches:
                 for compiled in modes:
                     rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps))
+                    save()
+    elif args.engine:
+        presets = args.presets or (["clip_tiny"] if args.quick else ["irra"] if args.paper
+                                   else ["irra_tiny", "clip_tiny"])
+        batches = args.batches or ([4] if args.quick else [128] if args.paper else [32])
+        modes = {"off": [False], "on": [True], "both": [False, True]}[
+            args.compile or ("on" if device.type == "cuda" and not args.quick else "off")]
+        rounds, block, warmup = (2, 2, 1) if args.quick else (args.rounds, args.block, args.warmup)
+        print("| preset | step | precision | batch | compiled | step ms | samples/s | vs plain | 90 % interval | "
+              "first loss vs plain |\n|---|---|---|---|---|---|---|---|---|---|")
+        for preset in presets:
+            for batch in batches:
+                for compiled in modes:
+                    for r in engine_compare(preset, batch, device, compiled, rounds, block, warmup, args.zero_stage):
+                        rows.append(r)
+                        lo, hi = r["vs_plain_interval"]
+                        step = r["step"] if r["zero_stage"] is None else f"{r['step']} ZeRO-{r['zero_stage']}"
+                        print(f"| {preset} | {step} | {r['precision']} | {batch} | {'yes' if compiled else 'no'} | "
+                              f"{r['step_ms']:.1f} | {r['samples_per_s']:.1f} | {r['vs_plain']:.3f} | "
+                              f"{lo:.3f}-{hi:.3f} | {r['first_loss_vs_plain']:.1e} |", flush=True)
                     save()
     elif args.max_batch:
         print("| preset | activation checkpointing | grad_cache micro-batch | largest batch |\n|---|---|---|---|")

@@ -74,7 +74,7 @@ def test_without_gather_ranks_see_only_local_negatives(synth_tiny):
     assert not torch.allclose(full, halves)
 
 
-def _single_rank_engines(rank, url, out_dir):
+def _single_rank_engines(rank, url, out_dir, precision):
     import deepspeed
 
     from tbps.config import load_config
@@ -83,7 +83,8 @@ def _single_rank_engines(rank, url, out_dir):
 
     method, batch = _setup("irra", url)
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3"])
+    cfg = load_config("irra_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "optim.lr=1e-3",
+                                    f"train.precision={precision}"])
     results = {}
     for name in ("ours", "deepspeed"):
         method.load_state_dict(state)
@@ -101,9 +102,11 @@ def _single_rank_engines(rank, url, out_dir):
     torch.save(results, os.path.join(out_dir, "single.pt"))
 
 
-def test_single_rank_engine_skips_the_self_allreduce_and_trains_identically(synth_tiny, tmp_path):
-    """One rank at ZeRO-0: no gradient all-reduce with itself, and the same parameters after clipped Adam steps."""
-    run_ranks(_single_rank_engines, 1, synth_tiny, str(tmp_path))
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_single_rank_engine_skips_the_self_allreduce_and_trains_identically(synth_tiny, tmp_path, precision):
+    """One rank at ZeRO-0 with fp32 gradients (fp32, or bf16 autocast over fp32 weights): no gradient all-reduce
+    with itself, and the same parameters after clipped Adam steps."""
+    run_ranks(_single_rank_engines, 1, synth_tiny, str(tmp_path), precision)
     res = torch.load(tmp_path / "single.pt")
     assert res["ours"]["allreduce"] is False and res["deepspeed"]["allreduce"] is True
     ours, ref = res["ours"]["params"], res["deepspeed"]["params"]

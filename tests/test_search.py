@@ -206,16 +206,20 @@ def test_cross_domain_matrix_cells_equal_single_evaluations(tiny_checkpoint, syn
 
 
 @pytest.mark.parametrize("script,rows", [("eval.py", ["| quick-a |", "| quick-b |"]),
-                                         ("data.py", ["shards_local", "shards_s3", "folder", "trainloader"]),
+                                         ("data.py", ["shards_local", "shards_s3", "folder", "trainloader",
+                                                      "trainloader_w2"]),
                                          ("overhead.py", ["plain PyTorch", "plain PyTorch beside Ray",
                                                          "Ray Train + DeepSpeed ZeRO-0"]),
                                          ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
                                                             "| pcc_tiny |"]),
+                                         ("train_step.py --engine", ["| clip_tiny | plain |",
+                                                                     "| clip_tiny | deepspeed ZeRO-0 |"]),
                                          ("batch_mix.py", ["| tbps (shuffled shards", "| annotation-order shards",
                                                            "| global shuffle"])])
 def test_bench_quick_modes(script, rows, tmp_path):
     """Every benchmark runs its comparison end to end in --quick mode (correctness, not timings)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick"], cwd=ROOT,
+    script, *extra = script.split()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick", *extra], cwd=ROOT,
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled",
                               "TBPS_CACHE": str(tmp_path / "cache")})
@@ -225,6 +229,9 @@ def test_bench_quick_modes(script, rows, tmp_path):
         assert line and any(c.isdigit() for c in line.replace(row, "")), out.stdout
     if script == "eval.py":
         assert "| NO |" not in out.stdout  # the two implementations agree
+    if extra == ["--engine"]:  # from the same weights, the engine's first step has the plain step's loss
+        cells = next(x for x in out.stdout.splitlines() if x.startswith("| clip_tiny | deepspeed")).split("|")
+        assert float(cells[-2]) < 1e-6, out.stdout
 
 
 def test_the_search_gallery_is_the_evaluation_pass_embedding(tiny_checkpoint, synth_tiny):

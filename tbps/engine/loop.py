@@ -77,14 +77,15 @@ def deepspeed_config(cfg: Config) -> dict:
 
 
 def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
-    """`deepspeed.initialize` with the config's JSON. With one data-parallel rank at ZeRO-0 in fp32 there is nothing
-    to reduce, but DeepSpeed would still flatten every gradient into a buffer, all-reduce it with itself and copy it
-    back after each backward (~5 % of a small model's step on CPU): that pass is switched off."""
+    """`deepspeed.initialize` with the config's JSON. With one data-parallel rank at ZeRO-0 and fp32 gradients (fp32,
+    or bf16 autocast over fp32 weights) there is nothing to reduce, but DeepSpeed would still flatten every gradient
+    into a buffer, all-reduce it with itself and copy it back after each backward (~5 % of a small model's step on
+    CPU): that pass is switched off. (DeepSpeed's bf16 and fp16 modes keep it: their optimizers reduce there.)"""
     import deepspeed
 
     engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))
-    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) == "fp32":
+    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32", "bf16-autocast"):
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
