@@ -132,6 +132,12 @@ def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_mic
     return step
 
 
+def compile_options(mode: str | None) -> dict:
+    """torch.compile's keyword arguments for ``--compile-mode`` (None: torch's default mode, what ``train.compile``
+    uses). ``reduce-overhead`` replays the step's kernels as CUDA graphs: the candidate against a launch-bound step."""
+    return {"mode": mode} if mode else {}
+
+
 def count_flops(step) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -141,12 +147,13 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool) -> dict:
+def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool,
+            mode: str | None = None) -> dict:
     cfg, method, batch, opt = setup(preset, batch_size, device)
     bf16 = device.type == "cuda"
     flops = count_flops(step_fn(method, batch, opt, device, bf16))  # eager: the model's FLOPs
     if compiled:
-        method.compile_step()
+        method.compile_step(**compile_options(mode))
     step = step_fn(method, batch, opt, device, bf16)
     for _ in range(warmup):
         step()
@@ -163,6 +170,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
         raise RuntimeError(f"{preset}: non-finite loss {float(loss)}")
     peak = peak_flops(device)
     return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
+            "compile_mode": (mode or "default") if compiled else None,
             "precision": "bf16-autocast" if bf16 else "fp32", "image": "x".join(map(str, cfg.data.image_size)),
             "params_m": sum(p.numel() for p in method.parameters()) / 1e6, "step_ms": seconds * 1000,
             "samples_per_s": batch_size / seconds, "tflop_per_sample": flops / batch_size / 1e12,
@@ -204,7 +212,7 @@ def max_batch(preset: str, device: torch.device, limit: int) -> list[dict]:
 
 
 def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, steps: int, top: int = 25,
-            overrides=()) -> dict:
+            overrides=(), mode: str | None = None) -> dict:
     """Where a step's time goes: the host synchronisations one step makes, the compiled graph's breaks, the number of
     device kernels (CPU: operators) launched per step, the fraction of the wall time the device is busy, and the
     operators that take the most time."""
@@ -218,7 +226,7 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
         from torch._dynamo.utils import counters
 
         counters.clear()
-        method.compile_step()
+        method.compile_step(**compile_options(mode))
     step = step_fn(method, batch, opt, device, device.type == "cuda")
     for _ in range(3):
         step()
@@ -269,7 +277,8 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
             print(f"  break x{n}: {reason[:200]}")
     print(events.table(sort_by=sort, row_limit=top, max_name_column_width=60))
     return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
-            "step_ms": wall * 1000, "device_busy_ms": busy * 1000 if busy is not None else None,
+            "compile_mode": (mode or "default") if compiled else None, "step_ms": wall * 1000,
+            "device_busy_ms": busy * 1000 if busy is not None else None,
             "kernels_per_step" if cuda else "operators_per_step": launched,
             "host_syncs_per_step": len(syncs) if syncs is not None else None, "syncs": sorted(set(syncs or [])),
             "graph_breaks": breaks, "device": device_name(device), "torch": torch.__version__}
@@ -403,6 +412,9 @@ def main(argv=None) -> int:
                     help="batch sizes (default: 32 on CPU presets, 64 128 256 on paper configs)")
     ap.add_argument("--compile", choices=("off", "on", "both"), default=None,
                     help="eager, compiled or both (default: both on a GPU, off on CPU)")
+    ap.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                               "max-autotune-no-cudagraphs"),
+                    help="torch.compile's mode for the compiled rows (default: torch's default, as train.compile)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", action="store_true", help="largest IRRA batch per memory option (GPU)")
@@ -431,13 +443,15 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
 
+    mode = None if args.compile_mode in (None, "default") else args.compile_mode
     if args.profile:
         batches = args.batches or ([64] if args.paper else [32])
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile or "off"]
         for preset in args.profile:
             for batch in batches:
                 for compiled in modes:
-                    rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps))
+                    rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps,
+                                        mode=mode))
                     save()
     elif args.engine:
         presets = args.presets or (["clip_tiny"] if args.quick else ["irra"] if args.paper
@@ -476,7 +490,7 @@ def main(argv=None) -> int:
             for batch in batches:
                 for compiled in compile_modes:
                     try:
-                        r = measure(preset, batch, steps, warmup, device, compiled)
+                        r = measure(preset, batch, steps, warmup, device, compiled, mode)
                     except torch.OutOfMemoryError:
                         print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
                         if device.type == "cuda":
@@ -486,7 +500,8 @@ def main(argv=None) -> int:
                     save()
                     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
                     mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
-                    print(f"| {preset} | {r['method']} | {r['image']} | {batch} | {'yes' if compiled else 'no'} | "
+                    shown = (mode or "yes") if compiled else "no"
+                    print(f"| {preset} | {r['method']} | {r['image']} | {batch} | {shown} | "
                           f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
                           f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)
     if args.json:
