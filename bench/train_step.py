@@ -375,15 +375,13 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
             step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(step, n):
-        out = []
+    def timed(step, n):  # one block: its mean step, synchronised at the block's ends only (as ``measure``)
+        sync()
+        t = time.perf_counter()
         for _ in range(n):
-            sync()
-            t = time.perf_counter()
             step()
-            sync()
-            out.append(time.perf_counter() - t)
-        return out
+        sync()
+        return [(time.perf_counter() - t) / n]
 
     blocks = {arm: [] for arm in arms}
     for r in range(rounds):
