@@ -3,12 +3,13 @@
 #   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile] [modes] [engine] [data]
 #                        (default: irra ivt pcc clip max, in that order)
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
-# limit keeps what it has), train_step.md (the table), max_batch.json, profile.json/.md, train_step_modes.json,
-# engine.json/.md, data.md, env.txt. Split the steps over calls when one call cannot hold them all (10 minutes each);
-# the next session's plan: `profile modes` in one call, `engine data` in another. The device image has torch, timm and transformers but no Ray, DeepSpeed or
-# webdataset: bench/train_step.py needs none of them (synthetic batches; tbps.methods imports without them).
-# `engine` (the step through DeepSpeed's engine against the plain step) and `data` (the loader on the machine's 16
-# cores) need DeepSpeed and webdataset: run `bash bench/gpu_wheels.sh` here first and name .whl in the call's carry.
+# limit keeps what it has), train_step.md (the tables), max_batch.json, profile.json/.md, train_step_modes.json,
+# train_step_copy.json, engine.json/.md, data.md, env.txt. Split the steps over calls where one call cannot hold
+# them all (10 minutes each); the next session's plan: `profile modes` in one call, `engine data` in another.
+# The device image has torch, timm and transformers but no Ray, DeepSpeed or webdataset: bench/train_step.py needs
+# none of them (synthetic batches; tbps.methods imports without them). `engine` (the step through DeepSpeed's engine
+# against the plain step) and `data` (the loader on the machine's 16 cores) need DeepSpeed and webdataset: run
+# `bash bench/gpu_wheels.sh` here first and name .whl in the call's carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -37,6 +38,9 @@ for p in "${what[@]}"; do
     python bench/train_step.py --paper --presets irra clip --batches 64 128 --compile on \
         --compile-mode reduce-overhead --steps 10 --warmup 3 --json "$OUT/train_step_modes.json" \
         | tee -a "$OUT/train_step.md"
+    # the training loop's per-step copy of its batch to the GPU: from pageable memory (before) or pinned (now)
+    python bench/train_step.py --paper --presets irra --batches 128 --compile on --copy pageable pinned \
+        --steps 10 --warmup 3 --json "$OUT/train_step_copy.json" | tee -a "$OUT/train_step.md"
   elif [ "$p" = engine ]; then
     # the same compiled IRRA step at batch 128, plain against DeepSpeed's engine (ZeRO-0) in one process
     python bench/train_step.py --paper --engine --rounds 10 --block 5 --json "$OUT/engine.json" \

@@ -113,8 +113,13 @@ def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
     return cfg, method, batch, opt
 
 
-def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0):
+def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0, host_batch=None):
+    """One training step on ``batch``; with ``host_batch`` (a copy in host memory), each step first copies it to the
+    device with ``non_blocking=True``, as the training loop copies every loader batch."""
     def step():
+        nonlocal batch
+        if host_batch is not None:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in host_batch.items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             if grad_cache_micro:
                 from tbps.gradcache import grad_cache_step
@@ -148,13 +153,20 @@ def count_flops(step) -> float:
 
 
 def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool,
-            mode: str | None = None) -> dict:
+            mode: str | None = None, copy: str | None = None) -> dict:
+    """``copy``: each step also copies its batch from host memory, ``pageable`` (as a loader hands batches over
+    without pinning) or ``pinned`` (page-locked, as the DataLoader's pinning thread leaves them; GPU only)."""
     cfg, method, batch, opt = setup(preset, batch_size, device)
     bf16 = device.type == "cuda"
     flops = count_flops(step_fn(method, batch, opt, device, bf16))  # eager: the model's FLOPs
     if compiled:
         method.compile_step(**compile_options(mode))
-    step = step_fn(method, batch, opt, device, bf16)
+    host = None
+    if copy:
+        host = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+        if copy == "pinned":
+            host = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host.items()}
+    step = step_fn(method, batch, opt, device, bf16, host_batch=host)
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -170,7 +182,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
         raise RuntimeError(f"{preset}: non-finite loss {float(loss)}")
     peak = peak_flops(device)
     return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
-            "compile_mode": (mode or "default") if compiled else None,
+            "compile_mode": (mode or "default") if compiled else None, "batch_copy": copy or "none",
             "precision": "bf16-autocast" if bf16 else "fp32", "image": "x".join(map(str, cfg.data.image_size)),
             "params_m": sum(p.numel() for p in method.parameters()) / 1e6, "step_ms": seconds * 1000,
             "samples_per_s": batch_size / seconds, "tflop_per_sample": flops / batch_size / 1e12,
@@ -413,6 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
                                                "max-autotune-no-cudagraphs"),
                     help="torch.compile's mode for the compiled rows (default: torch's default, as train.compile)")
+    ap.add_argument("--copy", nargs="+", choices=("none", "pageable", "pinned"), default=["none"],
+                    help="each step first copies its batch from host memory: pageable or pinned (GPU), or not")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", action="store_true", help="largest IRRA batch per memory option (GPU)")
@@ -442,6 +456,9 @@ def main(argv=None) -> int:
                 json.dump(rows, f, indent=1)
 
     mode = None if args.compile_mode in (None, "default") else args.compile_mode
+    if "pinned" in args.copy and device.type != "cuda":
+        print("--copy pinned needs a GPU (page-locked memory is a device driver's)", file=sys.stderr)
+        return 2
     if args.profile:
         batches = args.batches or ([64] if args.paper else [32])
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile or "off"]
@@ -484,24 +501,24 @@ def main(argv=None) -> int:
         steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
         print("| preset | method | image | batch | compiled | params (M) | step ms | samples/s | TFLOP/sample | "
               "TFLOP/s | MFU | peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for preset in presets:
-            for batch in batches:
-                for compiled in compile_modes:
-                    try:
-                        r = measure(preset, batch, steps, warmup, device, compiled, mode)
-                    except torch.OutOfMemoryError:
-                        print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    rows.append(r)
-                    save()
-                    mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
-                    mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
-                    shown = (mode or "yes") if compiled else "no"
-                    print(f"| {preset} | {r['method']} | {r['image']} | {batch} | {shown} | "
-                          f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
-                          f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)
+        cells = [(p, b, c, k) for p in presets for b in batches for c in compile_modes for k in args.copy]
+        for preset, batch, compiled, copy in cells:
+            try:
+                r = measure(preset, batch, steps, warmup, device, compiled, mode, None if copy == "none" else copy)
+            except torch.OutOfMemoryError:
+                print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            rows.append(r)
+            save()
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
+            mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
+            shown = (mode or "yes") if compiled else "no"
+            name = preset if copy == "none" else f"{preset} ({copy} copy)"
+            print(f"| {name} | {r['method']} | {r['image']} | {batch} | {shown} | "
+                  f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
+                  f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)
     if args.json:
         save()
         print(f"wrote {len(rows)} rows to {args.json}")

@@ -531,14 +531,18 @@ class TrainLoader:
     from there: no batch repeated, none left out, the same batches as an uninterrupted epoch (mid-epoch
     checkpoints, ``train.checkpoint_every_steps``)."""
 
-    def __init__(self, stream: ShardStream):
+    def __init__(self, stream: ShardStream, pin_memory: bool = False):
         self.stream = stream
         self.skipped: set[str] = set()  # bad shards skipped in the current epoch (data.on_bad_shard=skip)
         self._resume: dict | None = None
         self._position: dict | None = None
         workers = stream.loader_workers
+        # pin_memory (training on a GPU): the DataLoader's pinning thread puts each batch in page-locked memory, so
+        # the step's non-blocking copy to the device is asynchronous. A copy from pageable memory makes the host
+        # wait until the kernels already queued on the stream have run: a host synchronisation per step that keeps
+        # the host from running ahead of the GPU
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                                 worker_init_fn=_worker_init if workers > 0 else None)
+                                 worker_init_fn=_worker_init if workers > 0 else None, pin_memory=pin_memory)
         if len(self) == 0:
             total = sum(s["samples"] for s in stream.shards)
             raise ValueError(
@@ -625,12 +629,13 @@ def _worker_init(_):
 
 def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int = 0, world_size: int = 1,
                        manifest: dict | None = None, url: str | None = None,
-                       mixture: Mixture | None = None) -> TrainLoader:
-    """``manifest`` and ``mixture`` (``data.mix``'s members, read once by the caller) are read here if not given."""
+                       mixture: Mixture | None = None, pin_memory: bool = False) -> TrainLoader:
+    """``manifest`` and ``mixture`` (``data.mix``'s members, read once by the caller) are read here if not given;
+    ``pin_memory``: batches in page-locked memory (training on a GPU)."""
     url = url or cfg.url
     manifest = manifest or load_manifest(url)
     return TrainLoader(ShardStream(url, manifest, cfg.train_split, cfg, tokenizer, needs, rank, world_size, True,
-                                   mixture))
+                                   mixture), pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

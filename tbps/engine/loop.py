@@ -194,7 +194,7 @@ class TrainRun:
             switched = method.set_activation_checkpointing(True)
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
         self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest,
-                                               mixture=self.mixture)
+                                               mixture=self.mixture, pin_memory=device.type == "cuda")
         accum = cfg.train.grad_accum
         batches = len(self.train_loader)
         if cfg.train.max_steps_per_epoch:
