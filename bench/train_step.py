@@ -84,7 +84,7 @@ def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, se
         chosen = (torch.rand(ids.shape, generator=g) < needs.mlm_ratio) & mask.bool()
         chosen[:, 0] = False
         batch["mlm_ids"] = ids.masked_fill(chosen, text.mask_id)
-        batch["mlm_labels"] = ids.masked_fill(~chosen, 0)
+        batch["mlm_labels"] = ids.masked_fill(~chosen, -100)  # as mask_tokens: -100 where not chosen
     if needs.mla:
         level_ids, level_mask = zip(*(texts(batch_size) for _ in range(3)))
         batch["mla_ids"], batch["mla_mask"] = torch.stack(level_ids, 1), torch.stack(level_mask, 1)
