@@ -61,6 +61,8 @@ def device_name(device: torch.device) -> str:
 def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, seed: int = 0) -> dict:
     """A training batch of the shapes ``method`` trains on: normalised images (3 views for IVT), captions of random
     lengths with their masks, IRR's masked captions, IVT's three text levels, 4 images per identity."""
+    from tbps.data.text import mlm_rows
+
     g = torch.Generator().manual_seed(seed)
     needs = method.data_needs()
     h, w = cfg.data.image_size
@@ -85,6 +87,7 @@ def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, se
         chosen[:, 0] = False
         batch["mlm_ids"] = ids.masked_fill(chosen, text.mask_id)
         batch["mlm_labels"] = ids.masked_fill(~chosen, -100)  # as mask_tokens: -100 where not chosen
+        batch["mlm_rows"] = mlm_rows(batch["mlm_labels"])  # as the loader: the rows the MLM head scores
     if needs.mla:
         level_ids, level_mask = zip(*(texts(batch_size) for _ in range(3)))
         batch["mla_ids"], batch["mla_mask"] = torch.stack(level_ids, 1), torch.stack(level_mask, 1)

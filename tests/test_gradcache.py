@@ -46,6 +46,8 @@ def _concat(batches: list[dict]) -> dict:
             out[k] = torch.cat([b[k] for b in batches])
         elif isinstance(v, list):
             out[k] = [x for b in batches for x in b[k]]
+        elif k == "mlm_rows":  # a bound on the masked tokens: of all of them
+            out[k] = sum(b[k] for b in batches)
         else:  # mla_length: the longest text of all
             out[k] = max(b[k] for b in batches)
     return out

@@ -93,6 +93,35 @@ def test_param_groups_follow_irras_solver(synth_tiny):
     assert len(got) == len(list(method.parameters()))
 
 
+def test_irra_mlm_head_on_the_masked_positions_gives_the_every_position_loss_and_gradients(synth_tiny):
+    """IRRA's MLM head scores only the loader's ``mlm_rows`` positions, the masked ones first: the same loss and
+    gradients as scoring every position (what the official code does; a batch without ``mlm_rows`` still does),
+    with the exact count and with the loader's rounded-up bound."""
+    from tbps.data.text import mlm_rows
+
+    cfg, method, batch = _setup("irra", synth_tiny)
+    labels = batch["mlm_labels"]
+    count = int((labels != -100).sum())
+    assert batch["mlm_rows"] == mlm_rows(labels) and batch["mlm_rows"] % 64 == 0 and count <= batch["mlm_rows"]
+    assert mlm_rows(labels, multiple=1) == count and mlm_rows(labels, multiple=10**6) == labels.numel()
+    assert mlm_rows(torch.full((2, 3), -100)) == 1
+
+    def step(b):
+        method.zero_grad()
+        out = method(b)
+        out["loss"].backward()
+        return out["loss_mlm"].detach(), torch.cat([p.grad.flatten() for p in method.parameters()
+                                                    if p.grad is not None])
+
+    every = step({k: v for k, v in batch.items() if k != "mlm_rows"})
+    for rows in (count, batch["mlm_rows"]):
+        loss, grads = step({**batch, "mlm_rows": rows})
+        assert torch.allclose(loss, every[0], rtol=1e-6, atol=1e-6), rows
+        assert float((grads - every[1]).norm() / every[1].norm()) < 1e-6, rows
+    loss, _ = step({**batch, "mlm_rows": count - 1})  # a bound below the count leaves a masked token out
+    assert not torch.allclose(loss, every[0], rtol=1e-6, atol=1e-6)
+
+
 def test_mlm_masking_statistics():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (400, 50))

@@ -23,6 +23,7 @@ class TrainBatch(TypedDict, total=False):
     # DataNeeds.mlm_ratio > 0 (IRRA): the masked caption and its targets (-100 = not masked)
     mlm_ids: torch.Tensor  # long [B, L]
     mlm_labels: torch.Tensor  # long [B, L]
+    mlm_rows: int  # at least the number of masked tokens: the rows the MLM head computes (tbps.data.text.mlm_rows)
     # DataNeeds.mla (IVT): the caption at three levels, sentence / phrase / word
     mla_ids: torch.Tensor  # long [B, 3, L]
     mla_mask: torch.Tensor  # long [B, 3, L]

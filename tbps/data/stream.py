@@ -48,7 +48,7 @@ from .batch import EvalBatch, TrainBatch
 from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
-from .text import mask_tokens, mla_texts, tokenize
+from .text import mask_tokens, mla_texts, mlm_rows, tokenize
 from .transforms import BatchAugment, resize_uint8
 
 register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
@@ -438,6 +438,7 @@ class ShardStream(IterableDataset):
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(
                 ids, mask, self.special_ids, self.needs.mlm_ratio, self.tokenizer.mask_token_id,
                 len(self.tokenizer), gen)
+            batch["mlm_rows"] = mlm_rows(batch["mlm_labels"])
         if self.needs.mla:
             # levels stacked [B, 3, L]: sentence, phrase, word
             level_ids, level_mask = zip(*(tokenize(self.tokenizer, [s["mla"][k] for s in samples], length)

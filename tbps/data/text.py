@@ -100,6 +100,15 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     return masked, labels
 
 
+def mlm_rows(labels: torch.Tensor, multiple: int = 64) -> int:
+    """The rows IRRA's MLM head computes for a batch (``mlm_rows``): its masked tokens (labels != -100), rounded up
+    to a multiple of ``multiple`` so that compiled graphs see few distinct shapes, at most every position. Any bound
+    at least the count gives the same loss (the extra rows are unmasked positions, ignored); the loader counts it on
+    the CPU, where counting on the GPU would cost a device sync every step."""
+    count = int((labels != -100).sum())
+    return max(1, min(labels.numel(), -(-count // multiple) * multiple))
+
+
 # ------------------------------------------------------------------------------------------------- IVT's MLA levels
 def trim_padding(ids: torch.Tensor, mask: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut right padding down to ``length`` or the longest caption of ``mask`` (any leading shape), as the official
