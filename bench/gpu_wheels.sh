@@ -9,30 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-LOCK=requirements-lock.txt
-pin() {  # the locked version of a package (names compared as pip normalises them)
-  local v
-  v=$("$PY" - "$1" "$LOCK" <<'EOF'
-import re, sys
-want = re.sub(r"[-_.]+", "-", sys.argv[1]).lower()
-for line in open(sys.argv[2]):
-    m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)\s*$", line)
-    if m and re.sub(r"[-_.]+", "-", m[1]).lower() == want:
-        print(m[2])
-EOF
-)
-  [ -n "$v" ] || { echo "gpu_wheels: $1 is not pinned in $LOCK" >&2; exit 2; }
-  echo "$1==$v"
-}
+LOCK=requirements-lock.txt  # as a constraints file: each wheel at its locked version
 rm -rf .whl && mkdir -p .whl
 # DeepSpeed is published as a source distribution: build its (pure Python) wheel here; its ops are compiled
 # just in time where they are used, and tbps uses none on a GPU (a torch optimizer, no DeepSpeed kernels)
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "$(pin deepspeed)"
-pure=(hjson pydantic annotated-types typing-inspection typing-extensions webdataset braceexpand)
-specs=()
-for p in "${pure[@]}" pydantic-core; do specs+=("$(pin "$p")"); done
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -c "$LOCK" -w .whl deepspeed
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d .whl "${specs[@]}"
+    --platform any -c "$LOCK" -d .whl hjson pydantic pydantic-core annotated-types typing-inspection \
+    typing-extensions webdataset braceexpand
 ls -1 .whl
 du -sh .whl

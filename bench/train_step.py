@@ -40,6 +40,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench/overhead
 
 CPU_PRESETS = ("clip_tiny", "irra_tiny", "ivt_tiny", "pcc_tiny")
 PAPER_PRESETS = ("irra", "clip", "pcc", "ivt")
+COMPILED = {"off": [False], "on": [True], "both": [False, True]}  # --compile: the rows' eager/compiled steps
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
 # paper configs' tokenizers: size, pad, mask, bos, eos (tbps's CLIP tokenizer with IRRA's mask; BERT-base uncased)
 VOCAB = {"clip": (49408, 0, 49405, 49406, 49407), "bert": (30522, 0, 103, 101, 102)}
@@ -116,9 +117,13 @@ def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
     return cfg, method, batch, opt
 
 
-def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0, host_batch=None):
+def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0, host_batch=None,
+            clip: float = 0.0, scheduler=None):
     """One training step on ``batch``; with ``host_batch`` (a copy in host memory), each step first copies it to the
-    device with ``non_blocking=True``, as the training loop copies every loader batch."""
+    device with ``non_blocking=True``, as the training loop copies every loader batch. ``clip`` > 0: the gradients'
+    norm clipped (as DeepSpeed's ``gradient_clipping``); ``scheduler``: stepped after the optimizer."""
+    params = [p for p in method.parameters() if p.requires_grad]
+
     def step():
         nonlocal batch
         if host_batch is not None:
@@ -134,7 +139,11 @@ def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_mic
             else:
                 loss = method(batch)["loss"]
                 loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         opt.zero_grad(set_to_none=True)
         return loss
     return step
@@ -334,21 +343,9 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
     optimizer = build_optimizer(method, cfg.optim, fused=cuda)
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6, cfg.train.epochs)
     if arm == "plain":
-        params = [p for p in method.parameters() if p.requires_grad]
-        clip = cfg.optim.grad_clip
         if compiled:
             method.compile_step()
-
-        def step():
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = method(batch)["loss"]
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+        step = step_fn(method, batch, optimizer, device, cuda, clip=cfg.optim.grad_clip, scheduler=scheduler)
         return step, "bf16-autocast" if cuda else "fp32", cfg.method.name
 
     from tbps.engine.loop import initialize_engine
@@ -464,7 +461,7 @@ def main(argv=None) -> int:
         return 2
     if args.profile:
         batches = args.batches or ([64] if args.paper else [32])
-        modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile or "off"]
+        modes = COMPILED[args.compile or "off"]
         for preset in args.profile:
             for batch in batches:
                 for compiled in modes:
@@ -475,8 +472,7 @@ def main(argv=None) -> int:
         presets = args.presets or (["clip_tiny"] if args.quick else ["irra"] if args.paper
                                    else ["irra_tiny", "clip_tiny"])
         batches = args.batches or ([4] if args.quick else [128] if args.paper else [32])
-        modes = {"off": [False], "on": [True], "both": [False, True]}[
-            args.compile or ("on" if device.type == "cuda" and not args.quick else "off")]
+        modes = COMPILED[args.compile or ("on" if device.type == "cuda" and not args.quick else "off")]
         rounds, block, warmup = (2, 2, 1) if args.quick else (args.rounds, args.block, args.warmup)
         print("| preset | step | precision | batch | compiled | step ms | samples/s | vs plain | 90 % interval | "
               "first loss vs plain |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -499,7 +495,7 @@ def main(argv=None) -> int:
     else:
         presets = args.presets or (PAPER_PRESETS if args.paper else CPU_PRESETS)
         batches = args.batches or ([4] if args.quick else [64, 128, 256] if args.paper else [32])
-        compile_modes = {"off": [False], "on": [True], "both": [False, True]}[
+        compile_modes = COMPILED[
             args.compile or ("both" if device.type == "cuda" and not args.quick else "off")]
         steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
         print("| preset | method | image | batch | compiled | params (M) | step ms | samples/s | TFLOP/sample | "
