@@ -12,6 +12,8 @@ backward + optimizer step on one device, eager and compiled (``train.compile``'s
     python bench/train_step.py --paper --profile irra --batches 64 [--compile on]
                                                         # where one step's time goes: host synchronisations, graph
                                                         # breaks, kernels launched, device busy time, top operators
+                                                        # (on CPU, eager: the synchronisations a CUDA step would
+                                                        # make, found by tbps.syncs)
 
 Inputs are synthetic batches with the exact shapes and fields each method trains on (IRR masks, IVT's three views
 and three text levels, 4 images per identity), built without the data pipeline, so the script runs where only
@@ -267,6 +269,12 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
             torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
         torch.cuda.synchronize()
+    elif not compiled:  # no CUDA: the synchronisations a CUDA step would make (tbps.syncs; eager steps only)
+        from tbps.syncs import HostSyncAudit
+
+        with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:
+            step()
+        syncs = [str(s) for s in audit.syncs]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
     with torch_profile(activities=activities) as prof:
@@ -333,8 +341,9 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
     function and its description. ``plain``: forward + backward under bf16 autocast on a GPU (fp32 on CPU), the
     config's gradient clipping, tbps's optimizer (``build_optimizer``: parameter groups, fused on a GPU) and lr
     schedule. ``deepspeed``: the same through DeepSpeed's engine, built as tbps.train builds it (``initialize_engine``
-    with the config's JSON) at the same precision (``bf16-autocast``; fp32 on CPU). ``deepspeed-bf16``: the engine at
-    tbps's default GPU precision (DeepSpeed bf16: bf16 weights, fp32 master copy)."""
+    with the config's JSON) at the same precision (``bf16-autocast``, tbps's default on GPUs; fp32 on CPU), stepped by
+    the worker's ``train_step`` (tbps's gradient clipping). ``deepspeed-bf16``: the engine in DeepSpeed's bf16 mode
+    (bf16 weights, fp32 master copy; the GPU default before 2026-11-24)."""
     from tbps.optim import build_optimizer, build_scheduler
 
     cuda = device.type == "cuda"
@@ -348,7 +357,7 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
         step = step_fn(method, batch, optimizer, device, cuda, clip=cfg.optim.grad_clip, scheduler=scheduler)
         return step, "bf16-autocast" if cuda else "fp32", cfg.method.name
 
-    from tbps.engine.loop import initialize_engine
+    from tbps.engine.loop import initialize_engine, tbps_clips, train_step
 
     _single_process_group(device)
     cfg.train.precision = "bf16" if arm == "deepspeed-bf16" else "bf16-autocast" if cuda else "fp32"
@@ -359,11 +368,10 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
     if dtype is not None:  # the worker casts batches to the weights' precision
         batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
+    clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0
+
     def engine_step():
-        out = engine(batch)
-        engine.backward(out["loss"])
-        engine.step()
-        return out["loss"].detach()
+        return train_step(engine, [batch], grad_cache=False, clip=clip)["loss"]
     return engine_step, cfg.train.precision, cfg.method.name
 
 

@@ -293,8 +293,8 @@ class TrainConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) |
-    # bf16-autocast (fp32 weights, torch.autocast forward) | fp16 | fp32
+    precision: Precision = "auto"  # auto (bf16-autocast on GPU, fp32 on CPU) | bf16-autocast (fp32 weights,
+    # torch.autocast forward) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 | fp32
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
     # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2

@@ -108,9 +108,10 @@ def _ranking_rows(sim: torch.Tensor, pos: torch.Tensor, margins: torch.Tensor) -
     big = torch.finfo(sim.dtype).max / 4
     hardest_pos = torch.where(pos[None], sim, torch.full_like(sim, big)).amin(-1)  # [K, B]
     hardest_neg = torch.where(~pos[None], sim, torch.full_like(sim, -big)).amax(-1)  # [K, B]
-    valid = (~pos).any(-1)  # anchors with at least one negative
+    valid = (~pos).any(-1).to(sim.dtype)  # anchors with at least one negative
     hinge = F.relu(margins.t() + hardest_neg - hardest_pos)  # [K, B]
-    return hinge[:, valid].mean() if valid.any() else sim.sum() * 0
+    # the mean over the valid anchors' rows (0 if there are none), without reading their number back to the host
+    return (hinge * valid).sum() / (valid.sum() * hinge.shape[0]).clamp_min(1)
 
 
 def cmr_loss(image_parts: torch.Tensor, text_parts: torch.Tensor, pids: torch.Tensor, margin: float = 0.2,

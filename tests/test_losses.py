@@ -149,3 +149,14 @@ def test_cmr_fixed_margin_matches_hand_computation():
     expected = 2 * total / n  # both directions are identical here
     got = L.cmr_loss(parts, parts.clone(), pids, margin=m, commonality=False)
     assert abs(got.item() - expected) < 1e-6
+
+
+def test_cmr_without_negatives_is_zero_with_finite_gradients():
+    """A batch of one identity has no negatives: the ranking loss is 0 (no anchor is valid), computed without reading
+    the number of valid anchors back to the host, and its gradients are 0, not NaN."""
+    parts = _parts(0.0).requires_grad_(True)
+    texts = _parts(0.1).requires_grad_(True)
+    loss = L.cmr_loss(parts, texts, torch.zeros(4, dtype=torch.long), margin=0.3)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(parts.grad, torch.zeros_like(parts)) and torch.equal(texts.grad, torch.zeros_like(texts))

@@ -50,10 +50,22 @@ def tokenizer_path(cfg: Config) -> str:
 
 
 def resolve_precision(cfg: Config) -> str:
+    """``train.precision: auto``: bf16 autocast over fp32 weights on GPUs, fp32 on CPU. (Not DeepSpeed's bf16 mode:
+    at ZeRO-0 with tbps's torch optimizer DeepSpeed wraps it in its unfused fp16 optimizer, which reads every
+    parameter's overflow flag back to the host each step -- one device synchronisation per parameter.)"""
     p = cfg.train.precision
     if p == "auto":
-        return "bf16" if cfg.train.use_gpu else "fp32"
+        return "bf16-autocast" if cfg.train.use_gpu else "fp32"
     return p
+
+
+def tbps_clips(cfg: Config) -> bool:
+    """Whether tbps clips the gradients itself (``optimizer_step``) instead of DeepSpeed: at ZeRO-0 with fp32
+    gradients (fp32, bf16-autocast), where DeepSpeed's clipping takes one norm kernel per parameter and two blocking
+    host-to-device copies per step, and torch's ``clip_grad_norm_`` computes the same norm with its multi-tensor
+    kernels and no synchronisation. (ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers own the gradients and clip them.)"""
+    return cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32",
+                                                                                                "bf16-autocast")
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -70,8 +82,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        # always explicit: left out, DeepSpeed clips at norm 1.0 (its default), which optim.grad_clip=0 means not to
-        "gradient_clipping": max(0.0, cfg.optim.grad_clip),
+        # always explicit: left out, DeepSpeed clips at norm 1.0 (its default), which optim.grad_clip=0 means not to;
+        # 0 where tbps clips itself (tbps_clips)
+        "gradient_clipping": 0.0 if tbps_clips(cfg) else max(0.0, cfg.optim.grad_clip),
     }
     return ds
 
@@ -88,6 +101,31 @@ def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32", "bf16-autocast"):
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def optimizer_step(engine, clip: float = 0.0) -> None:
+    """``engine.step()`` (the optimizer and the lr schedule, at accumulation boundaries), the gradients first clipped
+    to norm ``clip`` at a boundary where tbps clips (``tbps_clips``; 0 = DeepSpeed's clipping or none)."""
+    if clip > 0 and engine.is_gradient_accumulation_boundary():
+        torch.nn.utils.clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None], clip)
+    engine.step()
+
+
+def train_step(engine, group: list[dict], grad_cache: bool, clip: float = 0.0, device=None) -> dict:
+    """One call of the training step: the forward, backward and ``optimizer_step`` of one batch (``group[0]``), or
+    with ``grad_cache`` of a group of micro-batches (contrastive losses over all of them, tbps/gradcache.py). Returns
+    the detached loss and its parts; reads nothing back to the host."""
+    if grad_cache:
+        def step_backward(surrogate, _):
+            """each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)"""
+            engine.backward(surrogate, scale_wrt_gas=False)
+            optimizer_step(engine, clip)
+
+        return grad_cache_step(engine.module, group, forward=engine, backward=step_backward, device=device)
+    out = engine(group[0])
+    engine.backward(out["loss"])
+    optimizer_step(engine, clip)
+    return {k: v.detach() for k, v in out.items()}
 
 
 def _to_device(batch: dict, device, dtype) -> dict:
@@ -208,6 +246,7 @@ class TrainRun:
         optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu)
         scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.engine, self.optimizer, self.scheduler = initialize_engine(cfg, method, optimizer, scheduler)
+        self.clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0  # else DeepSpeed clips (or nothing does)
         self.method = method
 
         self.precision = precision = resolve_precision(cfg)
@@ -339,11 +378,6 @@ class TrainRun:
         seen, t0, group, read_shards = 0, time.time(), [], set()
         every = cfg.train.checkpoint_every_steps
 
-        def step_backward(surrogate, _):
-            """grad_cache: each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)."""
-            engine.backward(surrogate, scale_wrt_gas=False)
-            engine.step()
-
         for i, batch in enumerate(loader, start=first):
             if i >= self.batches:
                 break
@@ -356,14 +390,7 @@ class TrainRun:
             group.append(_to_device(batch, self.device, self.dtype))
             if len(group) < self.group_size:
                 continue
-            if cfg.train.grad_cache:  # one optimizer step over the group, contrastive losses over all of it
-                out = grad_cache_step(engine.module, group, forward=engine, backward=step_backward,
-                                      device=self.device)
-            else:
-                out = engine(group[0])
-                engine.backward(out["loss"])
-                engine.step()  # applies the optimizer and the lr schedule at accumulation boundaries
-                out = {k: v.detach() for k, v in out.items()}
+            out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device)
             self.global_step = engine.global_steps
             for k, v in out.items():
                 sums[k] = sums[k].to(v.dtype) + v if k in sums else v

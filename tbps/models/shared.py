@@ -27,13 +27,19 @@ from .weights import WeightLoadError, read_state_dict
 def bmm_keep(num_tokens: int, max_drop: float, generator: torch.Generator | None = None,
              device=None) -> torch.Tensor:
     """Positions ``[n_keep]`` (ascending, 0 = CLS always kept) that BMM keeps for a whole batch: k ~ U{0..floor(
-    max_drop * num_tokens)} positions drawn from 1..num_tokens-1 are dropped (at most num_tokens - 1)."""
+    max_drop * num_tokens)} positions drawn from 1..num_tokens-1 are dropped (at most num_tokens - 1).
+
+    Drawn on the host (CPU generator); on a CUDA device the positions reach it by an asynchronous copy from pinned
+    memory, so the step never waits for the device here."""
     bound = min(int(max_drop * num_tokens), num_tokens - 1)
     k = int(torch.randint(0, bound + 1, (), generator=generator))
-    dropped = torch.randperm(num_tokens - 1, generator=generator)[:k] + 1
-    keep = torch.ones(num_tokens, dtype=torch.bool)
-    keep[dropped] = False
-    return keep.nonzero()[:, 0].to(device) if device is not None else keep.nonzero()[:, 0]
+    order = torch.randperm(num_tokens - 1, generator=generator) + 1  # the first k are dropped, the rest kept
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), order[k:].sort().values])
+    if device is None or torch.device(device).type == "cpu":
+        return keep
+    if torch.device(device).type == "cuda":
+        return keep.pin_memory().to(device, non_blocking=True)
+    return keep.to(device)
 
 
 class SharedBlock(nn.Module):

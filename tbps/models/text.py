@@ -49,7 +49,12 @@ class TextTower(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=None if self.kind == "clip" else mask).last_hidden_state
+        if self.kind == "clip":
+            return self.model(input_ids=ids).last_hidden_state
+        # BERT: the padding mask as SDPA's boolean mask [B, 1, 1, L] (True = attend), which transformers passes on as
+        # it is; given the 2D mask, it would first read back whether any token is padding (a host synchronisation
+        # per forward in eager mode) to leave the mask out when none is
+        return self.model(input_ids=ids, attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
 
     @staticmethod
     def eot_feature(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

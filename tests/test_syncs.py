@@ -1,0 +1,135 @@
+"""#15: no host synchronisation in the training step. A CUDA step that reads a value back (``.item()``, ``bool(t)``),
+computes a data-dependent shape (``nonzero``, boolean-mask indexing) or copies from pageable host memory makes the host
+wait for the device; ``tbps.syncs.HostSyncAudit`` finds each of them on CPU, where CI runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ranks import run_ranks
+from tbps.syncs import HostSyncAudit
+
+HERE = os.path.relpath(os.path.abspath(__file__), os.getcwd())
+
+
+class _SyncInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        float(g.sum())  # a value read in the backward
+        return g * 2
+
+
+def test_audit_finds_each_kind_of_host_synchronisation_with_its_line():
+    x = torch.randn(6, requires_grad=True)
+    with HostSyncAudit() as audit:
+        _SyncInBackward.apply(x).sum().backward()
+        positive = x.detach() > 0
+        x.detach()[positive]  # boolean-mask index
+        if positive.any():  # bool() of a tensor
+            pass
+        torch.tensor([1.0], device=x.device)  # host data copied to the step's device
+        x.detach().tolist()
+        positive.nonzero()
+        torch.repeat_interleave(torch.tensor([1, 2]))  # output size from the data
+        (x * 2).sum()  # queued work, nothing read: not a synchronisation
+    kinds = [(s.kind, s.op) for s in audit.syncs]
+    assert kinds == [("value read", "_local_scalar_dense"), ("data-dependent shape", "boolean-mask index"),
+                     ("value read", "_local_scalar_dense"), ("host-to-device copy", "torch.tensor(..., device=)"),
+                     ("value read", "tolist"), ("data-dependent shape", "nonzero"),
+                     ("data-dependent shape", "repeat_interleave")], audit.report()
+    assert audit.syncs[0].where.startswith(f"{HERE}:") and audit.syncs[0].where.endswith("(backward)")
+    assert "7 host synchronisation(s)" in audit.report()
+
+
+def test_audit_leaves_out_named_host_side_work_and_host_tensors_of_a_cuda_step():
+    x = torch.randn(4)
+
+    def draw_on_host():
+        return int(torch.randint(0, 4, ()))
+
+    with HostSyncAudit(host_side=(f"{HERE}:draw_on_host",)) as audit:
+        draw_on_host()
+        float(x.sum())
+    assert [s.where.split(" ")[-1] for s in audit.syncs] == ["(test_audit_leaves_out_named_host_side_work_and_host_"
+                                                              "tensors_of_a_cuda_step)"]
+    with HostSyncAudit("cuda") as audit:  # a CUDA step's host tensors are no synchronisation (nothing runs on CUDA)
+        float(x.sum())
+        x.nonzero()
+        torch.tensor([1.0], device="cpu")
+    assert audit.syncs == [], audit.report()
+
+
+def _audit_steps(rank, url, out_path):
+    """Each method's training step as the worker runs it (``tbps.engine.loop.train_step`` on the engine
+    ``initialize_engine`` builds, gradient clipping on), audited after two warm-up steps: at GPU's default precision
+    (bf16 autocast), in fp32, with grad_cache, and -- for contrast -- in DeepSpeed's bf16 mode."""
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.engine.loop import initialize_engine, resolve_precision, tbps_clips, train_step
+    from tbps.methods import TextSpec, build_method
+    from tbps.optim import build_optimizer, build_scheduler
+
+    tok = load_tokenizer(os.path.join(url, "tokenizer"))
+    results = {}
+    cases = [(name, precision, 1) for name in ("clip", "irra", "ivt", "pcc") for precision in ("auto", "fp32")]
+    cases += [("irra", "auto", 2), ("ivt", "auto", 2), ("irra", "bf16", 1)]
+    for name, precision, accum in cases:
+        cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", "data.batch_size=4",
+                                           "optim.grad_clip=1.0", f"train.precision={precision}",
+                                           f"train.grad_accum={accum}", f"train.grad_cache={accum > 1}"])
+        cfg.train.use_gpu = True  # what auto resolves to on a GPU worker (the step itself runs on this CPU)
+        torch.manual_seed(0)
+        method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
+        loader = iter(build_train_loader(cfg.data, tok, method.data_needs()))
+        group = [next(loader) for _ in range(accum)]
+        if resolve_precision(cfg) == "bf16":  # the worker casts batches to the weights' precision
+            group = [{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in b.items()} for b in group]
+        optimizer = build_optimizer(method, cfg.optim, fused=True)  # as on a GPU: step counts stay on the device
+        scheduler = build_scheduler(optimizer, cfg.optim, 100, cfg.train.epochs)
+        engine, *_ = initialize_engine(cfg, method, optimizer, scheduler)
+        clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0
+        for _ in range(2):
+            train_step(engine, group, accum > 1, clip)
+        with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:  # BMM draws on the host
+            train_step(engine, group, accum > 1, clip)
+        results[(name, precision, accum)] = {"resolved": resolve_precision(cfg), "clip": clip,
+                                             "syncs": [str(s) for s in audit.syncs],
+                                             "params": sum(1 for p in method.parameters() if p.requires_grad)}
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def audited_steps(synth_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("syncs") / "audit.pt"
+    run_ranks(_audit_steps, 1, synth_tiny, str(out))  # DeepSpeed's engine wants a process group
+    return torch.load(out)
+
+
+def test_training_step_makes_no_host_synchronisation(audited_steps):
+    """Every method, fp32 and GPU's default precision (bf16 autocast), with gradient clipping (tbps's own at ZeRO-0)
+    and with grad_cache: the step asks the device for nothing, so the host can queue the next step's kernels while
+    this one runs. (Loss values are read every train.log_every steps, outside the step.)"""
+    for (name, precision, accum), res in audited_steps.items():
+        if precision == "bf16":
+            continue
+        assert res["clip"] == 1.0, (name, precision)  # tbps clips, not DeepSpeed
+        assert res["syncs"] == [], f"{name} {precision} grad_accum={accum}:\n" + "\n".join(res["syncs"])
+    assert audited_steps[("irra", "auto", 1)]["resolved"] == "bf16-autocast"
+
+
+def test_deepspeed_bf16_mode_reads_every_parameter_back_each_step(audited_steps):
+    """Why ``train.precision: auto`` is bf16 autocast on GPUs and not DeepSpeed's bf16 mode: at ZeRO-0 with a torch
+    optimizer DeepSpeed wraps it in its unfused fp16 optimizer, which checks each parameter's gradient for overflow
+    with a value read -- at least one host synchronisation per parameter per step."""
+    res = audited_steps[("irra", "bf16", 1)]
+    assert res["resolved"] == "bf16" and res["clip"] == 0.0  # DeepSpeed clips in this mode
+    overflow = [s for s in res["syncs"] if "has_overflow" in s]
+    assert len(overflow) >= res["params"], "\n".join(res["syncs"][:20])
