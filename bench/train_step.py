@@ -237,13 +237,37 @@ def max_batch(preset: str, device: torch.device, limit: int) -> list[dict]:
     return rows
 
 
+def host_syncs(step, device: torch.device, compiled: bool) -> list[str] | None:
+    """The host synchronisations one call of ``step`` makes. On CUDA: each one torch's sync debug mode reports. On
+    CPU, eager: those ``tbps.syncs`` finds that a CUDA step would make (BMM's draws on the host left out). None for
+    a compiled step on CPU (the audit does not look into compiled graphs)."""
+    import warnings
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    if compiled:
+        return None
+    from tbps.syncs import HostSyncAudit
+
+    with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:
+        step()
+    return [str(s) for s in audit.syncs]
+
+
 def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, steps: int, top: int = 25,
             overrides=(), mode: str | None = None) -> dict:
     """Where a step's time goes: the host synchronisations one step makes, the compiled graph's breaks, the number of
     device kernels (CPU: operators) launched per step, the fraction of the wall time the device is busy, and the
     operators that take the most time."""
-    import warnings
-
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -257,24 +281,7 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
     for _ in range(3):
         step()
     cuda = device.type == "cuda"
-    syncs = None
-    if cuda:  # every host synchronisation in one step, as a warning each
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        torch.cuda.synchronize()
-    elif not compiled:  # no CUDA: the synchronisations a CUDA step would make (tbps.syncs; eager steps only)
-        from tbps.syncs import HostSyncAudit
-
-        with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:
-            step()
-        syncs = [str(s) for s in audit.syncs]
+    syncs = host_syncs(step, device, compiled)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
     with torch_profile(activities=activities) as prof:
@@ -349,7 +356,7 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
     cuda = device.type == "cuda"
     cfg, method, batch, _ = setup(preset, batch_size, device)
     cfg.train.use_gpu, cfg.train.zero_stage = cuda, zero_stage
-    optimizer = build_optimizer(method, cfg.optim, fused=cuda)
+    optimizer = build_optimizer(method, cfg.optim, fused=True)  # as on a GPU (CPU too: its step counts stay tensors)
     scheduler = build_scheduler(optimizer, cfg.optim, 10**6, cfg.train.epochs)
     if arm == "plain":
         if compiled:
@@ -387,12 +394,13 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
 
     arms = list(ENGINE_ARMS) + (["deepspeed-bf16"] if device.type == "cuda" else [])
     built = {arm: engine_arm(arm, preset, batch_size, device, compiled, zero_stage) for arm in arms}
-    first = {}
+    first, syncs = {}, {}
     for arm, (step, *_) in built.items():
         torch.manual_seed(1)
         first[arm] = float(step())  # the step from the shared initial weights
         for _ in range(warmup):
             step()
+        syncs[arm] = host_syncs(step, device, compiled)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(step, n):  # one block: its mean step, synchronised at the block's ends only (as ``measure``)
@@ -417,6 +425,8 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
                      "step_ms": step_s * 1000, "samples_per_s": batch_size / step_s, "vs_plain": ratio,
                      "vs_plain_interval": [lo, hi], "first_loss": first[arm],
                      "first_loss_vs_plain": abs(first[arm] - first["plain"]) / max(abs(first["plain"]), 1e-12),
+                     "host_syncs_per_step": len(syncs[arm]) if syncs[arm] is not None else None,
+                     "syncs": sorted(set(syncs[arm] or [])),
                      "rounds": rounds, "block": block, "device": device_name(device), "torch": torch.__version__})
     return rows
 
@@ -483,7 +493,7 @@ def main(argv=None) -> int:
         modes = COMPILED[args.compile or ("on" if device.type == "cuda" and not args.quick else "off")]
         rounds, block, warmup = (2, 2, 1) if args.quick else (args.rounds, args.block, args.warmup)
         print("| preset | step | precision | batch | compiled | step ms | samples/s | vs plain | 90 % interval | "
-              "first loss vs plain |\n|---|---|---|---|---|---|---|---|---|---|")
+              "host syncs | first loss vs plain |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for preset in presets:
             for batch in batches:
                 for compiled in modes:
@@ -493,7 +503,8 @@ def main(argv=None) -> int:
                         step = r["step"] if r["zero_stage"] is None else f"{r['step']} ZeRO-{r['zero_stage']}"
                         print(f"| {preset} | {step} | {r['precision']} | {batch} | {'yes' if compiled else 'no'} | "
                               f"{r['step_ms']:.1f} | {r['samples_per_s']:.1f} | {r['vs_plain']:.3f} | "
-                              f"{lo:.3f}-{hi:.3f} | {r['first_loss_vs_plain']:.1e} |", flush=True)
+                              f"{lo:.3f}-{hi:.3f} | {'—' if r['host_syncs_per_step'] is None else r['host_syncs_per_step']}"
+                              f" | {r['first_loss_vs_plain']:.1e} |", flush=True)
                     save()
     elif args.max_batch:
         print("| preset | activation checkpointing | grad_cache micro-batch | largest batch |\n|---|---|---|---|")
