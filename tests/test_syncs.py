@@ -133,3 +133,36 @@ def test_deepspeed_bf16_mode_reads_every_parameter_back_each_step(audited_steps)
     assert res["resolved"] == "bf16" and res["clip"] == 0.0  # DeepSpeed clips in this mode
     overflow = [s for s in res["syncs"] if "has_overflow" in s]
     assert len(overflow) >= res["params"], "\n".join(res["syncs"][:20])
+
+
+def _audit_epochs(rank, url, out_dir):
+    """The worker's loop (``TrainRun.train_one_epoch``) audited over one epoch of 4 and one of 8 steps. Batches are
+    made in a loader process (as in a Ray worker), so the audit sees the loop, not the data pipeline."""
+    import multiprocessing
+
+    from tbps.config import load_config
+    from tbps.engine.loop import TrainRun
+
+    multiprocessing.set_start_method("fork", force=True)
+    found = {}
+    for steps in (4, 8):
+        cfg = load_config("irra_tiny", [f"data.url={url}", "data.batch_size=4", "data.loader_workers=1",
+                                        f"train.max_steps_per_epoch={steps}", "train.log_every=100",
+                                        f"train.storage_path={out_dir}/runs{steps}", "train.run_name=syncs"])
+        cfg.train.use_gpu = True  # the worker as on a GPU (fused AdamW, bf16 autocast); the step runs on this CPU
+        run = TrainRun(cfg, rank, 1, torch.device("cpu"), lambda metrics, checkpoint_dir: None)
+        with HostSyncAudit(host_side=("tbps/data/stream.py",)) as audit:  # the loader's host-side batches
+            metrics = run.train_one_epoch(0)
+        found[steps] = {"syncs": [str(s) for s in audit.syncs], "steps": metrics["step"]}
+    torch.save(found, os.path.join(out_dir, "epochs.pt"))
+
+
+def test_the_loop_reads_losses_per_log_line_not_per_step(synth_tiny, tmp_path):
+    """train.log_every: loss values stay on the device between progress lines. An epoch of 8 steps makes exactly the
+    host synchronisations of an epoch of 4 (a progress line at its first and last step, the epoch's means): none
+    is per step."""
+    run_ranks(_audit_epochs, 1, synth_tiny, str(tmp_path))
+    found = torch.load(tmp_path / "epochs.pt")
+    assert found[4]["steps"] == 4 and found[8]["steps"] == 8
+    assert found[4]["syncs"], "the progress lines and the epoch's means read values"
+    assert sorted(found[8]["syncs"]) == sorted(found[4]["syncs"]), "\n".join(found[8]["syncs"])
