@@ -12,9 +12,9 @@ On a CUDA device it records them on device tensors only, as ``torch.cuda.set_syn
 cannot tell a tensor that a GPU run would keep on the host from one it would put on the device, so it treats every
 tensor as a device tensor (a conservative superset; host-side work by design is for the caller to name, e.g. a
 draw from a CPU generator), and it cannot see ``.to(device)`` copies (a CPU-to-CPU ``.to`` is no copy at all). That
-is what lets CI check on CPU that the training step asks the device for nothing
-(tests/test_step_options.py), and ``bench/train_step.py --profile`` count the step's synchronisations on CPU.
-Compiled graphs are not looked into: audit the eager step (torch.compile adds no synchronisation of its own).
+is what lets CI check on CPU that the training step asks the device for nothing (tests/test_syncs.py), and
+``bench/train_step.py`` count a step's synchronisations on CPU. Compiled graphs are not looked into: audit the
+eager step.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _READS = {"_local_scalar_dense": "value read", "nonzero": "data-dependent shape"
           "_unique": "data-dependent shape", "_unique2": "data-dependent shape",
           "unique_dim": "data-dependent shape", "unique_consecutive": "data-dependent shape",
           "equal": "value read", "is_nonzero": "value read", "allclose": "value read"}
-_TORCH = os.path.dirname(torch.__file__)
+_TORCH = os.path.dirname(torch.__file__) + os.sep
 _HERE = os.path.abspath(__file__)
 
 
@@ -93,7 +93,7 @@ class HostSyncAudit:
         elif name == "repeat_interleave" and self._on_device(args[0]) and kwargs.get("output_size") is None \
                 and func._overloadname == "Tensor":
             self._record("data-dependent shape", "repeat_interleave")
-        elif name == "index" and self._on_device(args[0]) and any(
+        elif name == "index" and self._on_device(args[0]) and isinstance(args[1], (list, tuple)) and any(
                 i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
             self._record("data-dependent shape", "boolean-mask index")
 
