@@ -135,6 +135,38 @@ def test_deepspeed_bf16_mode_reads_every_parameter_back_each_step(audited_steps)
     assert len(overflow) >= res["params"], "\n".join(res["syncs"][:20])
 
 
+def _audit_two_ranks(rank, url, out_dir):
+    """IRRA on 2 ranks at ZeRO-0 with global negatives (gathered features) and clipping: DeepSpeed's gradient
+    all-reduce and tbps's gather in the step."""
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.engine.loop import initialize_engine, tbps_clips, train_step
+    from tbps.methods import TextSpec, build_method
+    from tbps.optim import build_optimizer
+
+    cfg = load_config("irra_tiny", [f"data.url={url}", "data.loader_workers=0", "data.batch_size=4",
+                                    "optim.grad_clip=1.0", "method.gather=true"])
+    cfg.train.use_gpu = True  # the worker as on a GPU (fused AdamW, bf16 autocast); the step runs on this CPU
+    tok = load_tokenizer(os.path.join(url, "tokenizer"))
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
+    batch = next(iter(build_train_loader(cfg.data, tok, method.data_needs(), rank, 2)))
+    engine, *_ = initialize_engine(cfg, method, build_optimizer(method, cfg.optim, fused=True))
+    assert tbps_clips(cfg) and engine.enable_backward_allreduce
+    for _ in range(2):
+        train_step(engine, [batch], False, cfg.optim.grad_clip)
+    with HostSyncAudit() as audit:
+        train_step(engine, [batch], False, cfg.optim.grad_clip)
+    torch.save([str(s) for s in audit.syncs], os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_ranks_step_makes_no_host_synchronisation(synth_tiny, tmp_path):
+    run_ranks(_audit_two_ranks, 2, synth_tiny, str(tmp_path))
+    for rank in (0, 1):
+        syncs = torch.load(tmp_path / f"rank{rank}.pt")
+        assert syncs == [], "\n".join(syncs)
+
+
 def _audit_epochs(rank, url, out_dir):
     """The worker's loop (``TrainRun.train_one_epoch``) audited over one epoch of 4 and one of 8 steps. Batches are
     made in a loader process (as in a Ray worker), so the audit sees the loop, not the data pipeline."""
