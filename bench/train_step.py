@@ -346,7 +346,7 @@ def _single_process_group(device: torch.device) -> None:
 def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, compiled: bool, zero_stage: int = 0):
     """One contender of ``engine_compare``, built from the same seed, weights and batch as the others: the step
     function and its description. ``plain``: forward + backward under bf16 autocast on a GPU (fp32 on CPU), the
-    config's gradient clipping, tbps's optimizer (``build_optimizer``: parameter groups, fused on a GPU) and lr
+    config's gradient clipping, tbps's optimizer (``build_optimizer``: parameter groups, fused as on a GPU) and lr
     schedule. ``deepspeed``: the same through DeepSpeed's engine, built as tbps.train builds it (``initialize_engine``
     with the config's JSON) at the same precision (``bf16-autocast``, tbps's default on GPUs; fp32 on CPU), stepped by
     the worker's ``train_step`` (tbps's gradient clipping). ``deepspeed-bf16``: the engine in DeepSpeed's bf16 mode
