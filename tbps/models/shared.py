@@ -24,6 +24,7 @@ from .clip import resize_grid
 from .weights import WeightLoadError, read_state_dict
 
 
+@torch.compiler.disable  # host-side work: always eager under train.compile (its draws read a value back anyway)
 def bmm_keep(num_tokens: int, max_drop: float, generator: torch.Generator | None = None,
              device=None) -> torch.Tensor:
     """Positions ``[n_keep]`` (ascending, 0 = CLS always kept) that BMM keeps for a whole batch: k ~ U{0..floor(
