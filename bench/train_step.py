@@ -364,7 +364,7 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
         step = step_fn(method, batch, optimizer, device, cuda, clip=cfg.optim.grad_clip, scheduler=scheduler)
         return step, "bf16-autocast" if cuda else "fp32", cfg.method.name
 
-    from tbps.engine.loop import initialize_engine, tbps_clips, train_step
+    from tbps.engine.loop import initialize_engine, tbps_clip_norm, train_step
 
     _single_process_group(device)
     cfg.train.precision = "bf16" if arm == "deepspeed-bf16" else "bf16-autocast" if cuda else "fp32"
@@ -375,7 +375,7 @@ def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, com
     if dtype is not None:  # the worker casts batches to the weights' precision
         batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
-    clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0
+    clip = tbps_clip_norm(cfg)
 
     def engine_step():
         return train_step(engine, [batch], grad_cache=False, clip=clip)["loss"]

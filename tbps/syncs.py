@@ -48,7 +48,9 @@ class Sync:
         return f"{self.kind} ({self.op}) at {self.where}"
 
 
-def _where(root: str) -> str:
+def _caller(root: str) -> tuple[str, int, str]:
+    """(path, line, function) of the first frame outside torch and this module; the path relative to ``root``, or
+    to site-packages for an installed package."""
     for frame in reversed(traceback.extract_stack()):
         path = os.path.abspath(frame.filename)
         if path == _HERE or path.startswith(_TORCH) or frame.filename.startswith("<"):
@@ -56,8 +58,8 @@ def _where(root: str) -> str:
         shown = os.path.relpath(path, root) if path.startswith(root + os.sep) else path
         if "site-packages" + os.sep in shown:
             shown = shown.split("site-packages" + os.sep, 1)[1]
-        return f"{shown}:{frame.lineno} ({frame.name})"
-    return "?"
+        return shown, frame.lineno, frame.name
+    return "?", 0, "?"
 
 
 class HostSyncAudit:
@@ -79,12 +81,10 @@ class HostSyncAudit:
         return self.device.type == "cpu" or t.device.type == self.device.type
 
     def _record(self, kind: str, op: str) -> None:
-        where = _where(self.root)
-        path, _, rest = where.partition(":")
-        function = rest[rest.find("(") + 1:-1] if "(" in rest else ""
+        path, line, function = _caller(self.root)
         if any(h in (path, f"{path}:{function}") for h in self.host_side):
             return
-        self.syncs.append(Sync(kind, op, where))
+        self.syncs.append(Sync(kind, op, f"{path}:{line} ({function})"))
 
     def _dispatch(self, func, args, kwargs) -> None:
         name = func._schema.name.split("::")[-1]
@@ -105,9 +105,8 @@ class HostSyncAudit:
             target = torch.device(kwargs["device"])
             if target.type == self.device.type:
                 self._record("host-to-device copy", f"torch.{name}(..., device=)")
-        elif name in ("cpu", "numpy") and self._on_device(args[0]):
-            if self.device.type == "cpu" or args[0].device.type != "cpu":
-                self._record("device-to-host copy", name)
+        elif name in ("cpu", "numpy") and self._on_device(args[0]):  # on CUDA: a device tensor's
+            self._record("device-to-host copy", name)
         elif name in ("to", "cuda") and self.device.type != "cpu" and isinstance(args[0], torch.Tensor):
             src, non_blocking = args[0].device, bool(kwargs.get("non_blocking", False))
             target = _target_device(args[1:], kwargs) if name == "to" else torch.device("cuda")

@@ -72,7 +72,7 @@ def _audit_steps(rank, url, out_path):
     (bf16 autocast), in fp32, with grad_cache, and -- for contrast -- in DeepSpeed's bf16 mode."""
     from tbps.config import load_config
     from tbps.data import build_train_loader, load_tokenizer
-    from tbps.engine.loop import initialize_engine, resolve_precision, tbps_clips, train_step
+    from tbps.engine.loop import initialize_engine, resolve_precision, tbps_clip_norm, train_step
     from tbps.methods import TextSpec, build_method
     from tbps.optim import build_optimizer, build_scheduler
 
@@ -95,7 +95,7 @@ def _audit_steps(rank, url, out_path):
         optimizer = build_optimizer(method, cfg.optim, fused=True)  # as on a GPU: step counts stay on the device
         scheduler = build_scheduler(optimizer, cfg.optim, 100, cfg.train.epochs)
         engine, *_ = initialize_engine(cfg, method, optimizer, scheduler)
-        clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0
+        clip = tbps_clip_norm(cfg)
         for _ in range(2):
             train_step(engine, group, accum > 1, clip)
         with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:  # BMM draws on the host

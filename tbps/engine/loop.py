@@ -68,6 +68,12 @@ def tbps_clips(cfg: Config) -> bool:
                                                                                                 "bf16-autocast")
 
 
+def tbps_clip_norm(cfg: Config) -> float:
+    """The norm ``optimizer_step`` clips at: ``optim.grad_clip`` where tbps clips (``tbps_clips``), else 0 (DeepSpeed
+    clips, or nothing does)."""
+    return cfg.optim.grad_clip if tbps_clips(cfg) else 0.0
+
+
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON, built from the config (never a module global)."""
     precision = resolve_precision(cfg)
@@ -105,9 +111,9 @@ def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
 
 def optimizer_step(engine, clip: float = 0.0) -> None:
     """``engine.step()`` (the optimizer and the lr schedule, at accumulation boundaries), the gradients first clipped
-    to norm ``clip`` at a boundary where tbps clips (``tbps_clips``; 0 = DeepSpeed's clipping or none)."""
+    to norm ``clip`` at a boundary where tbps clips (``tbps_clip_norm``; 0 = DeepSpeed's clipping or none)."""
     if clip > 0 and engine.is_gradient_accumulation_boundary():
-        torch.nn.utils.clip_grad_norm_([p for p in engine.module.parameters() if p.grad is not None], clip)
+        torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip)  # parameters without a gradient skipped
     engine.step()
 
 
@@ -246,7 +252,7 @@ class TrainRun:
         optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu)
         scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.engine, self.optimizer, self.scheduler = initialize_engine(cfg, method, optimizer, scheduler)
-        self.clip = cfg.optim.grad_clip if tbps_clips(cfg) else 0.0  # else DeepSpeed clips (or nothing does)
+        self.clip = tbps_clip_norm(cfg)
         self.method = method
 
         self.precision = precision = resolve_precision(cfg)
