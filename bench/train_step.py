@@ -397,7 +397,7 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
     first, syncs = {}, {}
     for arm, (step, *_) in built.items():
         torch.manual_seed(1)
-        first[arm] = float(step())  # the step from the shared initial weights
+        first[arm] = float(step().detach())  # the step from the shared initial weights
         for _ in range(warmup):
             step()
         syncs[arm] = host_syncs(step, device, compiled)
