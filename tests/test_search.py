@@ -236,6 +236,23 @@ def test_bench_quick_modes(script, rows, tmp_path):
             assert float(cells[-2]) < 1e-6 and cells[-3].strip() == "0", out.stdout
 
 
+def test_gpu_script_checks_its_steps_and_goes_on_past_a_failed_one(tmp_path):
+    """bench/gpu_15.sh (issue #15's device script): an unknown step name stops it before anything runs; a step that
+    fails (here: --paper needs CUDA) is recorded with its exit status and time, and the next step still runs."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OUT": str(tmp_path / "out"), "WHEELS": str(tmp_path / "no-wheels"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    bad = subprocess.run(["bash", "bench/gpu_15.sh", "engine", "bogus"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown step 'bogus'" in bad.stderr and not (tmp_path / "out").exists()
+    if torch.cuda.is_available():
+        pytest.skip("would run the steps for real")
+    out = subprocess.run(["bash", "bench/gpu_15.sh", "engine", "max"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "failed: engine max" in out.stderr, out.stderr[-3000:]
+    steps = (tmp_path / "out" / "steps.txt").read_text().splitlines()
+    assert [s.split()[:2] for s in steps] == [["engine", "rc=2"], ["max", "rc=2"]], steps
+    assert "need a GPU" in (tmp_path / "out" / "engine.md").read_text()
+
 def test_the_search_gallery_is_the_evaluation_pass_embedding(tiny_checkpoint, synth_tiny):
     """tbps.retrieval: the gallery index holds the evaluation pass's image embeddings (one path for both), in split
     order whatever the loader workers' interleaving, with each image's shard and key to fetch it again."""
