@@ -387,20 +387,36 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
     """The same training step, plain PyTorch against DeepSpeed's engine in one process (issue #15: <= 5 % over the
     plain step). The contenders run interleaved, a block of steps each per round in a rotating order, and each
     engine's ratio pairs its block with the plain block of the same round (bench/overhead.py's method). First, as a
-    check that they compute the same step: every contender's first loss from the shared initial weights."""
+    check that they compute the same step: every contender's first loss from the shared initial weights. An engine
+    that fails to build or step gives a row with its ``error`` instead; the others are still compared."""
     from statistics import median
 
     from overhead import paired_ratio
 
     arms = list(ENGINE_ARMS) + (["deepspeed-bf16"] if device.type == "cuda" else [])
-    built = {arm: engine_arm(arm, preset, batch_size, device, compiled, zero_stage) for arm in arms}
-    first, syncs = {}, {}
-    for arm, (step, *_) in built.items():
-        torch.manual_seed(1)
-        first[arm] = float(step().detach())  # the step from the shared initial weights
-        for _ in range(warmup):
-            step()
-        syncs[arm] = host_syncs(step, device, compiled)
+    built, first, syncs, failed = {}, {}, {}, []
+    for arm in arms:
+        try:
+            built[arm] = engine_arm(arm, preset, batch_size, device, compiled, zero_stage)
+            step = built[arm][0]
+            torch.manual_seed(1)
+            first[arm] = float(step().detach())  # the step from the shared initial weights
+            for _ in range(warmup):
+                step()
+            syncs[arm] = host_syncs(step, device, compiled)
+        except Exception as e:  # an engine that cannot run here costs its own row, not the comparison's others
+            if arm == "plain":
+                raise
+            import traceback
+
+            traceback.print_exc()
+            built.pop(arm, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            failed.append({"preset": preset, "batch": batch_size, "compiled": compiled, "step": arm,
+                           "zero_stage": zero_stage, "error": f"{type(e).__name__}: {e}"[:500],
+                           "device": device_name(device), "torch": torch.__version__})
+    arms = [arm for arm in arms if arm in built]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(step, n):  # one block: its mean step, synchronised at the block's ends only (as ``measure``)
@@ -428,7 +444,7 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
                      "host_syncs_per_step": len(syncs[arm]) if syncs[arm] is not None else None,
                      "syncs": sorted(set(syncs[arm] or [])),
                      "rounds": rounds, "block": block, "device": device_name(device), "torch": torch.__version__})
-    return rows
+    return rows + failed
 
 
 def main(argv=None) -> int:
@@ -499,8 +515,12 @@ def main(argv=None) -> int:
                 for compiled in modes:
                     for r in engine_compare(preset, batch, device, compiled, rounds, block, warmup, args.zero_stage):
                         rows.append(r)
-                        lo, hi = r["vs_plain_interval"]
                         step = r["step"] if r["zero_stage"] is None else f"{r['step']} ZeRO-{r['zero_stage']}"
+                        if "error" in r:
+                            print(f"| {preset} | {step} | | {batch} | {'yes' if compiled else 'no'} | failed: "
+                                  f"{r['error'][:200]} |", flush=True)
+                            continue
+                        lo, hi = r["vs_plain_interval"]
                         print(f"| {preset} | {step} | {r['precision']} | {batch} | {'yes' if compiled else 'no'} | "
                               f"{r['step_ms']:.1f} | {r['samples_per_s']:.1f} | {r['vs_plain']:.3f} | "
                               f"{lo:.3f}-{hi:.3f} | {'—' if r['host_syncs_per_step'] is None else r['host_syncs_per_step']}"
@@ -540,7 +560,7 @@ def main(argv=None) -> int:
     if args.json:
         save()
         print(f"wrote {len(rows)} rows to {args.json}")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

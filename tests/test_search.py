@@ -236,6 +236,29 @@ def test_bench_quick_modes(script, rows, tmp_path):
             assert float(cells[-2]) < 1e-6 and cells[-3].strip() == "0", out.stdout
 
 
+def test_engine_comparison_keeps_its_other_rows_when_an_engine_fails(tmp_path):
+    """bench/train_step.py --engine: a contender that cannot run (here: DeepSpeed's engine made to fail) gives a row
+    naming its error, the plain step is still measured and written, and the exit status says something failed."""
+    script = f"""
+import sys
+sys.path.insert(0, "bench")
+import train_step
+real = train_step.engine_arm
+def arm(name, *args, **kwargs):
+    if name == "deepspeed":
+        raise RuntimeError("no engine on this machine")
+    return real(name, *args, **kwargs)
+train_step.engine_arm = arm
+sys.exit(train_step.main(["--engine", "--quick", "--json", {str(tmp_path / "engine.json")!r}]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT, "TBPS_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    assert "| clip_tiny | deepspeed ZeRO-0 | | 4 | no | failed: RuntimeError: no engine on this machine |" in out.stdout
+    rows = json.load(open(tmp_path / "engine.json"))
+    assert [r["step"] for r in rows] == ["plain", "deepspeed"] and rows[0]["samples_per_s"] > 0
+    assert rows[1]["error"] == "RuntimeError: no engine on this machine" and "samples_per_s" not in rows[1]
+
 def test_gpu_script_checks_its_steps_and_goes_on_past_a_failed_one(tmp_path):
     """bench/gpu_15.sh (issue #15's device script): an unknown step name stops it before anything runs; a step that
     fails (here: --paper needs CUDA) is recorded with its exit status and time, and the next step still runs."""
