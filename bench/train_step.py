@@ -326,6 +326,18 @@ def profile(preset: str, batch_size: int, device: torch.device, compiled: bool, 
 ENGINE_ARMS = ("plain", "deepspeed")  # + "deepspeed-bf16" on a GPU
 
 
+def failed_row(preset: str, batch_size: int, compiled: bool, device: torch.device, error: Exception, **extra) -> dict:
+    """The row of a measurement that raised: its traceback printed, its error kept, the device's cache emptied so
+    that the next measurement starts clean."""
+    import traceback
+
+    traceback.print_exception(error)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"preset": preset, "batch": batch_size, "compiled": compiled, **extra,
+            "error": f"{type(error).__name__}: {error}"[:500], "device": device_name(device), "torch": torch.__version__}
+
+
 def _single_process_group(device: torch.device) -> None:
     """A one-rank process group for DeepSpeed, without a launcher (and without MPI discovery)."""
     import socket
@@ -407,15 +419,8 @@ def engine_compare(preset: str, batch_size: int, device: torch.device, compiled:
         except Exception as e:  # an engine that cannot run here costs its own row, not the comparison's others
             if arm == "plain":
                 raise
-            import traceback
-
-            traceback.print_exc()
             built.pop(arm, None)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            failed.append({"preset": preset, "batch": batch_size, "compiled": compiled, "step": arm,
-                           "zero_stage": zero_stage, "error": f"{type(e).__name__}: {e}"[:500],
-                           "device": device_name(device), "torch": torch.__version__})
+            failed.append(failed_row(preset, batch_size, compiled, device, e, step=arm, zero_stage=zero_stage))
     arms = [arm for arm in arms if arm in built]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -499,8 +504,12 @@ def main(argv=None) -> int:
         for preset in args.profile:
             for batch in batches:
                 for compiled in modes:
-                    rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps,
-                                        mode=mode))
+                    try:
+                        rows.append(profile(preset, batch, device, compiled, 2 if args.quick else args.steps,
+                                            mode=mode))
+                    except Exception as e:  # one cell's failure costs that cell, not the rest of a device call
+                        rows.append(failed_row(preset, batch, compiled, device, e))
+                        print(f"## profile: {preset}, batch {batch}: failed: {rows[-1]['error']}", flush=True)
                     save()
     elif args.engine:
         presets = args.presets or (["clip_tiny"] if args.quick else ["irra"] if args.paper
@@ -547,6 +556,11 @@ def main(argv=None) -> int:
                 print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                continue
+            except Exception as e:  # one cell's failure costs that cell, not the rest of a device call
+                rows.append(failed_row(preset, batch, compiled, device, e, copy=copy, compile_mode=mode))
+                save()
+                print(f"| {preset} | | | {batch} | {compiled} | failed: {rows[-1]['error'][:200]} |", flush=True)
                 continue
             rows.append(r)
             save()

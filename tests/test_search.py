@@ -236,28 +236,38 @@ def test_bench_quick_modes(script, rows, tmp_path):
             assert float(cells[-2]) < 1e-6 and cells[-3].strip() == "0", out.stdout
 
 
-def test_engine_comparison_keeps_its_other_rows_when_an_engine_fails(tmp_path):
-    """bench/train_step.py --engine: a contender that cannot run (here: DeepSpeed's engine made to fail) gives a row
-    naming its error, the plain step is still measured and written, and the exit status says something failed."""
+def test_a_failed_measurement_costs_its_own_row_only(tmp_path):
+    """bench/train_step.py (what a device call runs): a contender of --engine that cannot run (here: DeepSpeed's
+    engine made to fail), or a preset's step that raises, gives a row naming its error; the other rows are still
+    measured and written, and the exit status says something failed."""
     script = f"""
 import sys
 sys.path.insert(0, "bench")
 import train_step
-real = train_step.engine_arm
+real_arm, real_measure = train_step.engine_arm, train_step.measure
 def arm(name, *args, **kwargs):
     if name == "deepspeed":
         raise RuntimeError("no engine on this machine")
-    return real(name, *args, **kwargs)
-train_step.engine_arm = arm
-sys.exit(train_step.main(["--engine", "--quick", "--json", {str(tmp_path / "engine.json")!r}]))
+    return real_arm(name, *args, **kwargs)
+def measure(preset, *args, **kwargs):
+    if preset == "clip_tiny":
+        raise ValueError("cannot step")
+    return real_measure(preset, *args, **kwargs)
+train_step.engine_arm, train_step.measure = arm, measure
+codes = [train_step.main(["--engine", "--quick", "--json", {str(tmp_path / "engine.json")!r}]),
+         train_step.main(["--quick", "--presets", "clip_tiny", "irra_tiny", "--json", {str(tmp_path / "steps.json")!r}])]
+print("codes", *codes)
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ROOT, "TBPS_CACHE": str(tmp_path / "cache")})
-    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    assert out.returncode == 0 and "codes 1 1" in out.stdout, (out.stdout + out.stderr)[-3000:]
     assert "| clip_tiny | deepspeed ZeRO-0 | | 4 | no | failed: RuntimeError: no engine on this machine |" in out.stdout
     rows = json.load(open(tmp_path / "engine.json"))
     assert [r["step"] for r in rows] == ["plain", "deepspeed"] and rows[0]["samples_per_s"] > 0
     assert rows[1]["error"] == "RuntimeError: no engine on this machine" and "samples_per_s" not in rows[1]
+    rows = json.load(open(tmp_path / "steps.json"))
+    assert [r["preset"] for r in rows] == ["clip_tiny", "irra_tiny"], rows
+    assert rows[0]["error"] == "ValueError: cannot step" and rows[1]["samples_per_s"] > 0
 
 def test_gpu_script_checks_its_steps_and_goes_on_past_a_failed_one(tmp_path):
     """bench/gpu_15.sh (issue #15's device script): an unknown step name stops it before anything runs; a step that
