@@ -6,8 +6,9 @@
 # limit keeps what it has), train_step.md (the tables), max_batch.json, profile.json/.md, train_step_modes.json,
 # train_step_copy.json, engine.json/.md, data.md, env.txt, steps.txt (each step's exit status and wall time: a step
 # that fails does not stop the next). At most 8 files come back from one call, so no call needs more. Split the steps
-# over calls where one call cannot hold them all (10 minutes each); the next session's plan: `engine data` in one
-# call (carrying .whl), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp).
+# over calls where one call cannot hold them all (10 minutes each); the next session's plan: `engine data irra` in
+# one call (carrying .whl; irra last: the re-measure since IRRA's MLM head scores masked positions only, whatever
+# fits), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp).
 # The device image has torch, timm and transformers but no Ray, DeepSpeed or webdataset: bench/train_step.py needs
 # none of them (synthetic batches; tbps.methods imports without them). `engine` (the step through DeepSpeed's engine
 # against the plain step) and `data` (the loader on the machine's 16 cores) need DeepSpeed and webdataset: run
