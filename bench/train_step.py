@@ -352,6 +352,10 @@ def _single_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
+    if device.type != "cuda":  # DeepSpeed's CPU communication op is built here, before initialize_engine
+        from tbps.engine.loop import clear_stale_build_lock
+
+        clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 

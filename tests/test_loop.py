@@ -278,3 +278,32 @@ def test_elastic_resume_on_fewer_workers(synth_tiny, tmp_path, stage):
     assert [h["world_size"] for h in metrics["history"]] == [2, 1]
     assert all(h["train_loss"] == h["train_loss"] for h in metrics["history"])  # finite
     assert set(metrics["test"]) >= {"R1", "mAP"}
+
+
+def test_a_lock_file_left_by_a_killed_op_build_is_cleared(tmp_path, monkeypatch):
+    """Before torch 2.14 a just-in-time extension build holds a lock file whose existence blocks every later build:
+    one left by a worker killed while building DeepSpeed's CPU communication op would hang every later run. tbps
+    removes such a file once it is older than any build takes (and says so), leaves a recent one (a build in
+    progress on another rank), and leaves everything alone where torch holds an OS lock instead (torch >= 2.14)."""
+    import time
+
+    import torch.utils.cpp_extension as extension
+
+    from tbps.engine.loop import STALE_BUILD_LOCK_S, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"  # the default root's <python>_<cuda> layout
+    recent = tmp_path / "deepspeed_shm_comm" / "lock"  # TORCH_EXTENSIONS_DIR's own layout
+    for lock in (old, recent):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    then = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(old, (then, then))
+    assert clear_stale_build_lock(blocking=False) is None and old.exists()  # an OS lock: nothing to clear
+    if not hasattr(extension, "FileBaton"):  # torch >= 2.14 (what ./run.sh installs) holds an OS lock
+        assert clear_stale_build_lock() is None and old.exists()
+    lines = []
+    assert clear_stale_build_lock(blocking=True, log=lines.append) == str(old)
+    assert not old.exists() and recent.exists()
+    assert len(lines) == 1 and str(old) in lines[0] and "killed" in lines[0]
+    assert clear_stale_build_lock(blocking=True, log=lines.append) is None and recent.exists() and len(lines) == 1

@@ -12,6 +12,7 @@ data position and the epoch's running loss sums.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -95,13 +96,50 @@ def deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU communication op builds in about 40 s on 2 cores
+
+
+def clear_stale_build_lock(max_age_s: float = STALE_BUILD_LOCK_S, blocking: bool | None = None,
+                           log: Callable[[str], None] = print) -> str | None:
+    """DeepSpeed on CPU builds its shared-memory communication op (``deepspeed_shm_comm``) with torch's just-in-time
+    extension builder on first use. Before torch 2.14 that builder guards a build with a lock file whose mere
+    existence blocks: a process killed mid-build (a worker lost during the first run) leaves the file behind, and
+    every later run on the machine then waits on it forever without a word. Torch 2.14 holds an OS lock instead,
+    released with its holder (``blocking`` False; None: read from torch). With a blocking lock file older than
+    ``max_age_s`` -- longer than any build of that op takes -- it is removed, and that is logged. Returns the path
+    removed, if any."""
+    import torch.utils.cpp_extension as extension
+
+    if blocking is None:
+        blocking = hasattr(extension, "FileBaton")  # torch < 2.14: the existence-based lock
+    if not blocking:
+        return None
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or extension.get_default_build_root()
+    pattern = os.path.join("deepspeed_shm_comm", "lock")  # under the root, or its <python>_<cuda> folder
+    for lock in glob.glob(os.path.join(root, pattern)) + glob.glob(os.path.join(root, "*", pattern)):
+        try:
+            age = time.time() - os.path.getmtime(lock)
+            if age <= max_age_s:
+                continue
+            os.remove(lock)
+        except FileNotFoundError:  # released meanwhile
+            continue
+        log(f"[tbps] removed {lock}: a lock file {age / 60:.0f} min old, left by a DeepSpeed op build that was "
+            f"killed (torch before 2.14 would wait on it forever)")
+        return lock
+    return None
+
+
 def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
     """`deepspeed.initialize` with the config's JSON. With one data-parallel rank at ZeRO-0 and fp32 gradients (fp32,
     or bf16 autocast over fp32 weights) there is nothing to reduce, but DeepSpeed would still flatten every gradient
     into a buffer, all-reduce it with itself and copy it back after each backward (~5 % of a small model's step on
-    CPU): that pass is switched off. (DeepSpeed's bf16 and fp16 modes keep it: their optimizers reduce there.)"""
+    CPU): that pass is switched off. (DeepSpeed's bf16 and fp16 modes keep it: their optimizers reduce there.) On CPU
+    a lock file left by a killed build of DeepSpeed's communication op is cleared first (``clear_stale_build_lock``)."""
     import deepspeed
 
+    if not cfg.train.use_gpu:
+        clear_stale_build_lock()
     engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32", "bf16-autocast"):
@@ -296,8 +334,6 @@ class TrainRun:
         """The engine's state from a checkpoint; returns the client state. A ZeRO-1/2 checkpoint saved by another
         number of ranks (elastic workers) is resharded: DeepSpeed's universal-checkpoint conversion
         (``deepspeed.checkpoint.ds_to_universal``) into a private folder, loaded with ``load_universal``."""
-        import glob
-
         saved = len(glob.glob(os.path.join(checkpoint_dir, DS_TAG, "*_optim_states.pt")))
         if self.cfg.train.zero_stage not in (1, 2) or saved in (0, self.world_size):
             return self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)[1]
