@@ -5,7 +5,7 @@
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
 # limit keeps what it has), train_step.md (the tables), max_batch.json, profile.json/.md, train_step_modes.json,
 # train_step_copy.json, engine.json/.md, data.md, env.txt, steps.txt (each step's exit status and wall time: a step
-# that fails does not stop the next). At most 8 files come back from one call, so no call needs more. Split the steps
+# that fails does not stop the next). At most 8 files come back from one call; none of the calls below writes more. Split the steps
 # over calls where one call cannot hold them all (10 minutes each); the next session's plan: `engine data irra` in
 # one call (carrying .whl; irra last: the re-measure since IRRA's MLM head scores masked positions only, whatever
 # fits), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp).
@@ -26,6 +26,7 @@ done
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1  # a call stopped at its time limit keeps the lines printed so far
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/tbps-inductor}   # never under $OUT (many files)
 python - > "$OUT/env.txt" <<'PY'
 import platform, torch, timm, transformers

@@ -328,7 +328,7 @@ ENGINE_ARMS = ("plain", "deepspeed")  # + "deepspeed-bf16" on a GPU
 
 def failed_row(preset: str, batch_size: int, compiled: bool, device: torch.device, error: Exception, **extra) -> dict:
     """The row of a measurement that raised: its traceback printed, its error kept, the device's cache emptied so
-    that the next measurement starts clean."""
+    that the next measurement starts clean. A failure, not a measurement: docs/bench/ keeps only measured rows."""
     import traceback
 
     traceback.print_exception(error)
