@@ -269,6 +269,7 @@ print("codes", *codes)
     assert [r["preset"] for r in rows] == ["clip_tiny", "irra_tiny"], rows
     assert rows[0]["error"] == "ValueError: cannot step" and rows[1]["samples_per_s"] > 0
 
+
 def test_gpu_script_checks_its_steps_and_goes_on_past_a_failed_one(tmp_path):
     """bench/gpu_15.sh (issue #15's device script): an unknown step name stops it before anything runs; a step that
     fails (here: --paper needs CUDA) is recorded with its exit status and time, and the next step still runs."""
