@@ -339,10 +339,10 @@ def failed_row(preset: str, batch_size: int, compiled: bool, device: torch.devic
 
 
 def _single_process_group(device: torch.device) -> None:
-    """A one-rank process group for DeepSpeed, without a launcher (and without MPI discovery)."""
+    """A one-rank torch process group, without a launcher; DeepSpeed's communication layer starts on it inside
+    ``initialize_engine`` (which first clears a stale build lock of its CPU op, as in a Train worker)."""
     import socket
 
-    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -352,11 +352,7 @@ def _single_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
-    if device.type != "cuda":  # DeepSpeed's CPU communication op is built here, before initialize_engine
-        from tbps.engine.loop import clear_stale_build_lock
-
-        clear_stale_build_lock()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def engine_arm(arm: str, preset: str, batch_size: int, device: torch.device, compiled: bool, zero_stage: int = 0):

@@ -144,14 +144,11 @@ class HostSyncAudit:
         self._modes = ()
 
     # -- reading
-    def counts(self) -> Counter:
-        return Counter(self.syncs)
-
     def report(self) -> str:
         if not self.syncs:
             return "no host synchronisation"
         lines = [f"{len(self.syncs)} host synchronisation(s):"]
-        lines += [f"  {n} x {s}" for s, n in self.counts().most_common()]
+        lines += [f"  {n} x {s}" for s, n in Counter(self.syncs).most_common()]
         return "\n".join(lines)
 
 
