@@ -1,5 +1,5 @@
 """Sweeps: the conditional space, resource arithmetic, and the smoke sweep end to end on a real local Ray cluster
-(Optuna + ASHA, interrupted and resumed with the same command, its best config trained by tbps.train)."""
+(Optuna + ASHA, interrupted and resumed with the same command, its best.yaml the config its best trial trained with)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from conftest import SECRET, files_holding
-from tbps.config import ConfigError
+from tbps.config import ConfigError, load_config, saved_config, to_dict
+from tbps.engine.loop import tokenizer_path
 from tune.space import SweepSpec, load_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,10 +125,43 @@ def test_max_concurrent_follows_the_budget():
         max_concurrent(spec, {"CPU": 64, "GPU": 2})
 
 
+def test_a_completed_best_trial_stands_for_its_own_seed(synth_tiny, tmp_path):
+    """seeds=N after a search: the best trial's own run is that seed's run when it completed with the same
+    configuration and seed (no retraining); a stopped trial, another seed, a changed key or a missing config.yaml
+    are trained."""
+    from tbps.config import dump_yaml
+    from tbps.engine.launcher import seed_configs
+    from tune.results import Trial
+    from tune.sweep import finished_trial_run, runs_path
+
+    spec = load_sweep("smoke", [f"data_url={synth_tiny}", f"storage_path={tmp_path}", "name=s", "seeds=2"])
+    params = {"method.mask_ratio": 0.2, "optim.lr": 1e-3}
+    trained = spec.base_config("irra", params)  # as run_trial trains it, and TrainRun saves it
+    trained.train.run_name, trained.train.storage_path = "t1", runs_path(spec)
+    trained.data.tokenizer = tokenizer_path(trained)
+    run = os.path.join(runs_path(spec), "t1")
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(dump_yaml(trained))
+    trial = Trial(trial_id="t1", method="irra", params=params, status="completed", epochs_run=3, epochs=3,
+                  metric=1.0)
+    base = spec.base_config("irra", params)
+    base.train.run_name, base.train.storage_path, base.train.seeds = "irra", str(tmp_path / "seeds"), [0, 1]
+    runs = seed_configs(base)
+    assert finished_trial_run(spec, trial, runs[0]) == run
+    assert finished_trial_run(spec, trial, runs[1]) is None  # another seed
+    stopped = Trial(**{**trial.__dict__, "status": "stopped early (ASHA)"})
+    assert finished_trial_run(spec, stopped, runs[0]) is None  # never tested, maybe fewer epochs
+    runs[0].optim.lr = 2e-3
+    assert finished_trial_run(spec, trial, runs[0]) is None  # not the configuration that trained
+    os.remove(os.path.join(run, "config.yaml"))
+    assert finished_trial_run(spec, trial, seed_configs(base)[0]) is None
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def _sweep_cmd(synth_tiny, storage):
     return [sys.executable, "-m", "tune.sweep", "--config", "smoke", f"data_url={synth_tiny}",
-            f"storage_path={storage}", "name=smoke-test", "num_samples=4", "train.max_steps_per_epoch=4",
+            f"storage_path={storage}", "name=smoke-test", "num_samples=3", "train.max_steps_per_epoch=4",
             "train.epochs=3"]
 
 
@@ -196,10 +230,10 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
         epochs = [h["epoch"] for h in states[k]["history"]]
         assert epochs == sorted(set(epochs)), f"trial {k} repeated epochs: {epochs}"
 
-    # the table: 4 trials, both methods, ASHA stopped at least one early
+    # the table: 3 trials, both methods, ASHA stopped at least one early
     table = open(os.path.join(exp, "results.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| #")]
-    assert len(rows) == 4, table
+    assert len(rows) == 3, table
     assert any("| irra |" in r for r in rows) and any("| pcc |" in r for r in rows), table
     assert sum("stopped early (ASHA)" in r for r in rows) >= 1, table
     assert sum("completed" in r for r in rows) >= 1, table
@@ -215,26 +249,28 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
 
     with Image.open(os.path.join(exp, "metric_vs_params.png")) as im:
         assert im.size[0] > 200 and im.size[1] > 200
-    assert open(os.path.join(exp, "results.csv")).read().count("\n") == 5
+    assert open(os.path.join(exp, "results.csv")).read().count("\n") == 4
 
-    # the best trial's YAML trains as is
-    best = yaml.safe_load(open(os.path.join(exp, "best.yaml")))
-    assert best["data"]["url"] == synth_tiny and best["train"]["select_metric"] == "mAP"
-    train = subprocess.run([sys.executable, "-m", "tbps.train", "--config", os.path.join(exp, "best.yaml")],
-                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, (train.stdout + train.stderr)[-5000:]
-    # the default console (tbps.engine.console): none of Ray's per-report lines or worker prefixes, in the sweep's
-    # output or the training run's; the workers' log files keep them
+    # the best trial's YAML trains as is: tbps.train's loader reads it, and it is the configuration the best trial
+    # trained with (its run's saved config.yaml), but for the run's name and place
+    best_id = rows[0].split("|")[2].strip()
+    best = load_config(os.path.join(exp, "best.yaml"))
+    assert best.data.url == synth_tiny and best.train.select_metric == "mAP"
+    assert (best.train.run_name, best.train.storage_path) == ("smoke-test-best", storage)
+    trained = saved_config(yaml.safe_load(open(os.path.join(runs, best_id, "config.yaml"))))
+    best.data.tokenizer = tokenizer_path(best)  # resolved when a run saves its config
+    for cfg in (best, trained):
+        cfg.train.run_name = cfg.train.storage_path = ""
+    assert to_dict(best) == to_dict(trained)
+    # the default console (tbps.engine.console): none of Ray's per-report lines or worker prefixes in the sweep's
+    # output; the workers' log files keep them
     for noise in ("Reporting training result", "(RayTrainWorker pid=", "Setting accelerator to CPU"):
-        assert noise not in out and noise not in train.stdout + train.stderr, noise
-    assert "[tbps] epoch 1/" in train.stdout
-    metrics = json.load(open(os.path.join(storage, "smoke-test-best", "metrics.json")))
-    assert metrics["test"]["R1"] >= 0 and metrics["best_val"]["epoch"] >= 1
+        assert noise not in out, noise
 
     # no credential written: sweep outputs, trial runs (configs, metrics, checkpoints, TensorBoard) and the logs of
-    # the Ray sessions the two sweep commands and the training run started
+    # the Ray sessions the two sweep commands started
     sessions = sorted(set(glob.glob(os.path.join(RAY_TMP, "session_2*"))) - sessions_before)
-    assert len(sessions) >= 3, sessions
+    assert len(sessions) >= 2, sessions
     assert files_holding(SECRET, str(tmp_path)) == []  # nothing tbps or Tune writes as results
     # Ray Tune would copy AWS_* credentials into each trainable's runtime env, which Ray's runtime-env agent logs
     # (ray/tune/execution/class_cache.py); tune.sweep keeps them out (tune.sweep.keep_credentials_out_of_runtime_envs)

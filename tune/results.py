@@ -147,6 +147,13 @@ def seeds_table(spec: SweepSpec, seeds: dict) -> str:
         failed = f", {len(entry['errors'])} failed" if entry["errors"] else ""
         lines.append(f"| {method} | {t.trial_id} | {params} | {cell('val', m)} | {cell('test', 'R1')} | "
                      f"{cell('test', 'mAP')} | {n}{failed} |")
+    reused = {m: e["reused"] for m, e in seeds.items() if e.get("reused")}
+    if reused:
+        which = "; ".join(f"{m} seed {', '.join(map(str, r))} (trial {seeds[m]['trial'].trial_id})"
+                          for m, r in reused.items())
+        lines += ["", f"Not trained again: {which}. A trial that completed with one of these seeds is that seed's "
+                      "run (same configuration and seed); its value also chose the configuration, so the mean "
+                      "leans as optimistic as a retrained copy of it would."]
     return "\n".join(lines)
 
 

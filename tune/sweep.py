@@ -47,8 +47,11 @@ def run_trial(config: dict, spec: dict, progress: str = "lines") -> None:
 # ------------------------------------------------------------------------------------------------- seeds
 def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
     """``seeds`` > 1: each method's best trial's configuration trained again with seeds 0..seeds-1, all runs at once
-    (runs ``<storage>/<name>/seeds/<method>-seed<s>``; a re-run of the command resumes them). Returns method ->
-    {"trial": Trial, "summary": tbps.seeds.aggregate of the runs, "errors": {seed: error}}."""
+    (runs ``<storage>/<name>/seeds/<method>-seed<s>``; a re-run of the command resumes them). The best trial itself is
+    already one of these runs when it completed with a seed among them (``train.seed`` and ``data.seed`` = s, every
+    other key the same; ``finished_trial_run``): its own run stands for that seed instead of training it again. Returns
+    method -> {"trial": Trial, "summary": tbps.seeds.aggregate of the runs, "errors": {seed: error},
+    "reused": {seed: the trial run's directory}}."""
     from shards.storage import join, read_json
     from tbps.engine.launcher import fit_concurrently, seed_configs
     from tbps.seeds import aggregate
@@ -57,31 +60,67 @@ def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
     for t in trials:  # sorted by the metric: the first of each method is its best
         if t.metric == t.metric and t.method not in best:
             best[t.method] = t
-    runs, seeds_of = {}, {}
+    runs, seeds_of, reused = {}, {}, {}
     for method, t in best.items():
         cfg = spec.base_config(method, t.params)
         cfg.train.run_name = method
         cfg.train.storage_path = join(experiment_path(spec), "seeds")
         cfg.train.seeds = list(range(spec.seeds))
         for seed, c in seed_configs(cfg).items():
+            own = finished_trial_run(spec, t, c)
+            if own:
+                reused.setdefault(method, {})[seed] = own
+                continue
             runs[f"{method} seed {seed}"] = c
             seeds_of[f"{method} seed {seed}"] = (method, seed)
+    also = "; ".join(f"{m} seed {', '.join(map(str, r))}: its search trial's own finished run"
+                     for m, r in reused.items())
     print(f"[sweep] seeds: the best configuration of {', '.join(best)} with {spec.seeds} seeds each "
-          f"({len(runs)} runs)", file=sys.stderr)
-    errors = fit_concurrently(runs, verbose)
+          f"({len(runs)} runs{'; ' + also if also else ''})", file=sys.stderr)
+    errors = fit_concurrently(runs, verbose) if runs else {}
     out = {}
     for method, t in best.items():
         metrics, failed = {}, {}
-        for label, (m, seed) in seeds_of.items():
-            if m != method:
-                continue
-            if errors[label]:
+        for seed in range(spec.seeds):
+            label = f"{method} seed {seed}"
+            if seed in reused.get(method, {}):
+                metrics[seed] = read_json(join(reused[method][seed], "metrics.json"))
+            elif errors[label]:
                 failed[seed] = errors[label].splitlines()[0]
-                continue
-            c = runs[label]
-            metrics[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
-        out[method] = {"trial": t, "summary": aggregate(metrics) if metrics else None, "errors": failed}
+            else:
+                c = runs[label]
+                metrics[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
+        out[method] = {"trial": t, "summary": aggregate(metrics) if metrics else None, "errors": failed,
+                       "reused": reused.get(method, {})}
     return out
+
+
+def finished_trial_run(spec: SweepSpec, trial, seed_cfg) -> str | None:
+    """The directory of ``trial``'s own Ray Train run when that run is the one ``seed_cfg`` asks for: the trial
+    completed (its final test evaluated, not stopped by ASHA) and its saved config.yaml equals ``seed_cfg`` in every
+    key but the run's name and place. Else None (that seed is trained)."""
+    import copy
+
+    import yaml
+
+    from shards.storage import join, read_bytes
+    from tbps.config import dump_yaml
+    from tbps.engine.loop import tokenizer_path
+
+    if trial.status != "completed":
+        return None
+    run = join(runs_path(spec), trial.trial_id)
+    try:
+        trained = yaml.safe_load(read_bytes(join(run, "config.yaml")))
+    except (OSError, ValueError, yaml.YAMLError):  # gone or unreadable: train the seed
+        return None
+    resolved = copy.deepcopy(seed_cfg)
+    resolved.data.tokenizer = tokenizer_path(resolved)  # as a run saves its config (tbps.engine.loop.TrainRun)
+    wanted = yaml.safe_load(dump_yaml(resolved))  # credentials redacted alike
+    for tree in (trained, wanted):
+        for key in ("run_name", "storage_path", "seeds"):
+            (tree.get("train") or {}).pop(key, None)
+    return run if trained == wanted else None
 
 
 # ------------------------------------------------------------------------------------------------- helpers
