@@ -307,3 +307,26 @@ def test_a_lock_file_left_by_a_killed_op_build_is_cleared(tmp_path, monkeypatch)
     assert not old.exists() and recent.exists()
     assert len(lines) == 1 and str(old) in lines[0] and "killed" in lines[0]
     assert clear_stale_build_lock(blocking=True, log=lines.append) is None and recent.exists() and len(lines) == 1
+
+
+def test_deepspeeds_op_is_built_with_the_environments_ninja(tmp_path):
+    """Two ninja releases on one machine (the system's, the environment's pip wheel) each take the other's build of
+    DeepSpeed's CPU op for stale: every switch rebuilt it (~30 s). The environment's bin directory goes first on PATH
+    when PATH would find another ninja; nothing changes when it finds the environment's, or there is none."""
+    from tbps.engine.loop import prefer_environment_ninja
+
+    env_bin, system_bin = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    for d in (env_bin, system_bin):
+        d.mkdir(parents=True)
+        (d / "ninja").write_text("#!/bin/sh\n")
+        (d / "ninja").chmod(0o755)
+    environ = {"PATH": f"{system_bin}{os.pathsep}/bin"}
+    assert prefer_environment_ninja(str(env_bin), environ) == str(env_bin)
+    assert environ["PATH"] == f"{env_bin}{os.pathsep}{system_bin}{os.pathsep}/bin"
+    assert prefer_environment_ninja(str(env_bin), environ) is None  # found first now: PATH left as it is
+    assert environ["PATH"].count(str(env_bin)) == 1
+    bare = {"PATH": str(system_bin)}
+    assert prefer_environment_ninja(str(tmp_path / "no-ninja"), bare) is None and bare["PATH"] == str(system_bin)
+    alone = {"PATH": "/nonexistent"}  # no ninja on PATH at all: the environment's is the one torch will find
+    assert prefer_environment_ninja(str(env_bin), alone) == str(env_bin)
+    assert alone["PATH"].split(os.pathsep)[0] == str(env_bin)

@@ -130,16 +130,38 @@ def clear_stale_build_lock(max_age_s: float = STALE_BUILD_LOCK_S, blocking: bool
     return None
 
 
+def prefer_environment_ninja(bin_dir: str | None = None, environ=None) -> str | None:
+    """Torch builds DeepSpeed's CPU communication op with the first ``ninja`` on PATH, and ninja releases hash build
+    commands differently (Debian's 1.11 against the pip wheel's 1.13 that DeepSpeed installs): a process whose PATH
+    finds the system's ninja and one whose PATH finds the environment's each take the other's build for stale and
+    rebuild it, about 30 s on 2 cores, turn about for as long as both kinds run on the machine (a venv's python run
+    without activating it, beside Ray jobs or a ``ray start`` from the activated shell). Where the interpreter's
+    environment (``bin_dir``, default: its directory) has its own ninja and PATH finds another, that directory goes
+    first on PATH (``environ``, default: this process's), as activating the environment would. Returns it, or None."""
+    bin_dir = bin_dir or os.path.dirname(sys.executable)
+    environ = os.environ if environ is None else environ
+    own = os.path.join(bin_dir, "ninja")
+    if not (os.path.isfile(own) and os.access(own, os.X_OK)):
+        return None
+    found = shutil.which("ninja", path=environ.get("PATH", ""))
+    if found and os.path.realpath(found) == os.path.realpath(own):
+        return None
+    environ["PATH"] = os.pathsep.join(p for p in (bin_dir, environ.get("PATH", "")) if p)
+    return bin_dir
+
+
 def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
     """`deepspeed.initialize` with the config's JSON. With one data-parallel rank at ZeRO-0 and fp32 gradients (fp32,
     or bf16 autocast over fp32 weights) there is nothing to reduce, but DeepSpeed would still flatten every gradient
     into a buffer, all-reduce it with itself and copy it back after each backward (~5 % of a small model's step on
     CPU): that pass is switched off. (DeepSpeed's bf16 and fp16 modes keep it: their optimizers reduce there.) On CPU
-    a lock file left by a killed build of DeepSpeed's communication op is cleared first (``clear_stale_build_lock``)."""
+    a lock file left by a killed build of DeepSpeed's communication op is cleared first (``clear_stale_build_lock``),
+    and the op is built with this environment's ninja (``prefer_environment_ninja``)."""
     import deepspeed
 
     if not cfg.train.use_gpu:
         clear_stale_build_lock()
+        prefer_environment_ninja()
     engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32", "bf16-autocast"):
