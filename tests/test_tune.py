@@ -154,6 +154,9 @@ def test_a_completed_best_trial_stands_for_its_own_seed(synth_tiny, tmp_path):
     assert finished_trial_run(spec, stopped, runs[0]) is None  # never tested, maybe fewer epochs
     runs[0].optim.lr = 2e-3
     assert finished_trial_run(spec, trial, runs[0]) is None  # not the configuration that trained
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write("not: [a, config\n")  # torn or foreign: train the seed
+    assert finished_trial_run(spec, trial, seed_configs(base)[0]) is None
     os.remove(os.path.join(run, "config.yaml"))
     assert finished_trial_run(spec, trial, seed_configs(base)[0]) is None
 

@@ -60,7 +60,7 @@ def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
     for t in trials:  # sorted by the metric: the first of each method is its best
         if t.metric == t.metric and t.method not in best:
             best[t.method] = t
-    runs, seeds_of, reused = {}, {}, {}
+    runs, reused = {}, {}
     for method, t in best.items():
         cfg = spec.base_config(method, t.params)
         cfg.train.run_name = method
@@ -72,7 +72,6 @@ def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
                 reused.setdefault(method, {})[seed] = own
                 continue
             runs[f"{method} seed {seed}"] = c
-            seeds_of[f"{method} seed {seed}"] = (method, seed)
     also = "; ".join(f"{m} seed {', '.join(map(str, r))}: its search trial's own finished run"
                      for m, r in reused.items())
     print(f"[sweep] seeds: the best configuration of {', '.join(best)} with {spec.seeds} seeds each "
@@ -114,12 +113,14 @@ def finished_trial_run(spec: SweepSpec, trial, seed_cfg) -> str | None:
         trained = yaml.safe_load(read_bytes(join(run, "config.yaml")))
     except (OSError, ValueError, yaml.YAMLError):  # gone or unreadable: train the seed
         return None
+    if not isinstance(trained, dict) or not isinstance(trained.get("train"), dict):
+        return None
     resolved = copy.deepcopy(seed_cfg)
     resolved.data.tokenizer = tokenizer_path(resolved)  # as a run saves its config (tbps.engine.loop.TrainRun)
     wanted = yaml.safe_load(dump_yaml(resolved))  # credentials redacted alike
     for tree in (trained, wanted):
         for key in ("run_name", "storage_path", "seeds"):
-            (tree.get("train") or {}).pop(key, None)
+            tree["train"].pop(key, None)
     return run if trained == wanted else None
 
 
