@@ -16,7 +16,7 @@ import yaml
 
 from conftest import SECRET, files_holding
 from tbps.config import ConfigError, load_config, saved_config, to_dict
-from tbps.engine.loop import tokenizer_path
+from tbps.engine.loop import as_saved
 from tune.space import SweepSpec, load_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_a_completed_best_trial_stands_for_its_own_seed(synth_tiny, tmp_path):
     params = {"method.mask_ratio": 0.2, "optim.lr": 1e-3}
     trained = spec.base_config("irra", params)  # as run_trial trains it, and TrainRun saves it
     trained.train.run_name, trained.train.storage_path = "t1", runs_path(spec)
-    trained.data.tokenizer = tokenizer_path(trained)
+    as_saved(trained)
     run = os.path.join(runs_path(spec), "t1")
     os.makedirs(run)
     with open(os.path.join(run, "config.yaml"), "w") as f:
@@ -261,7 +261,7 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     assert best.data.url == synth_tiny and best.train.select_metric == "mAP"
     assert (best.train.run_name, best.train.storage_path) == ("smoke-test-best", storage)
     trained = saved_config(yaml.safe_load(open(os.path.join(runs, best_id, "config.yaml"))))
-    best.data.tokenizer = tokenizer_path(best)  # resolved when a run saves its config
+    as_saved(best)
     for cfg in (best, trained):
         cfg.train.run_name = cfg.train.storage_path = ""
     assert to_dict(best) == to_dict(trained)

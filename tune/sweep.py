@@ -104,7 +104,7 @@ def finished_trial_run(spec: SweepSpec, trial, seed_cfg) -> str | None:
 
     from shards.storage import join, read_bytes
     from tbps.config import dump_yaml
-    from tbps.engine.loop import tokenizer_path
+    from tbps.engine.loop import as_saved
 
     if trial.status != "completed":
         return None
@@ -115,9 +115,7 @@ def finished_trial_run(spec: SweepSpec, trial, seed_cfg) -> str | None:
         return None
     if not isinstance(trained, dict) or not isinstance(trained.get("train"), dict):
         return None
-    resolved = copy.deepcopy(seed_cfg)
-    resolved.data.tokenizer = tokenizer_path(resolved)  # as a run saves its config (tbps.engine.loop.TrainRun)
-    wanted = yaml.safe_load(dump_yaml(resolved))  # credentials redacted alike
+    wanted = yaml.safe_load(dump_yaml(as_saved(copy.deepcopy(seed_cfg))))  # credentials redacted alike
     for tree in (trained, wanted):
         for key in ("run_name", "storage_path", "seeds"):
             tree["train"].pop(key, None)

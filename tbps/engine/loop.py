@@ -50,6 +50,13 @@ def tokenizer_path(cfg: Config) -> str:
     return cfg.data.tokenizer or join(cfg.data.url, "tokenizer")
 
 
+def as_saved(cfg: Config) -> Config:
+    """``cfg`` as a run saves it in its config.yaml (and checkpoints): ``data.tokenizer`` explicit, so the checkpoints
+    stay usable with other data URLs. Changes ``cfg`` in place and returns it."""
+    cfg.data.tokenizer = tokenizer_path(cfg)
+    return cfg
+
+
 def resolve_precision(cfg: Config) -> str:
     """``train.precision: auto``: bf16 autocast over fp32 weights on GPUs, fp32 on CPU. (Not DeepSpeed's bf16 mode:
     at ZeRO-0 with tbps's torch optimizer DeepSpeed wraps it in its unfused fp16 optimizer, which reads every
@@ -282,12 +289,12 @@ class TrainRun:
         if progress not in ("lines", "events"):
             raise ValueError(f"progress must be lines or events, got {progress!r}")
         self.progress, self.label = progress, label
-        cfg.data.tokenizer = tokenizer_path(cfg)  # saved explicitly, so checkpoints stay usable with other data URLs
+        as_saved(cfg)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.report, self.node_id, self.on_batch = report, node_id, on_batch
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-        self.tok = load_tokenizer(tokenizer_path(cfg))
+        self.tok = load_tokenizer(cfg.data.tokenizer)
         self.manifest = manifest = load_manifest(cfg.data.url)
         # a mixture's members are read once, here: the ID classifier spans the union of their identities
         self.mixture = Mixture(cfg.data.mix, cfg.data.train_split) if cfg.data.mix else None
