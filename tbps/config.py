@@ -297,7 +297,8 @@ class TrainConfig:
     # torch.autocast forward) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 | fp32
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
-    # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2
+    # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2;
+    # with compile, random layers draw through eager's kernels so that both passes draw the same masks
     activation_checkpointing: bool = False  # towers and block stacks recompute activations in the backward
     compile: bool = False  # torch.compile the training forward (Method.features) and the eval encoders; ZeRO 0-2
     eval_every: int = 1  # epochs between val evaluations (0 = only at the end)

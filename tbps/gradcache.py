@@ -49,6 +49,10 @@ def grad_cache_step(method, micro_batches: Sequence[dict], forward: Callable | N
     n = len(micro_batches)
     if n == 0:
         raise ValueError("grad_cache_step needs at least one micro-batch")
+    if getattr(method, "compiled_draws_replayed", True) is False:  # compiled without replay_random: silently wrong
+        raise ValueError("grad_cache_step over a compiled Method.features needs Method.compile_step(replay_random="
+                         "True): its two passes are two compiled graphs, which draw different dropout/drop-path masks "
+                         "from the same random state otherwise")
     states, cached = [], []
     with torch.no_grad():
         for batch in micro_batches:

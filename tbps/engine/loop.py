@@ -329,7 +329,7 @@ class TrainRun:
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
         self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
-            method.compile_step()
+            method.compile_step(replay_random=cfg.train.grad_cache)  # grad_cache's two passes draw alike
             self.eval_model.compile_encoders()
             self.log("[tbps] torch.compile: the training forward and the evaluation encoders (compiled on first use)")
         self.outputs = RunOutputs(cfg.train.storage_path, cfg.train.run_name)

@@ -163,12 +163,21 @@ class Method(nn.Module):
             return (L.itc_rows(v, T, targets, self.logit_scale) + L.itc_rows(t, V, targets, self.logit_scale)) / 2
         raise ValueError(kind)
 
-    def compile_step(self, **kwargs) -> None:
+    def compile_step(self, replay_random: bool = False, **kwargs) -> None:
         """``train.compile``: torch.compile the training forward's heavy part, ``features`` (towers, heads, per-sample
         losses); the batch-level losses (cheap, with their collectives) and the loss bookkeeping stay eager. Compiling
         all of ``forward`` returns a total loss without its graph when it equals a detached output (one loss of weight
-        1, torch 2.14)."""
+        1, torch 2.14).
+
+        ``replay_random`` (``train.grad_cache``): random layers (dropout, drop path) draw through eager's kernels
+        (inductor's ``fallback_random``), so that the same random state gives the same masks in every compiled graph.
+        grad_cache runs ``features`` without autograd, then again with it, under one recorded random state; inductor
+        compiles the two as different graphs, and its own random lowering does not promise the same draws across
+        graphs (PCC with drop path drew other masks: gradients 78 % off the step they stand for, on CPU)."""
+        if replay_random:
+            kwargs["options"] = {**kwargs.get("options", {}), "fallback_random": True}
         self.features = torch.compile(self.features, **kwargs)
+        self.compiled_draws_replayed = replay_random  # grad_cache_step refuses compiled draws it cannot replay
 
     def compile_encoders(self, **kwargs) -> None:
         """torch.compile the retrieval encoders (evaluation)."""
