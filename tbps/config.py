@@ -254,7 +254,8 @@ class ModelConfig:
     shared_layers: int = 12
     shared_heads: int = 12
     drop_path: float = 0.0  # stochastic depth of the last block (linear from 0; IVT 0.1)
-    text_dropout: float = 0.0  # IVT: dropout after the text embeddings (BERT's hidden_dropout_prob; IVT 0.1)
+    text_dropout: float = 0.0  # IVT: dropout after the text embeddings (BERT's hidden_dropout_prob; IVT 0.1);
+    # a BERT text tower (PCC): its hidden and attention dropout (bert-base 0.1); the CLIP text tower has none
 
 
 @dataclass

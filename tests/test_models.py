@@ -86,6 +86,43 @@ def test_transformers_text_towers_load_and_match(tmp_path, kind):
         wrong_vocab.load_pretrained(str(tmp_path / "text"))
 
 
+def test_text_dropout_is_the_runs_own(tmp_path, synth_tiny):
+    """model.text_dropout sets a BERT tower's hidden and attention dropout, also over a loaded checkpoint's
+    config.json (bert-base's says 0.1); the CLIP text tower has no dropout, so a value > 0 is refused before any
+    worker starts instead of being read by nothing. The PCC preset keeps bert-base's 0.1."""
+    from transformers import BertConfig, BertModel
+
+    from tbps.config import ConfigError, load_config
+    from tbps.engine.launcher import preflight
+    from tbps.methods import TextSpec, build_method
+
+    ids, mask = torch.randint(3, 50, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+
+    def random_in_training(tower) -> bool:
+        tower.train()
+        return not torch.equal(tower(ids, mask), tower(ids, mask))
+
+    tower = TextTower("bert", vocab_size=50, length=16, width=32, layers=2, heads=2, dropout=0.2)
+    assert (tower.model.config.hidden_dropout_prob, tower.model.config.attention_probs_dropout_prob) == (0.2, 0.2)
+    assert random_in_training(tower)
+    BertModel(BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2), add_pooling_layer=False).save_pretrained(str(tmp_path / "bert"))
+    tower = TextTower("bert", vocab_size=50, length=16, width=32, layers=2, heads=2, dropout=0.0)
+    tower.load_pretrained(str(tmp_path / "bert"))  # its config.json: 0.1, BERT's default
+    assert tower.model.config.hidden_dropout_prob == 0.0 and not random_in_training(tower)
+    with pytest.raises(ValueError, match="no dropout"):
+        TextTower("clip", vocab_size=50, length=16, width=32, layers=2, heads=2, dropout=0.1)
+
+    with pytest.raises(ConfigError, match="model.text_dropout=0.1: the CLIP text transformer has no dropout"):
+        preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "model.text_dropout=0.1"]))
+    with pytest.raises(ConfigError, match=r"model.text_dropout must be in \[0, 1\)"):
+        preflight(load_config("ivt_tiny", [f"data.url={synth_tiny}", "model.text_dropout=1.5"]))
+    cfg = load_config("pcc_tiny", [f"data.url={synth_tiny}"])
+    preflight(cfg)
+    pcc = build_method(cfg, TextSpec(50, cfg.data.text_length, 0, 4, 2, 3), 10)
+    assert pcc.text_tower.model.config.attention_probs_dropout_prob == cfg.model.text_dropout == 0.1
+
+
 def test_weights_load_from_s3(tmp_path, s3_server, monkeypatch):
     import s3fs
 

@@ -52,6 +52,7 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.grad_cache and cfg.train.grad_accum == 1:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
+    check_text_dropout(cfg)
     if cfg.train.checkpoint_every_steps < 0:
         raise ConfigError(f"train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only), got "
                           f"{cfg.train.checkpoint_every_steps}")
@@ -112,6 +113,22 @@ def preflight(cfg: Config) -> dict:
             if not fs.exists(path):
                 raise ConfigError(f"{key}: {url} does not exist")
     return manifest
+
+
+def check_text_dropout(cfg: Config) -> None:
+    """``model.text_dropout`` is read by IVT's shared tower and by a two-tower method's BERT text tower; with the
+    CLIP text tower, which has no dropout, a value > 0 would be read by nothing."""
+    from tbps.methods import METHODS
+    from tbps.methods.towers import TwoTower
+    from tbps.models.text import dropout_settings
+
+    if not 0 <= cfg.model.text_dropout < 1:
+        raise ConfigError(f"model.text_dropout must be in [0, 1), got {cfg.model.text_dropout}")
+    if issubclass(METHODS[cfg.method.name], TwoTower):
+        try:
+            dropout_settings(cfg.model.text_tower, cfg.model.text_dropout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def resolve_worker_settings(cfg: Config) -> None:

@@ -35,7 +35,7 @@ class TwoTower(Method):
                                       overrides)
         self.text_tower = TextTower(model.text_tower, text.vocab_size, text.length, model.text_width,
                                     model.text_layers, model.text_heads, text.pad_id, text.bos_id, text.eos_id,
-                                    model.activation)
+                                    model.activation, model.text_dropout)
         self.image_proj = nn.Linear(self.image_tower.width, model.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_tower.width, model.embed_dim, bias=False)
 

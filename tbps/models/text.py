@@ -12,8 +12,23 @@ from .weights import WeightLoadError
 KINDS = ("clip", "bert")
 
 
+def dropout_settings(kind: str, dropout: float) -> dict:
+    """The transformers config fields of ``model.text_dropout``: BERT's hidden and attention dropout (bert-base's own
+    0.1 each; given explicitly, so a loaded checkpoint's config.json cannot set them behind the run's config). The
+    CLIP text transformer has no dropout (OpenAI's has none): 0 only."""
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model.text_dropout must be in [0, 1), got {dropout}")
+    if kind == "clip":
+        if dropout:
+            raise ValueError(f"model.text_dropout={dropout}: the CLIP text transformer has no dropout layers "
+                             f"(OpenAI's CLIP has none); it applies to a BERT text tower (model.text_tower=bert) and "
+                             f"to IVT's shared tower")
+        return {"attention_dropout": 0.0}
+    return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+
+
 def _config(kind: str, vocab_size: int, length: int, width: int, layers: int, heads: int, pad_id: int,
-            bos_id: int | None, eos_id: int | None, activation: str = "auto"):
+            bos_id: int | None, eos_id: int | None, activation: str = "auto", dropout: float = 0.0):
     from transformers import BertConfig, CLIPTextConfig
 
     act = {} if activation == "auto" else {"hidden_act": activation}  # auto: CLIP quick_gelu, BERT gelu
@@ -21,11 +36,12 @@ def _config(kind: str, vocab_size: int, length: int, width: int, layers: int, he
         return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
                               num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=length,
                               pad_token_id=pad_id, projection_dim=width, bos_token_id=bos_id, eos_token_id=eos_id,
-                              **act)
+                              **act, **dropout_settings(kind, dropout))
     if kind == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
                           num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=max(length, 512), pad_token_id=pad_id, **act)
+                          max_position_embeddings=max(length, 512), pad_token_id=pad_id, **act,
+                          **dropout_settings(kind, dropout))
     raise ValueError(f"model.text_tower must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -34,15 +50,18 @@ class TextTower(nn.Module):
 
     The CLIP text transformer is causal, so a real token never sees padding: it runs without a padding mask, as
     OpenAI's and IRRA's code do, which also gives the padding positions OpenAI's features (IRRA's cross-modal
-    encoder reads them). BERT gets the padding mask."""
+    encoder reads them). BERT gets the padding mask. ``dropout``: ``model.text_dropout`` (``dropout_settings``), also
+    over a loaded checkpoint's own."""
 
     def __init__(self, kind: str, vocab_size: int, length: int, width: int = 512, layers: int = 12, heads: int = 8,
-                 pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None, activation: str = "auto"):
+                 pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None, activation: str = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         from transformers import BertModel, CLIPTextModel
 
         self.kind = kind
-        cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id, activation)
+        self.dropout = dropout
+        cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id, activation, dropout)
         cfg._attn_implementation = "sdpa"  # PyTorch's fused attention kernels (flash / memory-efficient on GPUs)
         self.model = CLIPTextModel(cfg) if kind == "clip" else BertModel(cfg, add_pooling_layer=False)
         self.width = width
@@ -72,6 +91,7 @@ class TextTower(nn.Module):
             raise WeightLoadError(f"model.text_pretrained: checkpoint not found at {url}") from None
         try:
             kwargs = {"add_pooling_layer": False} if self.kind == "bert" else {}
+            kwargs.update(dropout_settings(self.kind, self.dropout))  # this run's, not the checkpoint's
             model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
                                               attn_implementation="sdpa", **kwargs)
         except Exception as e:
