@@ -52,6 +52,7 @@ def test_bad_overrides_name_the_key(override, message):
     (["data.val_split=dev"], "data.val_split: split 'dev' not in"),
     (["data.batch_size=4096"], "leaves no full batch"),
     (["train.worker_niceness=-5"], "train.worker_niceness must be 0-19"),
+    (["model.text_dropout=0.1"], "model.text_dropout=0.1: the CLIP text transformer has no dropout"),
 ])
 def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, capsys):
     import ray
