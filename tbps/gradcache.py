@@ -64,11 +64,11 @@ def grad_cache_step(method, micro_batches: Sequence[dict], forward: Callable | N
     leaves = {}
     for k in keys:
         joined = torch.cat([f[k] for f in cached]).detach()
-        leaves[k] = joined.requires_grad_() if joined.is_floating_point() else joined
+        leaves[k] = joined.float().requires_grad_() if joined.is_floating_point() else joined  # float32 gradients
     del cached
     params = method.batch_loss_parameters()
     with torch.enable_grad():
-        parts = method.batch_losses(leaves)
+        parts = method.fp32_batch_losses(leaves)
         inputs = [leaves[k] for k in keys if leaves[k].requires_grad] + params
         grads = torch.autograd.grad(method.weighted(parts), inputs, allow_unused=True) if parts else \
             [None] * len(inputs)
