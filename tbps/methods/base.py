@@ -113,8 +113,9 @@ class Method(nn.Module):
     def fp32_batch_losses(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch_losses`` in float32 with autocast off, whatever precision the features come in (as IRRA's code
         computes SDM: ``.float()`` features). Under bf16 autocast the similarity matmul would otherwise run in bf16:
-        SDM's gradient at s = 50 came out 9 % off the float32 one, against 0.5 % for bf16 features scored in float32
-        (tests/test_methods.py); the B x B products cost nothing next to the towers."""
+        SDM's gradient at s = 50 came out 9 % off the float32 one (synthetic 512-d features, batch 128), against 0.5 %
+        for bf16 features scored in float32 (tests/test_methods.py); the B x B products cost nothing next to the
+        towers."""
         device_type = next(v for v in feats.values() if torch.is_tensor(v)).device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return self.batch_losses({k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
