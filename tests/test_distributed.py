@@ -116,7 +116,13 @@ def test_single_rank_engine_skips_the_self_allreduce_and_trains_identically(synt
     res = torch.load(tmp_path / "single.pt")
     assert res["ours"]["allreduce"] is False and res["deepspeed"]["allreduce"] is True
     ours, ref, unclipped = res["ours"]["params"], res["deepspeed"]["params"], res["unclipped"]["params"]
-    assert any(not torch.equal(ours[k], v) for k, v in _setup("irra", synth_tiny)[0].state_dict().items())  # trained
+    init = _setup("irra", synth_tiny)[0].state_dict()
+    assert any(not torch.equal(ours[k], v) for k, v in init.items())  # trained
     assert any(not torch.allclose(ours[k], v, rtol=1e-4, atol=1e-6) for k, v in unclipped.items())  # clipping bit
     for k in ref:  # the norm summed in another order: equal to rounding
-        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+        if precision == "fp32":
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+        else:  # the next steps' bf16 matmuls round that difference up to bf16's: each tensor's update agrees to 1e-3
+            # (2.5e-4 at worst here; without clipping it is 65 % off)
+            update, ref_update = ours[k] - init[k], ref[k] - init[k]
+            assert (update - ref_update).norm() <= 1e-3 * ref_update.norm(), k

@@ -60,7 +60,7 @@ class TextTower(nn.Module):
         from transformers import BertModel, CLIPTextModel
 
         self.kind = kind
-        self.dropout = dropout
+        self.dropout_rate = dropout  # model.text_dropout, kept for load_pretrained
         cfg = _config(kind, vocab_size, length, width, layers, heads, pad_id, bos_id, eos_id, activation, dropout)
         cfg._attn_implementation = "sdpa"  # PyTorch's fused attention kernels (flash / memory-efficient on GPUs)
         self.model = CLIPTextModel(cfg) if kind == "clip" else BertModel(cfg, add_pooling_layer=False)
@@ -91,7 +91,7 @@ class TextTower(nn.Module):
             raise WeightLoadError(f"model.text_pretrained: checkpoint not found at {url}") from None
         try:
             kwargs = {"add_pooling_layer": False} if self.kind == "bert" else {}
-            kwargs.update(dropout_settings(self.kind, self.dropout))  # this run's, not the checkpoint's
+            kwargs.update(dropout_settings(self.kind, self.dropout_rate))  # this run's, not the checkpoint's
             model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
                                               attn_implementation="sdpa", **kwargs)
         except Exception as e:
