@@ -2,7 +2,8 @@
 
     cfg = load_config("irra_tiny", ["method.sdm_temperature=0.03", "train.num_workers=2"])
 
-Unknown keys and wrong types are errors that name the key. Every tunable a sweep touches is a field here.
+Unknown keys, wrong types and numbers outside a field's valid values (``within``) are errors that name the key.
+Every tunable a sweep touches is a field here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,69 @@ OnBadShard = Literal["error", "skip"]
 CmpmNorm = Literal["l2", "sum"]
 
 
+@dataclass(frozen=True)
+class Interval:
+    """A numeric field's valid values, written as an interval (``"[0, 1)"``, ``"(0, inf)"``); ``note`` says why or
+    what the edge means. Checked for every field that has one when a config loads (``check_values``): a negative
+    temperature or learning rate, a flip probability of 2 or a text length of 1 would otherwise train (on nonsense)
+    or fail deep inside a Ray worker."""
+
+    lo: float
+    hi: float
+    lo_closed: bool
+    hi_closed: bool
+    note: str = ""
+    length: int | None = None  # a list field: its number of elements
+
+    @classmethod
+    def parse(cls, spec: str, note: str = "", length: int | None = None) -> "Interval":
+        m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", spec)
+        if not m:
+            raise ValueError(f"not an interval: {spec!r}")
+        return cls(float(m[2]), float(m[3]), m[1] == "[", m[4] == "]", note, length)
+
+    def holds(self, value) -> bool:  # False for NaN
+        return (self.lo <= value if self.lo_closed else self.lo < value) and \
+            (value <= self.hi if self.hi_closed else value < self.hi)
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        if self.hi == float("inf"):
+            text = f"{'>=' if self.lo_closed else '>'} {num(self.lo)}"
+        else:
+            text = f"in {'[' if self.lo_closed else '('}{num(self.lo)}, {num(self.hi)}{']' if self.hi_closed else ')'}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def within(spec: str, note: str = "", length: int | None = None) -> dict:
+    """Field metadata: the field's valid values (``Interval``; for a list, each element's, and ``length`` elements)."""
+    return {"within": Interval.parse(spec, note, length)}
+
+
+def check_values(cfg, prefix: str = "") -> None:
+    """Every field with valid values (``within``) of ``cfg`` and of the sections and list items under it, and each
+    section's ``check_fields`` (relations between fields); the first problem is a ConfigError naming the key. Run
+    when a config loads and again before a run starts (a config changed in code is checked too)."""
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        rule = f.metadata.get("within")
+        if rule is not None:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if rule.length is not None and (not isinstance(value, (list, tuple)) or len(value) != rule.length):
+                raise ConfigError(f"{key} must be a list of {rule.length} numbers, got {value!r}")
+            for i, v in enumerate(items):
+                if not rule.holds(v):
+                    where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
+                    raise ConfigError(f"{where} must be {rule}, got {v!r}")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                check_values(item, f"{key}[{i}]." if isinstance(value, list) else key + ".")
+    if hasattr(cfg, "check_fields"):
+        cfg.check_fields(prefix)
+
+
 # ------------------------------------------------------------------------------------------------------ sections
 @dataclass
 class MixMember:
@@ -54,34 +118,43 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"  # checkpoints are selected on this split
     test_split: str = "test"  # reported once, at the end
-    image_size: list[int] = field(default_factory=lambda: [384, 128])  # (height, width) fed to the image tower
-    batch_size: int = 64  # per Ray worker, per step
-    loader_workers: int = -1  # DataLoader processes per Ray worker; -1 = what the worker's CPUs allow:
+    image_size: list[int] = field(default_factory=lambda: [384, 128], metadata=within("[1, inf)", length=2))
+    # (height, width) fed to the image tower
+    batch_size: int = field(default=64, metadata=within("[1, inf)"))  # per Ray worker, per step
+    loader_workers: int = field(default=-1, metadata=within("[-1, inf)", "-1 = what the worker's CPUs allow"))
+    # DataLoader processes per Ray worker; -1 = what the worker's CPUs allow:
     # train.cpus_per_worker - 1 (one CPU runs the training process), at least 1; 0 = load in the training process
-    shuffle_buffer: int = 1000  # samples held for in-stream shuffling
-    flip: float = 0.5  # horizontal flip probability
-    pad: int = 10  # pad then random crop back to image_size (0 = off)
-    random_erasing: float = 0.5  # probability of random erasing (0 = off)
-    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4])
-    erasing_value: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # fill, in normalised units (IRRA:
+    shuffle_buffer: int = field(default=1000, metadata=within("[0, inf)"))  # samples held for in-stream shuffling
+    flip: float = field(default=0.5, metadata=within("[0, 1]"))  # horizontal flip probability
+    pad: int = field(default=10, metadata=within("[0, inf)"))  # pad then random crop back to image_size (0 = off)
+    random_erasing: float = field(default=0.5, metadata=within("[0, 1]"))  # probability of random erasing (0 = off)
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.4], metadata=within("[0, 1]", length=2))
+    # (min, max) fraction of the image an erased box covers
+    erasing_value: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0],
+                                      metadata=within("(-inf, inf)", length=3))  # fill, in normalised units (IRRA:
     # the CLIP mean's numbers, as its RandomErasing(value=mean) after Normalize does)
     erasing_mode: Literal["constant", "pixel"] = "constant"  # constant (erasing_value) | pixel (per-pixel N(0, 1) noise: timm's mode
     # 'pixel', as IVT)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
-    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP statistics
-    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073],
+                             metadata=within("(-inf, inf)", length=3))  # CLIP statistics
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711],
+                            metadata=within("(0, inf)", length=3))
     tokenizer: str = ""  # clip (CLIP BPE + IRRA's <|mask|>, built in) | a transformers tokenizer dir (local or
     # s3://) | "" = <url>/tokenizer
     sampling: Literal["pairs", "images"] = "pairs"  # pairs: every (image, caption) pair once per epoch (IRRA, IVT) | images: one random
     # caption per image per epoch
     sampler: Literal["random", "identity"] = "random"  # batch composition: random | identity (K units per identity, IVT's sampler; needs a
     # train split written with shards.build --group-ids)
-    instances_per_id: int = 4  # identity sampler: K pairs (or images) of one identity per group
-    identity_blocks: int = 1  # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
+    instances_per_id: int = field(default=4, metadata=within("[1, inf)"))
+    # identity sampler: K pairs (or images) of one identity per group
+    identity_blocks: int = field(default=1, metadata=within("[1, inf)"))
+    # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
     # like ranks (IVT's 4-GPU run: 4 blocks of 7, identity groups split across blocks); 1 = whole groups of K
     on_bad_shard: OnBadShard = "error"  # a shard missing or differing from its manifest entry (size, sha256), or not a
     # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
-    text_length: int = 77  # tokens per caption, [CLS]/[SEP] included
+    text_length: int = field(default=77, metadata=within("[3, inf)", "a start, an end and at least one word token"))
+    # tokens per caption, [CLS]/[SEP] included
     seed: int = 0  # data order; epochs reshuffle deterministically from it
 
     def __post_init__(self):
@@ -104,17 +177,24 @@ class DataConfig:
         if self.mix and self.sampler == "identity":
             raise ConfigError("data.sampler=identity works on one dataset, not a mixture (data.url list)")
 
+    def check_fields(self, prefix: str) -> None:  # check_values
+        lo, hi = self.erasing_scale
+        if lo > hi:
+            raise ConfigError(f"{prefix}erasing_scale must be [min, max] (the fraction of the image an erased box "
+                              f"covers), got {self.erasing_scale}")
+
 
 @dataclass
 class LossTerm:
     name: str = "sdm"  # one of the method's supported_losses (itc, sdm, cmpm, id, mlm, cmr)
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=within("[0, inf)"))
 
 
-def sweepable(*losses: str) -> dict:
+def sweepable(*losses: str, within: str = "") -> dict:
     """Field metadata: a hyperparameter a sweep may vary, read only when one of ``losses`` is configured (none =
-    always read). ``MethodConfig.hyperparameters`` collects them; nothing else lists a method's parameters."""
-    return {"sweep": losses}
+    always read). ``MethodConfig.hyperparameters`` collects them; nothing else lists a method's parameters.
+    ``within``: its valid values, as ``within()``."""
+    return {"sweep": losses, **({"within": Interval.parse(within)} if within else {})}
 
 
 @dataclass
@@ -126,7 +206,8 @@ class MethodConfig:
 
     name: str = "irra"  # clip | irra | ivt | pcc
     losses: list[LossTerm] = field(default_factory=list)  # loss terms and weights (the method's own default)
-    temperature: float = field(default=0.02, metadata=sweepable("sdm", "itc"))  # SDM / ITC temperature tau
+    temperature: float = field(default=0.02, metadata=sweepable("sdm", "itc", within="(0, inf)"))
+    # SDM / ITC temperature tau
     # (logits = cos / tau)
     learnable_temperature: bool = field(default=False, metadata=sweepable("sdm", "itc"))  # CLIP-style learnable
     # logit scale, initialised from temperature
@@ -175,8 +256,9 @@ class IrraMethodConfig(MethodConfig):
     name: str = "irra"
     losses: list[LossTerm] = _losses(("sdm", 1.0), ("mlm", 1.0), ("id", 1.0))
     mask_ratio: float = field(default=0.15, metadata=sweepable("mlm"))  # fraction of caption tokens masked for IRR
-    cross_layers: int = field(default=4, metadata=sweepable("mlm"))  # transformer layers of the cross-modal encoder
-    cross_heads: int = field(default=8, metadata=sweepable("mlm"))  # heads of its cross-attention
+    cross_layers: int = field(default=4, metadata=sweepable("mlm", within="[1, inf)"))
+    # transformer layers of the cross-modal encoder
+    cross_heads: int = field(default=8, metadata=sweepable("mlm", within="[1, inf)"))  # heads of its cross-attention
     mlm_pad_mask: bool = False  # mask padding in the cross-modal encoder (the official code does not)
 
     def __post_init__(self):
@@ -194,13 +276,9 @@ class IvtMethodConfig(MethodConfig):
     losses: list[LossTerm] = _losses(("cmpm", 1.0))
     cmpm_norm: CmpmNorm = field(default="l2", metadata=sweepable("cmpm"))  # CMPM label rows: l2 (q = y / ||y||_2,
     # the official IVT/IRRA code) | sum (q = y / sum y)
-    bmm_max_drop: float = field(default=0.2, metadata=sweepable())  # BMM: per batch drop k ~ U{0..floor(this x N)}
+    bmm_max_drop: float = field(default=0.2, metadata=sweepable(within="[0, 1)"))
+    # BMM: per batch drop k ~ U{0..floor(this x N)}
     # of the N token positions
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.bmm_max_drop < 1:
-            raise ConfigError(f"method.bmm_max_drop must be in [0, 1), got {self.bmm_max_drop}")
 
 
 @dataclass
@@ -210,12 +288,14 @@ class PccMethodConfig(MethodConfig):
     supported_losses: ClassVar[tuple[str, ...]] = ("sdm", "itc", "cmr", "id")
     name: str = "pcc"
     losses: list[LossTerm] = _losses(("sdm", 1.0), ("cmr", 1.0), ("id", 0.5))
-    num_parts: int = field(default=8, metadata=sweepable())  # learnable part tokens shared by both modalities
-    decoder_layers: int = field(default=2, metadata=sweepable())  # layers of the shared part decoder
-    margin: float = field(default=0.2, metadata=sweepable("cmr"))  # base margin of the CMR loss
+    num_parts: int = field(default=8, metadata=sweepable(within="[1, inf)"))
+    # learnable part tokens shared by both modalities
+    decoder_layers: int = field(default=2, metadata=sweepable(within="[1, inf)"))  # layers of the shared part decoder
+    margin: float = field(default=0.2, metadata=sweepable("cmr", within="[0, inf)"))  # base margin of the CMR loss
     commonality: bool = field(default=True, metadata=sweepable("cmr"))  # scale each part's margin by its
     # distinctiveness (False = fixed margin)
-    part_weight: float = field(default=0.5, metadata=sweepable())  # weight of part similarity in retrieval
+    part_weight: float = field(default=0.5, metadata=sweepable(within="[0, inf)"))
+    # weight of part similarity in retrieval
     # (similarity = global + w * parts)
 
 
@@ -241,78 +321,92 @@ class ModelConfig:
     image_tower: str = "vit_tiny_patch16_224"  # timm model name (no pretrained download)
     image_overrides: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (depth, embed_dim..)
     image_pretrained: str = ""  # local file/dir or s3:// URL of image-tower weights ("" = random init)
-    patch_stride: int = 0  # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
+    patch_stride: int = field(default=0, metadata=within("[0, inf)", "0 = the patch size"))
+    # 0 = patch size (no overlap); IVT uses 12 for overlapping patches
     image_pool: Literal["cls", "mean"] = "cls"  # global image feature: cls (the papers) | mean (of patch tokens; faster from scratch)
     text_tower: Literal["clip", "bert"] = "clip"  # clip | bert (transformers architectures)
     text_pool: Literal["eot", "mean"] = "eot"  # global text feature: eot (last real token, the papers) | mean (of real tokens)
     text_pretrained: str = ""  # local dir or s3:// URL of a transformers checkpoint ("" = random init)
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    embed_dim: int = 512  # joint embedding size (IRRA/CLIP/PCC projection)
-    shared_width: int = 768  # IVT shared tower width
-    shared_layers: int = 12
-    shared_heads: int = 12
-    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0; IVT 0.1)
-    text_dropout: float = 0.0  # IVT: dropout after the text embeddings (BERT's hidden_dropout_prob; IVT 0.1);
+    text_width: int = field(default=512, metadata=within("[1, inf)"))
+    text_layers: int = field(default=12, metadata=within("[1, inf)"))
+    text_heads: int = field(default=8, metadata=within("[1, inf)"))
+    embed_dim: int = field(default=512, metadata=within("[1, inf)"))  # joint embedding size (IRRA/CLIP/PCC projection)
+    shared_width: int = field(default=768, metadata=within("[1, inf)"))  # IVT shared tower width
+    shared_layers: int = field(default=12, metadata=within("[1, inf)"))
+    shared_heads: int = field(default=12, metadata=within("[1, inf)"))
+    drop_path: float = field(default=0.0, metadata=within("[0, 1)"))
+    # stochastic depth of the last block (linear from 0; IVT 0.1)
+    text_dropout: float = field(default=0.0, metadata=within("[0, 1)"))
+    # IVT: dropout after the text embeddings (BERT's hidden_dropout_prob; IVT 0.1);
     # a BERT text tower (PCC): its hidden and attention dropout (bert-base 0.1); the CLIP text tower has none
 
 
 @dataclass
 class OptimConfig:
     name: OptimName = "adam"  # adam | adamw | sgd
-    lr: float = 1e-5
-    new_module_lr_mult: float = 5.0  # heads / cross-modal encoder / classifier learn faster (IRRA)
-    bias_lr_mult: float = 1.0  # biases outside head modules learn at lr x this (IRRA, IVT: 2)
-    weight_decay: float = 4e-5
-    bias_weight_decay: float = 0.0  # weight decay of biases (IRRA 0; IVT: 1e-4)
+    lr: float = field(default=1e-5, metadata=within("(0, inf)"))
+    new_module_lr_mult: float = field(default=5.0, metadata=within("[0, inf)"))
+    # heads / cross-modal encoder / classifier learn faster (IRRA)
+    bias_lr_mult: float = field(default=1.0, metadata=within("[0, inf)"))
+    # biases outside head modules learn at lr x this (IRRA, IVT: 2)
+    weight_decay: float = field(default=4e-5, metadata=within("[0, inf)"))
+    bias_weight_decay: float = field(default=0.0, metadata=within("[0, inf)"))
+    # weight decay of biases (IRRA 0; IVT: 1e-4)
     decay_norms: bool = False  # also decay norm weights, embeddings and other 1-D parameters (IRRA: true)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-3
-    momentum: float = 0.9  # sgd
-    warmup_epochs: float = 5.0
-    warmup_start_factor: float = 0.1  # lr starts at lr * this and rises linearly
-    min_lr: float = 0.0  # cosine floor
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=within("[0, 1)", length=2))
+    eps: float = field(default=1e-3, metadata=within("[0, inf)"))
+    momentum: float = field(default=0.9, metadata=within("[0, inf)"))  # sgd
+    warmup_epochs: float = field(default=5.0, metadata=within("[0, inf)"))
+    warmup_start_factor: float = field(default=0.1, metadata=within("[0, 1]"))
+    # lr starts at lr * this and rises linearly
+    min_lr: float = field(default=0.0, metadata=within("[0, inf)"))  # cosine floor
     scheduler: Literal["cosine", "timm_cosine"] = "cosine"  # cosine: linear warm-up, then cosine over the remaining steps (IRRA) | timm_cosine:
     # timm's CosineLRScheduler as IVT runs it (epochs counted from 1, cosine over the whole run, warm-up start lr *
     # warmup_start_factor and floor min_lr the same absolute values for every group)
     schedule_per: Literal["iteration", "epoch"] = "iteration"  # iteration | epoch (the lr stays constant within an epoch: IRRA, IVT)
-    grad_clip: float = 0.0  # max grad norm (0 = off)
+    grad_clip: float = field(default=0.0, metadata=within("[0, inf)", "0 = off"))  # max grad norm (0 = off)
 
 
 @dataclass
 class TrainConfig:
     run_name: str = "tbps"  # re-running with the same name resumes from its latest checkpoint
     storage_path: str = "./runs"  # local path or s3:// URL for checkpoints and results
-    epochs: int = 60
+    epochs: int = field(default=60, metadata=within("[1, inf)"))
     num_workers: Union[int, list[int]] = 2  # Ray Train workers; [min, max] = elastic (Ray Train's elastic scaling):
     # the run goes on with fewer workers (at least min) when a node is lost and grows back to max when capacity
     # returns; the per-worker batch stays data.batch_size, so the global batch follows the world size (logged)
-    elastic_resize_interval_s: float = 60.0  # elastic workers: seconds between Ray Train's checks for capacity
+    elastic_resize_interval_s: float = field(default=60.0, metadata=within("(0, inf)"))
+    # elastic workers: seconds between Ray Train's checks for capacity
     # to grow back (ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts from the last checkpoint
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 1.0
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    cpus_per_worker: int = field(default=1, metadata=within("[1, inf)"))
+    gpus_per_worker: float = field(default=1.0, metadata=within("(0, inf)"))
+    zero_stage: int = field(default=0, metadata=within("[0, 3]"))  # DeepSpeed ZeRO stage 0-3
     precision: Precision = "auto"  # auto (bf16-autocast on GPU, fp32 on CPU) | bf16-autocast (fp32 weights,
     # torch.autocast forward) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 | fp32
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = field(default=1, metadata=within("[1, inf)"))  # micro-batches per optimizer step
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
     # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2;
     # with compile, random layers draw through eager's kernels so that both passes draw the same masks
     activation_checkpointing: bool = False  # towers and block stacks recompute activations in the backward
     compile: bool = False  # torch.compile the training forward (Method.features) and the eval encoders; ZeRO 0-2
-    eval_every: int = 1  # epochs between val evaluations (0 = only at the end)
+    eval_every: int = field(default=1, metadata=within("[0, inf)", "0 = only at the end"))
+    # epochs between val evaluations (0 = only at the end)
     select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
-    num_to_keep: int = 2  # checkpoints kept (mid-epoch ones included)
-    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps within an epoch (0 = at epoch ends
+    num_to_keep: int = field(default=2, metadata=within("[1, inf)"))  # checkpoints kept (mid-epoch ones included)
+    checkpoint_every_steps: int = field(default=0, metadata=within("[0, inf)", "0 = at epoch ends only"))
+    # also checkpoint every N optimizer steps within an epoch (0 = at epoch ends
     # only): engine, data position and loss sums, so a resume continues mid-epoch, no sample repeated or skipped
-    max_failures: int = 1  # worker failures survived (restart from the last checkpoint)
-    log_every: int = 20  # steps between progress lines
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch (debug/bench knob)
+    max_failures: int = field(default=1, metadata=within("[-1, inf)", "-1 = no limit"))
+    # worker failures survived (restart from the last checkpoint)
+    log_every: int = field(default=20, metadata=within("[1, inf)"))  # steps between progress lines
+    max_steps_per_epoch: int = field(default=0, metadata=within("[0, inf)", "0 = the whole epoch"))
+    # 0 = the whole epoch (debug/bench knob)
     ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray
-    ray_num_cpus: int = 0  # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
-    worker_niceness: int = 0  # nice value of the Train worker processes (Ray starts workers at 15), 0-19
+    ray_num_cpus: int = field(default=0, metadata=within("[0, inf)"))
+    # logical CPUs for a local Ray (0 = max(cores, workers*cpus+2))
+    worker_niceness: int = field(default=0, metadata=within("[0, 19]", "a process may only lower its own priority"))
+    # nice value of the Train worker processes (Ray starts workers at 15), 0-19
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # train these seeds concurrently, one run each (<run_name>-seed<s>,
     # train.seed and data.seed = s), and summarise them: mean ± std and a 95 % interval (<run_name>/seeds.md)
@@ -336,8 +430,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256
-    query_chunk: int = 1024  # queries ranked at a time (bounds memory)
+    batch_size: int = field(default=256, metadata=within("[1, inf)"))
+    query_chunk: int = field(default=1024, metadata=within("[1, inf)"))  # queries ranked at a time (bounds memory)
     test_every_epoch: bool = False  # also evaluate test whenever val is: metrics.json and the final table add the
     # best *test* epoch, labelled "test-selected (the papers' protocol)", beside ours (test at the best val epoch)
 
@@ -542,7 +636,9 @@ def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = N
         tree.pop("method", None)  # another method than the preset's: its section starts from that method's defaults
     for key, value in pairs:
         _set_dotted(tree, key, value)
-    return from_dict(Config, tree)
+    cfg = from_dict(Config, tree)
+    check_values(cfg)
+    return cfg
 
 
 def saved_config(tree: dict, source: str = "config.yaml") -> Config:
@@ -555,7 +651,9 @@ def saved_config(tree: dict, source: str = "config.yaml") -> Config:
         foreign = {f.name for c in METHOD_CONFIGS.values() for f in dataclasses.fields(c)} - own
         tree = {**tree, "method": {k: v for k, v in method.items() if k not in foreign}}
     try:
-        return from_dict(Config, tree)
+        cfg = from_dict(Config, tree)
+        check_values(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

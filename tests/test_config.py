@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
@@ -38,6 +39,20 @@ def test_presets_load_and_overrides_apply():
     (["method.name=pcc", "method.mask_ratio=0.2"], "unknown config key method.mask_ratio for method pcc"),
     ("method.losses=[]", "method.losses is empty; irra offers sdm, itc, mlm, id"),
     ("method.mask_ratio=1.5", "method.mask_ratio must be in \\(0, 1\\) with the mlm loss"),
+    # numbers outside their field's valid values: each would train on nonsense or fail inside a Ray worker
+    ("method.temperature=-0.02", "method.temperature must be > 0, got -0.02"),
+    ("method.temperature=.nan", "method.temperature must be > 0, got nan"),
+    ("data.flip=2", r"data.flip must be in \[0, 1\], got 2.0"),
+    ("data.text_length=1", r"data.text_length must be >= 3 \(a start, an end and at least one word token\), got 1"),
+    ("data.image_size=[384]", r"data.image_size must be a list of 2 numbers, got \[384\]"),
+    ("data.std=[0.3, 0, 0.3]", r"data.std\[1\] must be > 0, got 0.0"),
+    ("data.erasing_scale=[0.4, 0.02]", r"data.erasing_scale must be \[min, max\]"),
+    ("optim.lr=-1e-5", "optim.lr must be > 0, got -1e-05"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be in \[0, 1\), got 1.0"),
+    ("method.losses=[{name: sdm, weight: -1}]", r"method.losses\[0\].weight must be >= 0, got -1.0"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.worker_niceness=-5", r"train.worker_niceness must be in \[0, 19\] \(a process may only lower its own"),
+    (["method.name=ivt", "method.bmm_max_drop=1.0"], r"method.bmm_max_drop must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -51,7 +66,8 @@ def test_bad_overrides_name_the_key(override, message):
     (["model.image_pretrained=/nonexistent/vit.safetensors"], "model.image_pretrained: /nonexistent/vit.safetensors"),
     (["data.val_split=dev"], "data.val_split: split 'dev' not in"),
     (["data.batch_size=4096"], "leaves no full batch"),
-    (["train.worker_niceness=-5"], "train.worker_niceness must be 0-19"),
+    (["train.worker_niceness=-5"], "train.worker_niceness must be in [0, 19]"),
+    (["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
     (["model.text_dropout=0.1"], "model.text_dropout=0.1: the CLIP text transformer has no dropout"),
 ])
 def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, capsys):
@@ -61,6 +77,49 @@ def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, ca
     assert train_main(["--config", "irra_tiny", *base, *args]) == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_every_numeric_field_with_valid_values_refuses_the_values_beyond_them(synth_tiny):
+    """Each field with valid values (``within``): its default and every preset's value pass; a value just outside
+    each end is refused, naming the key, when the config loads (as a command-line override) and in pre-flight (a
+    config changed in code)."""
+    import dataclasses
+    import math
+
+    from tbps.config import METHOD_CONFIGS, Config, check_values
+    from tbps.engine.launcher import preflight
+
+    for preset in ("irra", "ivt", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
+        check_values(load_config(preset))
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    checked = []
+    for section, make in sections.items():
+        classes = [(m, c) for m, c in METHOD_CONFIGS.items()] if section == "method" else [(None, make)]
+        for method, cls in classes:
+            for f in dataclasses.fields(cls):
+                rule = f.metadata.get("within")
+                if rule is None or (section == "method" and f.name in {g.name for g in dataclasses.fields(
+                        METHOD_CONFIGS["clip"])} and method != "clip"):
+                    continue  # fields every method shares: checked once, under clip
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                step = 1 if isinstance(default if not isinstance(default, list) else default[0], int) else 1e-3
+                below = rule.lo if not rule.lo_closed else rule.lo - step
+                above = rule.hi if not rule.hi_closed else rule.hi + step
+                outside = [v for v, end in ((below, rule.lo), (above, rule.hi)) if math.isfinite(end)]
+                for bad in outside:
+                    value = [bad] * len(default) if isinstance(default, list) else bad
+                    key = f"{section}.{f.name}"
+                    pre = [f"method.name={method}"] if method else []
+                    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}(\[0\])? must be "):
+                        load_config(None, pre + [f"{key}={value}"])
+                    cfg = load_config("clip_tiny" if method in (None, "clip") else f"{method}_tiny",
+                                      [f"data.url={synth_tiny}"])
+                    setattr(getattr(cfg, section), f.name, value)
+                    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}(\[0\])? must be "):
+                        preflight(cfg)
+                    checked.append(key)
+    assert {"method.temperature", "method.bmm_max_drop", "method.margin", "optim.lr", "data.flip",
+            "train.zero_stage", "model.drop_path", "eval.query_chunk"} <= set(checked), checked
 
 
 def test_saved_config_redacts_credentials():

@@ -515,8 +515,10 @@ def test_loader_workers_default_to_what_the_worker_cpus_allow():
     cfg = load_config("irra_tiny", ["data.loader_workers=-1"])
     resolve_worker_settings(cfg)
     assert cfg.data.loader_workers == 1
-    with pytest.raises(ConfigError, match="data.loader_workers must be >= 0, or -1"):
-        resolve_worker_settings(load_config("irra_tiny", ["data.loader_workers=-3"]))
+    with pytest.raises(ConfigError, match=r"data.loader_workers must be >= -1 \(-1 = what the worker's CPUs allow\)"):
+        load_config("irra_tiny", ["data.loader_workers=-3"])
+    with pytest.raises(ValueError, match="data.loader_workers must be >= 0, or -1"):
+        resolve_loader_workers(-3, 8)
 
 
 def test_a_two_dataset_mixture_samples_the_weights_and_keeps_identities_apart(tmp_path):

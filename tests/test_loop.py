@@ -177,7 +177,10 @@ def test_mid_epoch_checkpoint_settings_are_checked(synth_tiny):
     from tbps.engine.launcher import preflight
     from tune.space import load_sweep
 
-    cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", "train.checkpoint_every_steps=-1"])
+    with pytest.raises(ConfigError, match=r"train.checkpoint_every_steps must be >= 0 \(0 = at epoch ends only\)"):
+        load_config("clip_tiny", [f"data.url={synth_tiny}", "train.checkpoint_every_steps=-1"])
+    cfg = load_config("clip_tiny", [f"data.url={synth_tiny}"])
+    cfg.train.checkpoint_every_steps = -1  # changed in code: pre-flight checks again
     with pytest.raises(ConfigError, match="train.checkpoint_every_steps must be >= 0"):
         preflight(cfg)
     with pytest.raises(ConfigError, match="checkpoint_every_steps is for training runs, not sweeps"):

@@ -82,6 +82,9 @@ def test_shared_parameters_skip_methods_without_them():
     ("irra", {"method.temperature": {"loguniform": [0.0, 0.1]}}, "loguniform needs low > 0"),
     ("irra", {"method.temperature": {"normal": [0.0, 0.1]}}, "expected one of"),
     ("irra", {"data.image_size": {"uniform": [1, 2]}}, "data.image_size=1.0 does not make a valid config"),
+    # every value the space can give must be a valid value of its field: a temperature of 0 or a weight below 0
+    ("irra", {"method.temperature": {"uniform": [0.0, 0.05]}}, "method.temperature must be > 0, got 0.0"),
+    ("irra", {"loss.id": {"uniform": [-0.5, 1.0]}}, "method.losses[2].weight must be >= 0, got -0.5"),
 ])
 def test_bad_space_is_rejected_naming_the_key(tmp_path, method, space, message):
     config = {"irra": "irra_tiny", "ivt": "ivt_tiny"}[method]

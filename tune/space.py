@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-from tbps.config import (METHOD_CONFIGS, Config, ConfigError, from_dict, load_config, parse_override, preset_path,
-                         read_yaml_mapping)
+from tbps.config import (METHOD_CONFIGS, Config, ConfigError, check_values, from_dict, load_config, parse_override,
+                         preset_path, read_yaml_mapping)
 from tbps.eval.metrics import METRICS  # the metrics a sweep can select on
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -141,6 +141,7 @@ class SweepSpec:
                 raise ConfigError(f"{self.source}: loss.{name} is not a loss term of {method} "
                                   f"(its losses: {', '.join(sorted(present))})")
             next(t for t in cfg.method.losses if t.name == name).weight = weight
+        check_values(cfg)  # the loss weights set here
         return cfg
 
     def params_for(self, method: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from tbps.config import Config, ConfigError, to_dict
+from tbps.config import Config, ConfigError, check_values, to_dict
 
 from tbps.eval.metrics import METRICS
 FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
@@ -25,6 +25,7 @@ def forwarded_env(environ=None) -> dict[str, str]:
 
 def preflight(cfg: Config) -> dict:
     """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
+    check_values(cfg)  # again: a config changed in code since it loaded
     resolve_worker_settings(cfg)
     from shards.storage import filesystem
     from tbps.data import load_manifest
@@ -33,15 +34,8 @@ def preflight(cfg: Config) -> dict:
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.loop import tokenizer_path
 
-    if not 0 <= cfg.train.zero_stage <= 3:
-        raise ConfigError(f"train.zero_stage must be 0-3, got {cfg.train.zero_stage}")
     if cfg.train.select_metric not in METRICS:
         raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
-    if not 0 <= cfg.train.worker_niceness <= 19:
-        raise ConfigError(f"train.worker_niceness must be 0-19 (a process may only lower its own priority), got "
-                          f"{cfg.train.worker_niceness}")
-    if cfg.train.grad_accum < 1:
-        raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     if cfg.train.grad_cache and cfg.train.zero_stage == 3:
         raise ConfigError("train.grad_cache supports ZeRO stages 0-2 (its second pass reads the batch-level losses' "
                           "parameters outside the engine's forward, which ZeRO-3 partitions): use train.zero_stage=2")
@@ -53,9 +47,6 @@ def preflight(cfg: Config) -> dict:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
     check_text_dropout(cfg)
-    if cfg.train.checkpoint_every_steps < 0:
-        raise ConfigError(f"train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only), got "
-                          f"{cfg.train.checkpoint_every_steps}")
     low, high = cfg.train.worker_range()
     if low < high and cfg.train.zero_stage == 3:
         raise ConfigError("elastic workers (train.num_workers=[min, max]) support ZeRO stages 0-2 (a ZeRO-1/2 "
@@ -122,8 +113,6 @@ def check_text_dropout(cfg: Config) -> None:
     from tbps.methods.towers import TwoTower
     from tbps.models.text import dropout_settings
 
-    if not 0 <= cfg.model.text_dropout < 1:
-        raise ConfigError(f"model.text_dropout must be in [0, 1), got {cfg.model.text_dropout}")
     if issubclass(METHODS[cfg.method.name], TwoTower):
         try:
             dropout_settings(cfg.model.text_tower, cfg.model.text_dropout)
