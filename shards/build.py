@@ -26,7 +26,7 @@ import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from .cli import add_verbose, run_command
+from .cli import add_verbose, at_least, run_command
 from .corpus import KINDS, convert_corpus
 from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
 from .writer import DatasetWriter, group_shard_counts
@@ -227,12 +227,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", help="corpora: the folder of the resumable conversion's plan and progress "
                                        "(default ~/.cache/tbps/corpus/<hash of root and out>)")
     ap.add_argument("--out", required=True, help="output directory or fsspec URL (e.g. s3://bucket/prefix)")
-    ap.add_argument("--shard-size", type=int, default=1000, help="max samples (images) per shard")
-    ap.add_argument("--min-shards", type=int, default=8,
+    ap.add_argument("--shard-size", type=at_least(1), default=1000, help="max samples (images) per shard")
+    ap.add_argument("--min-shards", type=at_least(1), default=8,
                     help="at least this many shards per split, so every rank x loader worker gets work")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in the manifest) instead of "
                                                             "stopping")
-    ap.add_argument("--workers", type=int, default=8, help="threads that check images (corpora: processes that "
+    ap.add_argument("--workers", type=at_least(1), default=8, help="threads that check images (corpora: processes that "
                                                            "write shards)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order of the train records")
     ap.add_argument("--attributes", help="IVT's attribute annotation JSON (cuhk_pedes_att.json layout): stores each "

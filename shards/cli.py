@@ -50,6 +50,25 @@ def describe(error: BaseException) -> str | None:
     return None
 
 
+def at_least(low: int, high: int | None = None):
+    """An argparse ``type``: an integer of at least ``low`` (and at most ``high``); anything else is a usage error
+    naming the option (argparse adds its name) and exit code 2."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's message for a failed conversion
+    return parse
+
+
 def add_verbose(parser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
 

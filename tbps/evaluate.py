@@ -110,7 +110,7 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from shards.cli import add_verbose, run_command
+    from shards.cli import add_verbose, at_least, run_command
     from tbps.eval import format_table
 
     ap = argparse.ArgumentParser(prog="python -m tbps.evaluate", description=__doc__.split("\n\n")[0],
@@ -127,9 +127,9 @@ def main(argv=None) -> int:
                     help="dataset URL (default: the one each checkpoint was trained on); repeat as LABEL=URL for a "
                          "cross-domain matrix of every model on every dataset")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=at_least(1), default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cmc", type=int, default=20, help="CMC curve up to this rank (default 20)")
+    ap.add_argument("--cmc", type=at_least(0), default=20, help="CMC curve up to this rank (default 20)")
     ap.add_argument("--out", help="write metrics.md, metrics.json and cmc.png here")
     ap.add_argument("--json", help="also write the metrics to this JSON file")
     ap.add_argument("--ap", choices=("standard", "trapezoid"), default="standard",

@@ -234,7 +234,7 @@ def serve(service: SearchService, port: int = 8000, top_k: int = 10, log=print) 
 
 
 def main(argv=None) -> int:
-    from shards.cli import add_verbose
+    from shards.cli import add_verbose, at_least
 
     ap = argparse.ArgumentParser(prog="python -m tbps.search", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -246,12 +246,12 @@ def main(argv=None) -> int:
     ap.add_argument("query", nargs="*", help="query text(s)")
     ap.add_argument("--queries", help="file with one query per line")
     ap.add_argument("--split", default="test", help="gallery split (default test; --gallery only)")
-    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--top-k", type=at_least(1), default=10)
     ap.add_argument("--out", default="search-results", help="output directory (one subfolder per query if several)")
     ap.add_argument("--serve", action="store_true", help="serve a search page on 127.0.0.1 (type queries in a browser)")
-    ap.add_argument("--port", type=int, default=8000, help="--serve: the port (0 = a free one)")
+    ap.add_argument("--port", type=at_least(0, 65535), default=8000, help="--serve: the port (0 = a free one)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--faiss-min", type=int, default=20000, help="use FAISS for galleries at least this large")
+    ap.add_argument("--faiss-min", type=at_least(0), default=20000, help="use FAISS for galleries at least this large")
     add_verbose(ap)
     args = ap.parse_args(argv)
     queries = list(args.query)

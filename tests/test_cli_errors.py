@@ -89,6 +89,29 @@ def test_verbose_adds_the_traceback(storage_down, capsys):
     assert "Traceback" in err and "error: " in err
 
 
+@pytest.mark.parametrize("command, args, message", [
+    ("tbps.evaluate", ["--checkpoint", "ckpt", "--cmc", "-3"], "argument --cmc: must be an integer >= 0, got -3"),
+    ("tbps.evaluate", ["--checkpoint", "ckpt", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    ("tbps.search", ["--checkpoint", "ckpt", "--gallery", "g", "q", "--top-k", "0"], "argument --top-k: must be an "
+                                                                                     "integer >= 1, got 0"),
+    ("tbps.search", ["--checkpoint", "ckpt", "--gallery", "g", "--serve", "--port", "70000"],
+     "argument --port: must be an integer in 0..65535, got 70000"),
+    ("shards.build", ["--dataset", "csv", "--root", "r", "--out", "o", "--shard-size", "0"],
+     "argument --shard-size: must be an integer >= 1, got 0"),
+    ("shards.build", ["--dataset", "csv", "--root", "r", "--out", "o", "--min-shards", "x"],
+     "argument --min-shards: expected an integer, got 'x'"),
+])
+def test_numeric_options_outside_their_range_are_usage_errors(command, args, message, capsys):
+    """Before any work: a negative --cmc failed with an IndexError after the whole gallery was embedded, and
+    --batch-size 0 embedded the split as one batch."""
+    import importlib
+
+    main = importlib.import_module(command).main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_errors_from_train_workers_are_unwrapped():
     from ray.train import WorkerGroupError
 

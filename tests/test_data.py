@@ -121,6 +121,8 @@ def test_eval_stream_covers_gallery_once_and_every_caption(synth_tiny):
             queries += b["text_index"].tolist()
     assert sorted(images) == list(range(manifest["splits"]["test"]["images"]))
     assert len(set(queries)) == len(queries) == manifest["splits"]["test"]["captions"]
+    with pytest.raises(ValueError, match="evaluation batch size must be >= 1, got 0"):
+        build_eval_loader(cfg, tok, "test", batch_size=0)  # would have been one batch of the whole split
 
 
 def test_tokenizer_loads_from_s3(synth_tiny, s3_server, tmp_path, monkeypatch):

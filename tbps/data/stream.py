@@ -648,6 +648,8 @@ class EvalStream(IterableDataset):
 
     def __init__(self, url: str, manifest: dict, split: str, cfg, tokenizer, batch_size: int, rank: int = 0,
                  world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"the evaluation batch size must be >= 1, got {batch_size}")
         self.url, self.cfg, self.tokenizer, self.batch_size = url, cfg, tokenizer, batch_size
         shards = split_shards(manifest, split, url)
         offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
