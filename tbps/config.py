@@ -223,6 +223,13 @@ class MethodConfig:
         if not self.losses:
             raise ConfigError(f"method.losses is empty; {self.name} offers {', '.join(valid)}")
 
+    def check_fields(self, prefix: str) -> None:  # check_values
+        if self.learnable_temperature and 1 / self.temperature > LOGIT_SCALE_MAX:
+            raise ConfigError(f"{prefix}temperature={self.temperature} with {prefix}learnable_temperature: a learnable "
+                              f"logit scale is capped at {LOGIT_SCALE_MAX:g} as CLIP's (tau >= "
+                              f"{1 / LOGIT_SCALE_MAX:g}), so it would start at the cap; a fixed temperature is not "
+                              "capped")
+
     @classmethod
     def hyperparameters(cls, losses) -> set[str]:
         """The method.* fields that change this method's training with these loss terms (names or LossTerms): what a
@@ -233,6 +240,9 @@ class MethodConfig:
             if "sweep" in f.metadata and (not f.metadata["sweep"] or names & set(f.metadata["sweep"])):
                 out.add(f.name)
         return out
+
+
+LOGIT_SCALE_MAX = 100.0  # a learnable logit scale's cap (CLIP's): tau >= 0.01
 
 
 def _losses(*terms):

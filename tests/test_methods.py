@@ -288,3 +288,26 @@ def test_ivt_param_groups_follow_the_official_solver():
             assert (group["lr"], group["weight_decay"]) == (pytest.approx(lr), pytest.approx(wd)), name
             seen += 1
     assert seen == len(names) and isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_a_fixed_temperature_is_the_configured_one_and_only_a_learnable_scale_is_capped(synth_tiny):
+    """s = 1 / tau exactly for a fixed temperature (IRRA's): tau = 0.005 scores SDM at s = 200, where the scale used
+    to be capped at 100 whatever the config said; a learnable scale keeps CLIP's cap, and a learnable temperature
+    that would start at the cap is a config error."""
+    import math
+
+    from tbps import losses as L
+
+    cfg, method, batch = _setup("irra", synth_tiny, ["method.temperature=0.005", "method.losses=[{name: sdm}]"])
+    assert float(method.logit_scale) == pytest.approx(200.0)
+    feats, _ = method.features(batch)
+    loss = method.fp32_batch_losses(feats)["sdm"]
+    assert torch.allclose(loss, L.sdm_loss(feats["v"], feats["t"], feats["pids"], 200.0), atol=1e-6)
+    assert not torch.allclose(loss, L.sdm_loss(feats["v"], feats["t"], feats["pids"], 100.0), atol=1e-3)
+
+    _, method, _ = _setup("clip", synth_tiny, ["method.temperature=0.01", "method.learnable_temperature=true"])
+    with torch.no_grad():
+        method.log_scale.fill_(math.log(500.0))  # learned past the cap
+    assert float(method.logit_scale) == pytest.approx(100.0)
+    with pytest.raises(ConfigError, match="a learnable logit scale is capped at 100 as CLIP's"):
+        load_config("clip_tiny", ["method.temperature=0.005", "method.learnable_temperature=true"])

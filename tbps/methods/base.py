@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps import losses as L
-from tbps.config import METHOD_CONFIGS, ConfigError, MethodConfig, method_config_class
+from tbps.config import LOGIT_SCALE_MAX, METHOD_CONFIGS, ConfigError, MethodConfig, method_config_class
 from tbps.data.batch import TrainBatch
 from tbps.data.needs import DataNeeds
 from tbps.distributed import gather_no_grad, gather_with_grad, row_offset, world
@@ -148,7 +148,10 @@ class Method(nn.Module):
     # -- helpers
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=100.0)[0]
+        """s = 1 / tau. A learnable scale is capped at 100, as CLIP's; a fixed one is the configured 1 / tau (IRRA's
+        fixed 1 / temperature, never capped: tau = 0.005 is s = 200, not a silent 100)."""
+        scale = self.log_scale.exp()
+        return (scale.clamp(max=LOGIT_SCALE_MAX) if isinstance(self.log_scale, nn.Parameter) else scale)[0]
 
     def wants(self, name: str) -> bool:
         return name in self.loss_weights

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tbps import losses as L
+from tbps.config import LOGIT_SCALE_MAX
 from tbps.models import ImageTower, TextTower, WeightLoadError, load_into
 from tbps.models.clip import ClipCheckpoint, openai_text_to_transformers, openai_visual_to_timm, unknown_keys
 
@@ -136,4 +137,4 @@ def load_clip(module: TwoTower, ckpt: ClipCheckpoint) -> None:
             layer.weight.copy_(weight)
     if isinstance(module.log_scale, nn.Parameter) and "logit_scale" in sd:
         with torch.no_grad():  # CLIP stores log(1/tau)
-            module.log_scale.copy_(sd["logit_scale"].reshape(1).clamp(max=math.log(100.0)))
+            module.log_scale.copy_(sd["logit_scale"].reshape(1).clamp(max=math.log(LOGIT_SCALE_MAX)))
