@@ -195,3 +195,53 @@ def test_configs_saved_with_every_methods_fields_still_load():
     tree["method"]["bogus"] = 1  # a key no method has is still an error, naming the file
     with pytest.raises(ConfigError, match="run/config.yaml: unknown config key method.bogus"):
         saved_config(tree, "run/config.yaml")
+
+
+def test_a_resumed_run_refuses_a_changed_training_config(synth_tiny, tmp_path, capsys):
+    """Re-running a train.run_name that has a checkpoint resumes it with the optimizer state of the config it started
+    with: a changed training key (an lr, a loss weight) used to be written to config.yaml and not trained, or trained
+    from the resumed epoch on. Operational keys may change, the data may move and the epochs grow (named in a line),
+    and architecture keys that model.pretrained sets are not compared."""
+    import ray
+
+    from tbps.engine.launcher import check_resumed_config
+    from tbps.engine.loop import as_saved
+
+    def run_dir(name, overrides=(), checkpoint=True):
+        cfg = load_config("clip_tiny", [f"data.url={synth_tiny}", f"train.storage_path={tmp_path}",
+                                        f"train.run_name={name}", *overrides])
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(dump_yaml(as_saved(cfg)))
+        if checkpoint:
+            (tmp_path / name / "checkpoint_2026-11-25_01-00-00.000000").mkdir()
+
+    base = [f"data.url={synth_tiny}", f"train.storage_path={tmp_path}", "data.loader_workers=1"]
+    run_dir("r", ["data.loader_workers=1"])
+    args = ["--config", "clip_tiny", *base, "train.run_name=r", "optim.lr=0.01",
+            "method.losses=[{name: itc, weight: 2}]"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.run_name 'r' resumes the run under" in err and "optim.lr: 0.0005 -> 0.01" in err
+    assert "method.losses: [{'name': 'itc', 'weight': 1.0}] -> [{'name': 'itc', 'weight': 2.0}]" in err
+    assert f"model.pretrained={tmp_path}/r/best" in err
+    assert not ray.is_initialized()
+
+    def check(name, overrides):
+        check_resumed_config(load_config("clip_tiny", [*base, f"train.run_name={name}", *overrides]))
+
+    check("r", ["train.num_workers=1", "train.compile=true", "train.log_every=5", "eval.batch_size=16"])
+    moved = tmp_path / "moved"
+    moved.symlink_to(synth_tiny)
+    check("r", [f"data.url={moved}", "train.epochs=30"])
+    err = capsys.readouterr().err
+    assert f"data.url: '{synth_tiny}' -> '{moved}'" in err
+    assert "train.epochs: 24 -> 30 (the lr schedule follows the new number of epochs from the resumed step)" in err
+    run_dir("fresh", checkpoint=False)  # stopped before its first checkpoint: starts afresh with the new config
+    check("fresh", ["optim.lr=0.01"])
+    check("new", ["optim.lr=0.01"])
+    # model.pretrained sets the architecture: the run's config.yaml holds the checkpoint's sizes, the command line
+    # the preset's
+    run_dir("p", ["model.pretrained=/weights/ViT-B-16.pt", "model.text_layers=12", "model.embed_dim=512"])
+    check("p", ["model.pretrained=/weights/ViT-B-16.pt"])
+    with pytest.raises(ConfigError, match=r"model.pretrained: '/weights/ViT-B-16.pt' -> '/weights/other.pt'"):
+        check("p", ["model.pretrained=/weights/other.pt"])

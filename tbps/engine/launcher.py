@@ -103,7 +103,76 @@ def preflight(cfg: Config) -> dict:
             fs, path = filesystem(url)
             if not fs.exists(path):
                 raise ConfigError(f"{key}: {url} does not exist")
+    check_resumed_config(cfg)
     return manifest
+
+
+# keys a resumed run may change: where it runs and how it is operated, not what it trains
+RESUME_MAY_CHANGE = {
+    "train.num_workers", "train.elastic_resize_interval_s", "train.use_gpu", "train.cpus_per_worker",
+    "train.gpus_per_worker", "train.max_failures", "train.log_every", "train.ray_address", "train.ray_num_cpus",
+    "train.worker_niceness", "train.num_to_keep", "train.checkpoint_every_steps", "train.compile",
+    "train.activation_checkpointing", "train.storage_path", "train.run_name", "data.loader_workers",
+    "data.on_bad_shard", "eval.batch_size", "eval.query_chunk"}
+# allowed and named in a line: the same data at another place; a run extended (or cut) to another number of epochs
+RESUME_NAMED = {"data.url": "", "data.mix": "", "data.tokenizer": "",
+                "train.epochs": " (the lr schedule follows the new number of epochs from the resumed step)"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in ("image_overrides",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resumed_config(cfg: Config) -> None:
+    """A run whose directory holds a checkpoint resumes from it (Ray Train, by ``train.run_name``): a changed
+    training key used to be written to config.yaml and then either not used at all (the optimizer's lr, weight decay
+    and betas come back from the checkpoint: an lr given on the command line was silently not trained with) or used
+    from the resumed epoch on (one run of two configs, config.yaml naming only the last). Such a change is now an
+    error naming the keys. Keys that say where and how the run is operated (``RESUME_MAY_CHANGE``: workers, compile,
+    ...) may change; the data may move and the run be extended to more epochs (``RESUME_NAMED``, named in a line).
+    Architecture keys that ``model.pretrained`` sets are compared as the checkpoint sets them (only
+    ``model.pretrained`` itself counts)."""
+    import copy
+
+    import yaml
+
+    from shards.storage import filesystem, join
+    from tbps.checkpoint import read_text
+    from tbps.config import saved_config
+    from tbps.engine.loop import as_saved
+    from tbps.methods.pretrained import METHOD_ARCH, MODEL_ARCH
+
+    run_dir = join(cfg.train.storage_path, cfg.train.run_name)
+    fs, path = filesystem(run_dir)
+    if not fs.exists(join(path, "config.yaml")) or not fs.glob(join(path, "checkpoint_*")):
+        return  # a new run, or one that stopped before its first checkpoint (it starts afresh)
+    source = join(run_dir, "config.yaml")
+    saved = _flat(to_dict(saved_config(yaml.safe_load(read_text(source)) or {}, source)))
+    new = _flat(to_dict(as_saved(copy.deepcopy(cfg))))
+    ignore = set(RESUME_MAY_CHANGE)
+    if new.get("model.pretrained") and new["model.pretrained"] == saved.get("model.pretrained"):
+        ignore |= {f"model.{k}" for k in MODEL_ARCH} | {f"method.{k}" for k in METHOD_ARCH.get(cfg.method.name, ())}
+        ignore |= {"model.image_pretrained", "model.text_pretrained", "data.text_length"}
+    changed = [k for k in saved.keys() | new.keys() if k not in ignore and saved.get(k) != new.get(k)]
+    named = sorted(k for k in changed if k in RESUME_NAMED)
+    changed = sorted(k for k in changed if k not in RESUME_NAMED)
+    if changed:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(f"train.run_name {cfg.train.run_name!r} resumes the run under {run_dir}, which was "
+                          f"trained with another config: {diffs}{more}. A resumed run trains on with the config it "
+                          "started with (its optimizer state, lr schedule and data order); give these keys their "
+                          "old values, choose a new train.run_name for a new run, or start a new run from this "
+                          f"one's weights with model.pretrained={join(run_dir, 'best')}")
+    if named:
+        print(f"[tbps] resuming {cfg.train.run_name!r} with "
+              + "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}{RESUME_NAMED[k]}" for k in named), file=sys.stderr)
 
 
 def check_text_dropout(cfg: Config) -> None:
