@@ -25,7 +25,8 @@ import torch
 
 from shards.storage import filesystem, join, write_bytes_atomic
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # part of every cache key: 2 = images decoded upright by their EXIF orientation (indexes built
+# before embedded photos with an orientation tag sideways, and are rebuilt)
 
 
 def _to(batch: dict, device) -> dict:

@@ -563,3 +563,49 @@ def test_a_two_dataset_mixture_samples_the_weights_and_keeps_identities_apart(tm
         load_config("clip_tiny", [f"data.url=[{{url: {a}}}, {{url: {b}}}]"])
     with pytest.raises(ConfigError, match=r"data.url\[1\] .*weight must be > 0"):
         load_config("clip_tiny", [f"data.url=[{{url: {a}, eval: true}}, {{url: {b}, weight: 0}}]"])
+
+
+def test_images_decode_upright_by_their_exif_orientation():
+    """Phone photos (tbps.search --images, generic corpora) store their pixels sideways with an EXIF orientation tag;
+    they used to be embedded sideways. Every orientation now decodes to the upright image (as PIL's exif_transpose,
+    and the browser, show it), also through the reduced-scale JPEG decode; an image without the tag (the person
+    datasets' crops) decodes to exactly the pixels it did before."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from tbps.data.stream import decode_image
+
+    T = Image.Transpose
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 200, 3), dtype=np.uint8))
+    stored_as = {1: None, 2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
+                 6: T.ROTATE_90, 7: T.TRANSVERSE, 8: T.ROTATE_270}
+
+    def encode(image, fmt, orientation=None, **kw):
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        out = io.BytesIO()
+        image.save(out, fmt, exif=exif, **kw) if orientation else image.save(out, fmt, **kw)
+        return out.getvalue()
+
+    for orientation, transpose in stored_as.items():
+        data = encode(upright if transpose is None else upright.transpose(transpose), "PNG", orientation)
+        got = np.asarray(decode_image(data))
+        assert np.array_equal(got, np.asarray(upright)), orientation
+        assert np.array_equal(got, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")))
+
+    # a large JPEG shot sideways (orientation 6), decoded for a 384x128 crop at reduced scale: upright and at least
+    # the target size in both dimensions (the scale is chosen for the upright sides)
+    y, x = np.mgrid[0:1600, 0:800]  # 800 wide, 1600 tall: red grows downwards, green rightwards
+    smooth = Image.fromarray(np.stack([y * 255 // 1599, x * 255 // 799, np.full_like(x, 90)], -1).astype(np.uint8))
+    data = encode(smooth.transpose(T.ROTATE_90), "JPEG", 6, quality=95)
+    got = decode_image(data, (384, 128))
+    assert got.size[0] < got.size[1] and got.size[0] >= 128 and got.size[1] >= 384, got.size
+    reference = np.asarray(smooth.resize(got.size, Image.BILINEAR), dtype=np.float32)
+    assert np.abs(np.asarray(got, dtype=np.float32) - reference).max() < 8
+
+    plain = encode(smooth, "JPEG", quality=90)  # no EXIF: the pixels of before, draft and all
+    with Image.open(io.BytesIO(plain)) as im:
+        im.draft("RGB", (128, 384))
+        before = np.asarray(im.convert("RGB"))
+    assert np.array_equal(np.asarray(decode_image(plain, (384, 128))), before)

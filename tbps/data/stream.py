@@ -294,15 +294,29 @@ def shard_samples(urls: list[str], check: ShardCheck | None = None) -> Iterator[
         check.bad(error)
 
 
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (2-8; 1 = as stored)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
-    """Decode to RGB. A JPEG at least twice the target size is decoded directly at a reduced scale (libjpeg's DCT
-    scaling via ``draft``), which is several times cheaper than a full decode followed by a downscale."""
+    """Decode to RGB, upright: an EXIF orientation tag (phone and camera photos: ``tbps.search --images``, generic
+    corpora) is applied, as a photo viewer and the browser's search page show the image; the person datasets' crops
+    carry none, so their pixels are unchanged. A JPEG at least twice the target size is decoded directly at a reduced
+    scale (libjpeg's DCT scaling via ``draft``), which is several times cheaper than a full decode followed by a
+    downscale."""
     with Image.open(io.BytesIO(data)) as im:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1) if "exif" in im.info else 1
+        if orientation not in UPRIGHT:
+            orientation = 1
         if target_hw and im.format == "JPEG":
-            h, w = target_hw
+            h, w = target_hw if orientation < 5 else target_hw[::-1]  # 5-8: stored rotated by a quarter turn
             if im.width >= 2 * w and im.height >= 2 * h:
                 im.draft("RGB", (w, h))
-        return im.convert("RGB")
+        rgb = im.convert("RGB")
+    return rgb if orientation == 1 else rgb.transpose(UPRIGHT[orientation])
 
 
 def _decode_image(sample: dict, target_hw: tuple[int, int] | None = None) -> Image.Image:
