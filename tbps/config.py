@@ -63,7 +63,9 @@ class Interval:
         def num(x):
             return str(int(x)) if float(x).is_integer() else str(x)
 
-        if self.hi == float("inf"):
+        if self.lo == -float("inf") and self.hi == float("inf"):
+            text = "a finite number"
+        elif self.hi == float("inf"):
             text = f"{'>=' if self.lo_closed else '>'} {num(self.lo)}"
         else:
             text = f"in {'[' if self.lo_closed else '('}{num(self.lo)}, {num(self.hi)}{']' if self.hi_closed else ')'}"
