@@ -68,6 +68,12 @@ def test_bad_overrides_name_the_key(override, message):
     (["data.batch_size=4096"], "leaves no full batch"),
     (["train.worker_niceness=-5"], "train.worker_niceness must be in [0, 19]"),
     (["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
+    # the model is built on the meta device before Ray starts: these failed in every worker, with a retry
+    (["model.image_tower=vit_nope"], "the model this config describes cannot be built (ValueError: "
+                                     "model.image_tower 'vit_nope': Unknown model (vit_nope))"),
+    (["method.cross_heads=7"], "cannot be built (AssertionError: embed_dim must be divisible by num_heads); each "
+                               "width must divide by its head count"),
+    (["model.image_overrides={qkv_bias_x: true}"], "got an unexpected keyword argument 'qkv_bias_x'"),
     (["model.text_dropout=0.1"], "model.text_dropout=0.1: the CLIP text transformer has no dropout"),
 ])
 def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, capsys):

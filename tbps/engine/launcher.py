@@ -103,8 +103,33 @@ def preflight(cfg: Config) -> dict:
             fs, path = filesystem(url)
             if not fs.exists(path):
                 raise ConfigError(f"{key}: {url} does not exist")
+    if not cfg.model.pretrained:  # (with it, the checkpoint's weights give the architecture, checked as they load)
+        check_architecture(cfg)
     check_resumed_config(cfg)
     return manifest
+
+
+def check_architecture(cfg: Config) -> None:
+    """Build the model the config describes on the meta device (no memory, ~1 s for ViT-B): an unknown timm tower, a
+    width its head count does not divide or an image_overrides key the tower does not take used to fail in every Ray
+    worker, with a traceback and a retry; now a ConfigError before Ray starts."""
+    import torch
+
+    from tbps.methods import TextSpec, build_method
+
+    text = TextSpec(vocab_size=1000, length=cfg.data.text_length, pad_id=0, mask_id=1, bos_id=2, eos_id=3)
+    try:
+        with torch.device("meta"):
+            build_method(cfg, text, num_classes=2)
+    except ConfigError:
+        raise
+    except Exception as e:  # whatever the tower libraries raise (transformers: its own validation error class)
+        message = " ".join(line.strip() for line in str(e).strip().splitlines())
+        hint = ("; each width must divide by its head count: model.text_width / text_heads, model.embed_dim / "
+                "method.cross_heads, model.shared_width / shared_heads" if re.search(r"divisible|multiple", message)
+                else "")
+        raise ConfigError(f"the model this config describes cannot be built ({type(e).__name__}: {message}){hint}") \
+            from e
 
 
 # keys a resumed run may change: where it runs and how it is operated, not what it trains
