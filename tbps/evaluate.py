@@ -109,6 +109,17 @@ def _names(checkpoints: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
+def _configured_weights(config: str, overrides: list[str], ap) -> list[str]:
+    """The weight paths ``--config`` with its overrides names (none: a randomly initialised model)."""
+    from tbps.config import ConfigError, load_config
+
+    try:
+        model = load_config(config, overrides).model
+    except ConfigError as e:
+        ap.error(str(e))
+    return [p for p in (model.pretrained, model.image_pretrained, model.text_pretrained) if p]
+
+
 def main(argv=None) -> int:
     from shards.cli import add_verbose, at_least, run_command
     from tbps.eval import format_table
@@ -162,8 +173,13 @@ def main(argv=None) -> int:
     if len(datasets) > 1 and (args.save_embeddings or args.ap != "standard"):
         ap.error("--save-embeddings and --ap trapezoid evaluate one dataset: give one --data")
     if args.config:
+        weights = _configured_weights(args.config, args.overrides, ap)
+        if not weights:
+            print(f"[tbps] warning: --config {args.config} names no weights (model.pretrained, "
+                  "model.image_pretrained, model.text_pretrained): evaluating a randomly initialised model, which "
+                  "ranks at chance level", file=sys.stderr)
         label = args.name[len(args.checkpoint)] if args.name and len(args.name) > len(args.checkpoint) else \
-            f"{args.config} (pretrained)"
+            f"{args.config} ({'pretrained' if weights else 'random init'})"
         names.append(label)
     rows = {}
 
