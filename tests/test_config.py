@@ -68,6 +68,7 @@ def test_bad_overrides_name_the_key(override, message):
     (["data.batch_size=4096"], "leaves no full batch"),
     (["train.worker_niceness=-5"], "train.worker_niceness must be in [0, 19]"),
     (["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
+    (["train.precision=fp16"], "train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU"),
     # the model is built on the meta device before Ray starts: these failed in every worker, with a retry
     (["model.image_tower=vit_nope"], "the model this config describes cannot be built (ValueError: "
                                      "model.image_tower 'vit_nope': Unknown model (vit_nope))"),

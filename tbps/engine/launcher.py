@@ -34,6 +34,9 @@ def preflight(cfg: Config) -> dict:
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.engine.loop import tokenizer_path
 
+    if cfg.train.precision == "fp16" and not cfg.train.use_gpu:
+        raise ConfigError("train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU (train.use_gpu=true); on "
+                          "CPUs use fp32, bf16 or bf16-autocast")
     if cfg.train.select_metric not in METRICS:
         raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
     if cfg.train.grad_cache and cfg.train.zero_stage == 3:
