@@ -69,6 +69,10 @@ def test_bad_overrides_name_the_key(override, message):
     (["train.worker_niceness=-5"], "train.worker_niceness must be in [0, 19]"),
     (["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
     (["train.precision=fp16"], "train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU"),
+    # a Ray started here that cannot hold the workers: they used to wait forever
+    (["train.use_gpu=true", "train.precision=bf16-autocast"], "train.use_gpu=true: 2 Train worker(s) x "
+                                                              "train.gpus_per_worker=1 GPU, and this machine has 0"),
+    (["train.ray_num_cpus=2"], "train.ray_num_cpus=2 gives the local Ray fewer CPUs than 2 Train worker(s)"),
     # the model is built on the meta device before Ray starts: these failed in every worker, with a retry
     (["model.image_tower=vit_nope"], "the model this config describes cannot be built (ValueError: "
                                      "model.image_tower 'vit_nope': Unknown model (vit_nope))"),

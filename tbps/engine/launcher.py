@@ -37,6 +37,7 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.precision == "fp16" and not cfg.train.use_gpu:
         raise ConfigError("train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU (train.use_gpu=true); on "
                           "CPUs use fp32, bf16 or bf16-autocast")
+    check_local_resources(cfg)
     if cfg.train.select_metric not in METRICS:
         raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
     if cfg.train.grad_cache and cfg.train.zero_stage == 3:
@@ -110,6 +111,29 @@ def preflight(cfg: Config) -> dict:
         check_architecture(cfg)
     check_resumed_config(cfg)
     return manifest
+
+
+def check_local_resources(cfg: Config) -> None:
+    """Without a cluster to connect to (train.ray_address, RAY_ADDRESS), tbps starts a Ray on this machine; workers
+    asking for more than it has would wait forever (Ray repeats "No available node types can fulfill resource
+    request"), so that is an error here. A cluster may grow (an autoscaler): there the request waits, as Ray's."""
+    if cfg.train.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    low = cfg.train.worker_range()[0]
+    if cfg.train.use_gpu:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < low * cfg.train.gpus_per_worker:
+            raise ConfigError(f"train.use_gpu=true: {low} Train worker(s) x train.gpus_per_worker="
+                              f"{cfg.train.gpus_per_worker:g} GPU, and this machine has {have} (no cluster to "
+                              "connect to: train.ray_address / RAY_ADDRESS unset, so tbps starts Ray here); run on a "
+                              "GPU machine, lower train.num_workers, or connect to a cluster")
+    need = low * cfg.train.cpus_per_worker + 1  # the workers and Ray Train's controller
+    if cfg.train.ray_num_cpus and cfg.train.ray_num_cpus < need:
+        raise ConfigError(f"train.ray_num_cpus={cfg.train.ray_num_cpus} gives the local Ray fewer CPUs than {low} "
+                          f"Train worker(s) x train.cpus_per_worker={cfg.train.cpus_per_worker} + 1 for the "
+                          f"controller ({need}): the workers would wait forever; raise it or leave it 0 (enough)")
 
 
 def check_architecture(cfg: Config) -> None:
