@@ -256,3 +256,26 @@ def test_a_resumed_run_refuses_a_changed_training_config(synth_tiny, tmp_path, c
     check("p", ["model.pretrained=/weights/ViT-B-16.pt"])
     with pytest.raises(ConfigError, match=r"model.pretrained: '/weights/ViT-B-16.pt' -> '/weights/other.pt'"):
         check("p", ["model.pretrained=/weights/other.pt"])
+
+
+def test_a_weights_path_that_holds_no_weights_stops_before_ray(synth_tiny, tmp_path, capsys):
+    """model.pretrained / image_pretrained / text_pretrained naming a file that is no checkpoint (here the dataset's
+    manifest) failed in every Ray worker with torch's unpickling error, and was retried; the formats tbps reads pass."""
+    import ray
+    import torch
+    from safetensors.torch import save_file
+
+    from tbps.engine.launcher import check_weight_file
+
+    manifest = f"{synth_tiny}/manifest.json"
+    for key in ("model.pretrained", "model.image_pretrained"):
+        assert train_main(["--config", "clip_tiny", f"data.url={synth_tiny}", f"{key}={manifest}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{key}: {manifest} is not a weights file" in err and "it begins with b'{" in err
+        assert not ray.is_initialized()
+    state = {"w": torch.ones(2)}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for name in ("zip.pt", "legacy.pt", "w.safetensors"):
+        check_weight_file("model.pretrained", name, (tmp_path / name).read_bytes()[:16])

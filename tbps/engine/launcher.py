@@ -107,10 +107,24 @@ def preflight(cfg: Config) -> dict:
             fs, path = filesystem(url)
             if not fs.exists(path):
                 raise ConfigError(f"{key}: {url} does not exist")
+            if key != "data.tokenizer" and fs.isfile(path):
+                with fs.open(path, "rb") as f:
+                    check_weight_file(key, url, f.read(16))
     if not cfg.model.pretrained:  # (with it, the checkpoint's weights give the architecture, checked as they load)
         check_architecture(cfg)
     check_resumed_config(cfg)
     return manifest
+
+
+def check_weight_file(key: str, url: str, head: bytes) -> None:
+    """A weights file's first bytes must be a torch checkpoint's (a zip archive: torch.save, TorchScript; a pickle:
+    torch.save's legacy format) or a .safetensors header (8-byte length, then JSON): another file (a config, an
+    image) was read by every Ray worker, which failed with torch's unpickling error, and retried."""
+    zip_archive, pickle = head.startswith(b"PK\x03\x04"), head[:1] == b"\x80"
+    safetensors = len(head) > 8 and 0 < int.from_bytes(head[:8], "little") < 1 << 30 and head[8:9] == b"{"
+    if not (zip_archive or pickle or safetensors):
+        raise ConfigError(f"{key}: {url} is not a weights file (a torch checkpoint .pt/.pth/.bin or a .safetensors "
+                          f"file, or a directory holding one); it begins with {head[:12]!r}")
 
 
 def check_local_resources(cfg: Config) -> None:
