@@ -131,8 +131,9 @@ def check_local_resources(cfg: Config) -> None:
     """Without a cluster to connect to (train.ray_address, RAY_ADDRESS), tbps starts a Ray on this machine; workers
     asking for more than it has would wait forever (Ray repeats "No available node types can fulfill resource
     request"), so that is an error here. A cluster may grow (an autoscaler): there the request waits, as Ray's."""
-    if cfg.train.ray_address or os.environ.get("RAY_ADDRESS"):
-        return
+    ray = sys.modules.get("ray")
+    if cfg.train.ray_address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return  # a cluster, or a Ray this process already joined (ensure_ray then starts none)
     low = cfg.train.worker_range()[0]
     if cfg.train.use_gpu:
         import torch
