@@ -90,9 +90,9 @@ def test_compiled_step_equals_the_eager_step(name, synth_tiny):
     loss0, g0 = _step(method, batch)
     with torch.no_grad():
         v0, t0 = method.encode_image(batch["images"]), method.encode_text(batch["text_ids"], batch["text_mask"])
-    # IRRA compiled as the loop compiles under grad_cache (random ops through eager's kernels; this eval-mode step has
-    # none, so the graph is the default one's): one IRRA compile serves both checks, the refusal is the others'
-    method.compile_step(replay_random=name == "irra")
+    # compiled as the loop compiles under grad_cache (random ops through eager's kernels; this eval-mode step has
+    # none, so the graph is the default one's): one compile serves the eager comparison and grad_cache
+    method.compile_step(replay_random=True)
     method.compile_encoders()
     loss1, g1 = _step(method, batch)
     assert torch.allclose(loss0, loss1, rtol=1e-5, atol=1e-5)
@@ -102,15 +102,15 @@ def test_compiled_step_equals_the_eager_step(name, synth_tiny):
         assert torch.allclose(method.encode_text(batch["text_ids"], batch["text_mask"]), t0, atol=1e-4)
     from tbps.gradcache import grad_cache_step
 
-    if name != "irra":
-        with pytest.raises(ValueError, match="replay_random"):  # see the next test
-            grad_cache_step(method, [batch])
-    else:  # grad_cache runs the compiled features in both of its passes
-        method.zero_grad()
-        out = grad_cache_step(method, [batch])
-        g2 = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
-        assert torch.allclose(out["loss"], loss0, rtol=1e-5, atol=1e-5)
-        assert float((g2 - g0).norm() / g0.norm()) < 1e-4
+    method.zero_grad()  # grad_cache runs the compiled features in both of its passes
+    out = grad_cache_step(method, [batch])
+    g2 = torch.cat([p.grad.flatten() for p in method.parameters() if p.grad is not None])
+    assert torch.allclose(out["loss"], loss0, rtol=1e-5, atol=1e-5)
+    assert float((g2 - g0).norm() / g0.norm()) < 1e-4
+    del method.features  # the class's own: compiled without replay_random (lazily: nothing compiles here) ...
+    method.compile_step()
+    with pytest.raises(ValueError, match="replay_random"):  # ... grad_cache refuses it (see the next test)
+        grad_cache_step(method, [batch])
 
 
 def test_compiled_grad_cache_replays_dropout_and_drop_path(synth_tiny):
