@@ -65,7 +65,6 @@ def at_least(low: int, high: int | None = None):
             raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
         return value
 
-    parse.__name__ = "integer"  # argparse's message for a failed conversion
     return parse
 
 

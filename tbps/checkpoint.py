@@ -58,6 +58,17 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def read_saved_config(directory: str):
+    """The Config a run directory or a checkpoint saved (its config.yaml); errors name the file."""
+    from tbps.config import ConfigError, saved_config
+
+    source = join(directory, "config.yaml")
+    tree = yaml.safe_load(read_text(source))
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a saved tbps config (a mapping), got {type(tree).__name__}")
+    return saved_config(tree, source)
+
+
 def _irra_run(run_dir: str, data_url: str | None, device: str = "cpu") -> LoadedModel:
     """(method, cfg, tokenizer) from an official IRRA output directory: the irra preset fitted to its configs.yaml."""
     from tbps.config import load_config
@@ -111,7 +122,6 @@ def _from_checkpoint(checkpoint: str, data_url: str | None = None, device: str =
                      overrides: list[str] | None = None) -> LoadedModel:
     """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory, an official IRRA run directory or an
     official IVT checkpoint file (``overrides`` apply to the last, built from the ivt preset)."""
-    from tbps.config import saved_config
     from tbps.data import load_tokenizer
     from tbps.methods import TextSpec, build_method
     from tbps.methods.pretrained import IvtCheckpoint, is_irra_run, read_pretrained
@@ -130,7 +140,7 @@ def _from_checkpoint(checkpoint: str, data_url: str | None = None, device: str =
     if is_irra_run(checkpoint):
         return _irra_run(checkpoint, data_url, device)
     try:
-        cfg = saved_config(yaml.safe_load(read_text(join(checkpoint, "config.yaml"))), join(checkpoint, "config.yaml"))
+        cfg = read_saved_config(checkpoint)
         meta = json.loads(read_text(join(checkpoint, "meta.json")))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing; a best/ "

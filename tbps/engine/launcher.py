@@ -207,11 +207,8 @@ def check_resumed_config(cfg: Config) -> None:
     ``model.pretrained`` itself counts)."""
     import copy
 
-    import yaml
-
     from shards.storage import filesystem, join
-    from tbps.checkpoint import read_text
-    from tbps.config import saved_config
+    from tbps.checkpoint import read_saved_config
     from tbps.engine.loop import as_saved
     from tbps.methods.pretrained import METHOD_ARCH, MODEL_ARCH
 
@@ -219,8 +216,7 @@ def check_resumed_config(cfg: Config) -> None:
     fs, path = filesystem(run_dir)
     if not fs.exists(join(path, "config.yaml")) or not fs.glob(join(path, "checkpoint_*")):
         return  # a new run, or one that stopped before its first checkpoint (it starts afresh)
-    source = join(run_dir, "config.yaml")
-    saved = _flat(to_dict(saved_config(yaml.safe_load(read_text(source)) or {}, source)))
+    saved = _flat(to_dict(read_saved_config(run_dir)))
     new = _flat(to_dict(as_saved(copy.deepcopy(cfg))))
     ignore = set(RESUME_MAY_CHANGE)
     if new.get("model.pretrained") and new["model.pretrained"] == saved.get("model.pretrained"):

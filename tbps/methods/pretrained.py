@@ -256,12 +256,9 @@ def is_tbps_checkpoint(url: str) -> bool:
 
 
 def read_tbps_checkpoint(url: str) -> TbpsCheckpoint:
-    from shards.storage import join
-    from tbps.checkpoint import load_model_state, read_text
-    from tbps.config import saved_config
+    from tbps.checkpoint import load_model_state, read_saved_config
 
-    cfg = saved_config(yaml.safe_load(read_text(join(url, "config.yaml"))), join(url, "config.yaml"))
-    return TbpsCheckpoint(load_model_state(url), cfg, url)
+    return TbpsCheckpoint(load_model_state(url), read_saved_config(url), url)
 
 
 # the architecture: taken from the checkpoint's config (regularisers such as drop_path stay this run's)
