@@ -29,6 +29,28 @@ INDEX_FORMAT = 2  # part of every cache key: 2 = images decoded upright by their
 # before embedded photos with an orientation tag sideways, and are rebuilt)
 
 
+class NonFiniteEmbeddingsError(ValueError):
+    """A model's embeddings hold NaN or inf values. Ranks computed from them would be meaningless -- every comparison
+    with NaN is false, so each correct image would rank first and a diverged model score R1 100 -- so evaluation and
+    search stop with this error (a user error: one message)."""
+
+    is_user_error = True
+
+
+def nonfinite_rows(vectors: torch.Tensor) -> int:
+    """How many rows of ``vectors`` hold a NaN or an infinity."""
+    if vectors.numel() == 0:
+        return 0
+    return int((~torch.isfinite(vectors.reshape(len(vectors), -1))).any(dim=1).sum())
+
+
+def nonfinite_message(counts: dict[str, tuple[int, int]]) -> str:
+    """``counts``: what -> (rows with NaN or inf, rows) -- the message of :class:`NonFiniteEmbeddingsError`."""
+    parts = " and ".join(f"{bad} of {total} {what}" for what, (bad, total) in counts.items() if bad)
+    return (f"the model's embeddings are not finite: {parts} have NaN or inf values, so its weights are probably "
+            "not finite (a diverged run, or a checkpoint saved from one); nothing can be ranked from them")
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -89,6 +111,11 @@ class GalleryIndex:
     _faiss: object = field(default=None, repr=False)
 
     STATE = ("vectors", "pids", "keys", "shards", "paths", "caption_pids", "url", "split", "source")
+
+    def __post_init__(self):  # built or read from the cache: a diverged model's index ranks nothing
+        bad = nonfinite_rows(self.vectors) if self.vectors is not None else 0
+        if bad:
+            raise NonFiniteEmbeddingsError(nonfinite_message({"gallery images": (bad, len(self.vectors))}))
 
     def use_faiss(self) -> None:
         import faiss

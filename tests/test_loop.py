@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -333,3 +334,99 @@ def test_deepspeeds_op_is_built_with_the_environments_ninja(tmp_path):
     alone = {"PATH": "/nonexistent"}  # no ninja on PATH at all: the environment's is the one torch will find
     assert prefer_environment_ninja(str(env_bin), alone) == str(env_bin)
     assert alone["PATH"].split(os.pathsep)[0] == str(env_bin)
+
+
+def _diverging(rank, url, out_dir):
+    """A run that really diverges (lr 1e36), the same config again, and a run whose weights turn NaN in epoch 2
+    (a parameter filled with NaN after its first mid-epoch checkpoint, as an overflowing step leaves it)."""
+    from tbps.config import ConfigError
+    from tbps.engine.checkpoint import full_state_dict
+    from tbps.engine.launcher import preflight
+    from tbps.engine.loop import DIVERGED, DivergedError, TrainRun
+    from tbps.retrieval import NonFiniteEmbeddingsError
+
+    results = {}
+    storage = os.path.join(out_dir, "runs")
+    extra = ["train.checkpoint_every_steps=0", "train.eval_every=1", "data.loader_workers=0"]
+    cfg = _config(url, storage, 2, extra + ["optim.lr=1e36"])
+    reports, seen = [], []
+    run = TrainRun(cfg, rank, 1, torch.device("cpu"), lambda m, c: reports.append((dict(m), c is not None)),
+                   on_batch=lambda e, i, b: seen.append((e, i)))
+    with pytest.raises(DivergedError) as e:
+        run.run()
+    results["real"] = {"message": str(e.value), "reports": reports, "batches": len(seen), "steps": run.batches}
+    with pytest.raises(NonFiniteEmbeddingsError) as e:  # what val would have met: the NaN model's embeddings
+        run.run_eval("val", full_state_dict(run.engine, 0))
+    results["eval"] = str(e.value)
+
+    seen.clear()  # the same config again (Ray's retry, or a re-run): stops before its first batch
+    again = TrainRun(_config(url, storage, 2, extra + ["optim.lr=1e36"]), rank, 1, torch.device("cpu"),
+                     lambda m, c: None, on_batch=lambda e, i, b: seen.append((e, i)))
+    with pytest.raises(DivergedError) as e:
+        again.run()
+    results["again"] = {"message": str(e.value), "batches": len(seen)}
+    shutil.copy(os.path.join(storage, "loop", DIVERGED), os.path.join(out_dir, "diverged-record.json"))
+    # pre-flight: the same config is refused before Ray starts (a changed operational key does not count); another
+    # lr is a new attempt, and its worker drops the record
+    with pytest.raises(ConfigError) as e:
+        preflight(_config(url, storage, 2, extra + ["optim.lr=1e36", "train.log_every=7"]))
+    results["preflight"] = str(e.value)
+    lower = _config(url, storage, 2, extra + ["optim.lr=1e-4"])
+    preflight(lower)
+    results["record_before"] = os.path.exists(os.path.join(storage, "loop", DIVERGED))
+    TrainRun(lower, rank, 1, torch.device("cpu"), lambda m, c: None).refuse_a_diverged_config()
+    results["record_after"] = os.path.exists(os.path.join(storage, "loop", DIVERGED))
+
+    reports = []
+    cfg = _config(url, os.path.join(out_dir, "poisoned"), 2, ["data.loader_workers=0"])
+    holder = {}
+
+    def poison(epoch, index, batch):
+        if (epoch, index) == (1, EVERY + 1):
+            with torch.no_grad():
+                next(holder["run"].method.parameters()).fill_(float("nan"))
+
+    holder["run"] = run = TrainRun(cfg, rank, 1, torch.device("cpu"),
+                                   lambda m, c: reports.append((dict(m), c is not None)), on_batch=poison)
+    with pytest.raises(DivergedError) as e:
+        run.run()
+    results["poisoned"] = {"message": str(e.value), "reports": reports}
+    with open(os.path.join(out_dir, "diverging.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_a_diverged_run_stops_saves_nothing_of_it_and_is_not_retried(synth_tiny, tmp_path):
+    """Weights that turn NaN or inf stop the run with one message, before anything of that point is saved: such a
+    model scored R1 100, mAP 200 and mINP 300 (a NaN similarity compares false with everything, so every correct
+    image ranked first), became the best epoch and would have been a sweep's best trial. The divergence is recorded
+    with its config (diverged.json): the same config again stops at once, in the worker (Ray Train's retry) and in
+    pre-flight (a re-run); another config goes on and drops the record."""
+    from tbps.engine.loop import DIVERGED
+
+    run_ranks(_diverging, 1, synth_tiny, str(tmp_path))
+    results = json.load(open(tmp_path / "diverging.json"))
+    real = results["real"]
+    assert real["reports"] == [] and real["batches"] == real["steps"]  # epoch 1 trained, nothing reported
+    assert re.match(r"training diverged: after step 8 \(the end of epoch 1\) \d+ of \d+ weight tensors hold NaN "
+                    r"or inf values \(.+\); the epoch's mean loss so far is nan\. The run stops: nothing from this "
+                    r"point on is saved \(no checkpoint was saved before it\)\. To go on, lower optim\.lr \(now "
+                    r"1e\+36\)", real["message"]), real
+    assert "the model's embeddings are not finite: 36 of 36 gallery images and 72 of 72 captions" in results["eval"]
+    run_dir = tmp_path / "runs" / "loop"
+    record = json.load(open(tmp_path / "diverged-record.json"))
+    assert record["message"] == real["message"] and record["step"] == 8 and record["tensors"]
+    assert not (run_dir / "best").exists()
+    again = results["again"]
+    assert again["batches"] == 0 and again["message"].startswith(real["message"])
+    assert f"recorded in {run_dir}/{DIVERGED}" in again["message"]
+    assert re.match(r"train.run_name 'loop': training diverged: after step 8 .*delete that file to train this "
+                    r"config again anyway", results["preflight"]), results["preflight"]
+    assert results["record_before"] and not results["record_after"]
+    # weights NaN in epoch 2, after its first mid-epoch checkpoint: that checkpoint is the run's last one
+    poisoned = results["poisoned"]
+    saved = [(m.get("epoch"), m.get("mid_epoch"), m.get("batches_done")) for m, checkpoint in poisoned["reports"]]
+    assert saved == [(0, 1, EVERY), (0, 1, 2 * EVERY), (1, None, None), (1, 2, EVERY)], saved
+    assert all(checkpoint for _, checkpoint in poisoned["reports"])
+    assert re.match(rf"training diverged: after step {STEPS + 2 * EVERY} \(epoch 2, batch {2 * EVERY} of {STEPS}\) \d+ "
+                    rf"of \d+ weight tensors hold NaN or inf values \(.+\); .* \(its last checkpoint is the "
+                    rf"checkpoint in epoch 2 after batch {EVERY} \(step {STEPS + EVERY}\)\)", poisoned["message"])

@@ -49,6 +49,23 @@ def test_chunking_does_not_change_results():
         assert retrieval_metrics(sim, q, g, chunk=chunk) == pytest.approx(full)
 
 
+def test_nan_or_inf_scores_are_an_error_not_a_perfect_ranking():
+    """A NaN compares false with everything, so a correct image's count of better-scored images was 0: a diverged
+    model's NaN scores gave R1 100, mAP 200 and mINP 300. Such scores are refused (the training loop stops a
+    diverged run before it gets here, tests/test_loop.py), and a search index of NaN vectors is never built."""
+    from tbps.retrieval import GalleryIndex, NonFiniteEmbeddingsError
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        sim = SIM.clone()
+        sim[1, 3] = bad
+        with pytest.raises(ValueError, match=r"1 of the 15 similarity scores are NaN or inf"):
+            retrieval_metrics(sim, QUERIES, GALLERY)
+    vectors = torch.randn(4, 8)
+    vectors[2, 5] = float("nan")
+    with pytest.raises(NonFiniteEmbeddingsError, match="1 of 4 gallery images have NaN or inf values"):
+        GalleryIndex(vectors, [0] * 4, list("abcd"), [""] * 4, list("abcd"), {}, "url", "test")
+
+
 def test_chance_level():
     assert chance_level(torch.tensor([1, 2]), torch.tensor([1, 1, 2, 3])) == pytest.approx(100 * (0.5 + 0.25) / 2)
 

@@ -189,6 +189,31 @@ def _run_states(runs_dir):
 
 
 @pytest.mark.slow
+def test_a_failed_trial_s_error_is_the_worker_s_own_message():
+    """results.md's status column of a failed trial: the worker's message (a diverged run's, a bug's last line), not
+    the first line of Ray's wrapper ("ray::ImplicitFunc.train() (pid=..., ip=..., actor_id=...)", in colour codes),
+    which was all it showed. Built with Ray's own exception classes, as a Tune result holds them."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from tbps.engine.loop import DivergedError
+    from tune.results import error_line
+
+    def failed(worker_error):
+        group = WorkerGroupError(f"Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most "
+                                 f"recent call last):\n  ...\n{type(worker_error).__name__}: {worker_error}",
+                                 {0: worker_error})
+        return RayTaskError("ImplicitFunc.train", "Traceback (most recent call last):\n  ...", group)
+
+    diverged = DivergedError("training diverged: after step 3 (the end of epoch 1) 110 of 111 weight tensors ...")
+    for error in (failed(diverged), failed(diverged).as_instanceof_cause()):
+        assert str(error).startswith("\x1b[36m") and "(pid=" in str(error).splitlines()[0]  # what it showed
+        assert error_line(error) == str(diverged)
+        assert error_line(failed(ZeroDivisionError("division by zero"))) == "ZeroDivisionError: division by zero"
+    assert error_line(failed(RuntimeError("x" * 400))).endswith("x...") and len(error_line(failed(
+        RuntimeError("x" * 400)))) == 300
+
+
 def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     sessions_before = set(glob.glob(os.path.join(RAY_TMP, "session_2*")))
     storage = str(tmp_path / "sweeps")

@@ -68,6 +68,22 @@ class RunOutputs:
         os.replace(tmp, self.path(name))
         self.sync(name)
 
+    def read_json(self, name: str):
+        """A JSON file of the run outputs as the storage holds it, or None when there is none."""
+        from shards.storage import read_json
+
+        try:
+            return read_json(join(self.url, name))
+        except FileNotFoundError:
+            return None
+
+    def remove(self, name: str) -> None:
+        """Delete a file of the run outputs, here and on the storage (nothing when it is not there)."""
+        if os.path.exists(self.path(name)):
+            os.remove(self.path(name))
+        if not is_local(self.fs) and self.fs.exists(f"{self.root}/{name}"):
+            with_retries("delete", join(self.url, name), lambda: self.fs.rm(f"{self.root}/{name}"))
+
     def replace_dir(self, name: str, build, marker: str = "meta.json") -> None:
         """Build a directory in staging, swap it in, upload it. On object storage, where a directory of several
         objects cannot be replaced at once, the old ``marker`` (a file readers need: a checkpoint directory without

@@ -196,6 +196,49 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def training_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
+    """Where ``cfg`` differs from the ``saved`` config (a config.yaml's tree) in what it trains, as key -> (saved
+    value, new value), sorted: (keys that may not change on a resume, ``RESUME_NAMED`` keys). ``RESUME_MAY_CHANGE``
+    keys are not compared, nor the architecture keys that an unchanged ``model.pretrained`` sets."""
+    import copy
+
+    from tbps.engine.loop import as_saved
+    from tbps.methods.pretrained import METHOD_ARCH, MODEL_ARCH
+
+    saved, new = _flat(saved), _flat(to_dict(as_saved(copy.deepcopy(cfg))))
+    ignore = set(RESUME_MAY_CHANGE)
+    if new.get("model.pretrained") and new["model.pretrained"] == saved.get("model.pretrained"):
+        ignore |= {f"model.{k}" for k in MODEL_ARCH} | {f"method.{k}" for k in METHOD_ARCH.get(cfg.method.name, ())}
+        ignore |= {"model.image_pretrained", "model.text_pretrained", "data.text_length"}
+    changed = sorted(k for k in saved.keys() | new.keys() if k not in ignore and saved.get(k) != new.get(k))
+    return ({k: (saved.get(k), new.get(k)) for k in changed if k not in RESUME_NAMED},
+            {k: (saved.get(k), new.get(k)) for k in changed if k in RESUME_NAMED})
+
+
+def check_diverged(cfg: Config, run_dir: str) -> None:
+    """A run that diverged (its ``diverged.json``, tbps/engine/loop.py ``TrainRun.check_finite``) under the config
+    given again would diverge again: an error quoting the record, before Ray starts. With any training key
+    changed the run goes on (a run without a checkpoint starts afresh; with one, ``check_resumed_config`` decides)."""
+    import yaml
+
+    from shards.storage import join, read_json
+    from tbps.engine.loop import DIVERGED
+
+    try:
+        record = read_json(join(run_dir, DIVERGED))
+    except FileNotFoundError:
+        return
+    try:
+        saved = yaml.safe_load(record["config"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        saved = None
+    if isinstance(saved, dict) and any(training_changes(saved, cfg)):
+        return
+    raise ConfigError(f"train.run_name {cfg.train.run_name!r}: {record.get('message', 'the run diverged')} "
+                      f"[recorded in {join(run_dir, DIVERGED)}; delete that file to train this config again "
+                      "anyway]")
+
+
 def check_resumed_config(cfg: Config) -> None:
     """A run whose directory holds a checkpoint resumes from it (Ray Train, by ``train.run_name``): a changed
     training key used to be written to config.yaml and then either not used at all (the optimizer's lr, weight decay
@@ -205,28 +248,18 @@ def check_resumed_config(cfg: Config) -> None:
     ...) may change; the data may move and the run be extended to more epochs (``RESUME_NAMED``, named in a line).
     Architecture keys that ``model.pretrained`` sets are compared as the checkpoint sets them (only
     ``model.pretrained`` itself counts)."""
-    import copy
-
     from shards.storage import filesystem, join
     from tbps.checkpoint import read_saved_config
-    from tbps.engine.loop import as_saved
-    from tbps.methods.pretrained import METHOD_ARCH, MODEL_ARCH
 
     run_dir = join(cfg.train.storage_path, cfg.train.run_name)
     fs, path = filesystem(run_dir)
+    check_diverged(cfg, run_dir)
     if not fs.exists(join(path, "config.yaml")) or not fs.glob(join(path, "checkpoint_*")):
         return  # a new run, or one that stopped before its first checkpoint (it starts afresh)
-    saved = _flat(to_dict(read_saved_config(run_dir)))
-    new = _flat(to_dict(as_saved(copy.deepcopy(cfg))))
-    ignore = set(RESUME_MAY_CHANGE)
-    if new.get("model.pretrained") and new["model.pretrained"] == saved.get("model.pretrained"):
-        ignore |= {f"model.{k}" for k in MODEL_ARCH} | {f"method.{k}" for k in METHOD_ARCH.get(cfg.method.name, ())}
-        ignore |= {"model.image_pretrained", "model.text_pretrained", "data.text_length"}
-    changed = [k for k in saved.keys() | new.keys() if k not in ignore and saved.get(k) != new.get(k)]
-    named = sorted(k for k in changed if k in RESUME_NAMED)
-    changed = sorted(k for k in changed if k not in RESUME_NAMED)
+    saved = to_dict(read_saved_config(run_dir))
+    changed, named = training_changes(saved, cfg)
     if changed:
-        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        diffs = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise ConfigError(f"train.run_name {cfg.train.run_name!r} resumes the run under {run_dir}, which was "
                           f"trained with another config: {diffs}{more}. A resumed run trains on with the config it "
@@ -235,7 +268,8 @@ def check_resumed_config(cfg: Config) -> None:
                           f"one's weights with model.pretrained={join(run_dir, 'best')}")
     if named:
         print(f"[tbps] resuming {cfg.train.run_name!r} with "
-              + "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}{RESUME_NAMED[k]}" for k in named), file=sys.stderr)
+              + "; ".join(f"{k}: {old!r} -> {new!r}{RESUME_NAMED[k]}" for k, (old, new) in named.items()),
+              file=sys.stderr)
 
 
 def check_text_dropout(cfg: Config) -> None:

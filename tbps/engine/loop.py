@@ -263,6 +263,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 TEST_SELECTED = "test-selected (the papers' protocol)"
+DIVERGED = "diverged.json"  # run outputs: what diverged, and under which config (see TrainRun.check_finite)
+
+
+class DivergedError(RuntimeError):
+    """The weights stopped being finite (NaN or inf): the run diverged. A user error -- a config to change (lr,
+    clipping, precision), not a bug -- so commands print its message alone (``shards.cli.describe``)."""
+
+    is_user_error = True
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def test_selected(history: list[dict], metric: str) -> dict | None:
@@ -344,6 +357,7 @@ class TrainRun:
             self.outputs.sync("config.yaml")
 
         self.start_epoch, self.global_step, self.best, self.best_epoch, self.history = 0, 0, -1.0, -1, []
+        self.saved = ""  # the last checkpoint this run has (for the message of a divergence)
         self.resume_position: dict | None = None  # the data position of a mid-epoch checkpoint
         self.resume_sums: dict = {}  # and the epoch's loss sums up to it ({"sums": {name: sum}, "steps": n})
         self.placement: list[dict] = []
@@ -394,6 +408,7 @@ class TrainRun:
         """Continue from a checkpoint this run reported: after its epoch, or, for a mid-epoch one, at its step."""
         client = self._load_engine(checkpoint_dir)
         self.global_step = client["step"]
+        self.saved = f"the checkpoint at step {self.global_step} it resumed from"
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
         saved_world = client.get("world_size", self.world_size)
         if saved_world != self.world_size:  # elastic workers: a node was lost, or capacity came back
@@ -506,6 +521,8 @@ class TrainRun:
         """Engine, data position and the epoch's loss sums so far; the model directory too, so that every checkpoint
         of a run can be evaluated the same way. Not a new best/, not a metrics.json line."""
         state = full_state_dict(self.engine, self.cfg.train.zero_stage)
+        self.check_finite(state, f"epoch {epoch + 1}, batch {batches_done} of {self.batches}",
+                          sums["sums"].get("loss", 0.0) / max(sums["steps"], 1))
         meta = {"epoch": epoch, "step": self.global_step, "method": self.cfg.method.name,
                 "num_classes": self.num_classes, "mid_epoch": epoch + 1,
                 "batches_done": batches_done}
@@ -522,6 +539,50 @@ class TrainRun:
                      f"(step {self.global_step})")
             self.report({"epoch": epoch, "step": self.global_step, "mid_epoch": epoch + 1,
                          "batches_done": batches_done}, tmp)
+        self.saved = f"the checkpoint in epoch {epoch + 1} after batch {batches_done} (step {self.global_step})"
+
+    def check_finite(self, state: dict, where: str, loss: float) -> None:
+        """Stop a diverged run: when a weight holds a NaN or an infinity, every later step, metric and checkpoint
+        would be NaN -- and a NaN similarity ranks every correct image first (all comparisons with NaN are false),
+        so such a run used to report R1 100 and be picked as the best epoch, or a sweep's best trial. Raises
+        :class:`DivergedError` on every rank (``state`` is the full state, the same on all), before anything of
+        this point is saved. Rank 0 first records the divergence and the config in ``diverged.json``: a retry of
+        the same config (Ray Train's ``train.max_failures``, a re-run) stops at once instead of training the
+        epochs before the divergence again."""
+        bad = nonfinite_tensors(state)
+        if not bad:
+            return
+        cfg = self.cfg
+        total = sum(1 for v in state.values() if v.is_floating_point())
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        hints = [f"lower optim.lr (now {cfg.optim.lr:g})"]
+        if not cfg.optim.grad_clip:
+            hints.append("clip the gradients (optim.grad_clip, now 0: off)")
+        message = (f"training diverged: after step {self.global_step} ({where}) {len(bad)} of {total} weight "
+                   f"tensors hold NaN or inf values ({names}); the epoch's mean loss so far is {loss:.4g}. The run "
+                   "stops: nothing from this point on is saved ("
+                   + (f"its last checkpoint is {self.saved}" if self.saved else "no checkpoint was saved before it")
+                   + f"). To go on, "
+                   f"{' or '.join(hints)} and train again under a new train.run_name")
+        if self.rank == 0:
+            self.outputs.write_json(DIVERGED, {"message": message, "step": self.global_step, "where": where,
+                                               "tensors": bad, "config": self.config_yaml})
+        if self.world_size > 1:
+            dist.barrier()  # the record is on storage before any rank fails (the group is torn down at the first)
+        raise DivergedError(message)
+
+    def refuse_a_diverged_config(self) -> None:
+        """A run recorded as diverged (``diverged.json``) under this very config stops at once: the attempt would
+        diverge again (same weights, data order and random state). Under another config the record is dropped."""
+        record = self.outputs.read_json(DIVERGED)
+        if record is None:
+            return
+        if record.get("config") == self.config_yaml:
+            raise DivergedError(f"{record.get('message')} [recorded in {self.outputs.url}/{DIVERGED}: the same "
+                                "config would diverge again, so this attempt stops at once; delete that file to "
+                                "train it again anyway]")
+        if self.rank == 0:
+            self.outputs.remove(DIVERGED)
 
     # -------------------------------------------------------------------------------- validate and checkpoint
     def run_eval(self, split: str, state: dict) -> dict:
@@ -536,6 +597,7 @@ class TrainRun:
         cfg = self.cfg
         metric = cfg.train.select_metric
         state = full_state_dict(self.engine, cfg.train.zero_stage)
+        self.check_finite(state, f"the end of epoch {epoch + 1}", metrics.get("train_loss", 0.0))
         is_best = False
         evaluate_now = (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0) or \
             epoch == cfg.train.epochs - 1
@@ -571,6 +633,7 @@ class TrainRun:
                 self.outputs.sync("tensorboard")
                 self.write_metrics()
             self.report(metrics, tmp)
+        self.saved = f"the one at the end of epoch {epoch + 1} (step {self.global_step})"
 
     def write_metrics(self, test: dict | None = None) -> None:
         """metrics.json (rank 0): the epochs so far, the best val epoch, the workers; with the final ``test``, the
@@ -619,6 +682,7 @@ class TrainRun:
     def run(self) -> dict:
         """Every remaining epoch, then the final test."""
         cfg = self.cfg
+        self.refuse_a_diverged_config()
         self.log(f"[tbps] {cfg.method.name}: {sum(p.numel() for p in self.method.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.world_size} worker(s) x batch {cfg.data.batch_size} x accum "
                  f"{cfg.train.grad_accum}, {self.steps_per_epoch} steps/epoch, ZeRO-{cfg.train.zero_stage}, "

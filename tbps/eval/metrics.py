@@ -3,7 +3,8 @@
 R@K: % of queries with a correct image in the top K. AP: mean over a query's correct images of
 (correct images up to that rank) / rank. INP: (number correct) / (rank of the last correct image).
 Ties are ordered by gallery index (stable sort). Queries with no correct image are skipped in mAP/mINP (they still
-count as misses in R@K).
+count as misses in R@K). A NaN or inf score is an error (a NaN compares false with everything, so the correct
+images would all rank first).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def chunk_stats(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch
     p_{i-1}' = (i - 1) / (r_i - 1) the precision just before it (1 at rank 1)."""
     if ap not in ("standard", "trapezoid"):
         raise ValueError(f"ap must be standard or trapezoid, got {ap!r}")
+    if not bool(torch.isfinite(sim).all()):  # every comparison with NaN is false: each correct image would rank 1st
+        bad = int((~torch.isfinite(sim)).sum())
+        raise ValueError(f"{bad} of the {sim.numel()} similarity scores are NaN or inf: no rank can be computed from "
+                         "them (the embeddings or the model's weights are not finite)")
     Q = len(sim)
     qi, ranks = positive_ranks(sim, query_pids, gallery_pids)
     dev, f64 = sim.device, torch.float64

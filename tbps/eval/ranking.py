@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tbps.distributed import world
-from tbps.retrieval import embed
+from tbps.retrieval import NonFiniteEmbeddingsError, embed, nonfinite_message, nonfinite_rows
 
 from .metrics import KS, METRICS, chance_level, chunk_stats, finish
 
@@ -63,6 +63,20 @@ def ivt_protocol(model, local: dict, chunk: int = 1024) -> dict[str, float]:
     return out
 
 
+def check_finite(gallery: torch.Tensor, queries: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteEmbeddingsError` on every rank when any rank's embeddings hold NaN or inf (the gallery
+    is the same on all ranks; the counts of this rank's queries are summed across them)."""
+    counts = torch.tensor([nonfinite_rows(queries), len(queries)], dtype=torch.long)
+    if world()[1] > 1:
+        counts = counts.to(gallery.device)
+        dist.all_reduce(counts)
+    bad_queries, total_queries = counts.tolist()
+    bad_gallery = nonfinite_rows(gallery)
+    if bad_gallery or bad_queries:
+        raise NonFiniteEmbeddingsError(nonfinite_message({"gallery images": (bad_gallery, len(gallery)),
+                                                          "captions": (bad_queries, total_queries)}))
+
+
 @torch.no_grad()
 def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0,
              embeddings_path: str | None = None, ap: str = "standard") -> dict[str, float]:
@@ -80,6 +94,7 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
         save_embeddings(local, embeddings_path)
     gallery, gallery_pids = _gather_gallery(local)
     queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
+    check_finite(gallery, queries)
     cmc = min(cmc, len(gallery))
     stats = torch.zeros(len(KS) + 4 + cmc, dtype=torch.float64, device=gallery.device)
     for s in range(0, len(queries), chunk):
