@@ -50,6 +50,30 @@ def describe(error: BaseException) -> str | None:
     return None
 
 
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """An error in one line, for a table or a summary: the message of a user error found in it (``describe``: a bad
+    shard, storage, a diverged run), else the innermost error's own last line as ``Type: message`` -- not the first
+    line of Ray's wrappers ("ray::ImplicitFunc.train() (pid=..., ip=...)", "Training failed due to worker errors:"),
+    which says nothing of what went wrong."""
+    import re
+
+    wrappers: tuple = ()
+    try:
+        from ray.exceptions import RayTaskError
+        from ray.train import TrainingFailedError
+
+        wrappers = (RayTaskError, TrainingFailedError)
+    except ImportError:  # no Ray here: nothing of it to look through
+        pass
+    message = describe(error)
+    if message is None:
+        inner = next((e for e in error_chain(error) if not isinstance(e, wrappers)), error)
+        lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+        message = f"{type(inner).__name__}: {lines[-1]}" if lines else type(inner).__name__
+    message = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(message.split()))  # Ray colours its task names
+    return message if len(message) <= limit else message[:limit - 3] + "..."
+
+
 def at_least(low: int, high: int | None = None):
     """An argparse ``type``: an integer of at least ``low`` (and at most ``high``); anything else is a usage error
     naming the option (argparse adds its name) and exit code 2."""

@@ -196,8 +196,8 @@ def test_a_failed_trial_s_error_is_the_worker_s_own_message():
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
+    from shards.cli import error_line
     from tbps.engine.loop import DivergedError
-    from tune.results import error_line
 
     def failed(worker_error):
         group = WorkerGroupError(f"Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most "

@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from shards.cli import error_line
 from tbps.config import dump_yaml
 from tbps.eval.metrics import METRICS
 from tune.space import SweepSpec
@@ -91,28 +92,6 @@ def collect(spec: SweepSpec, results) -> list[Trial]:
             error=error_line(r.error) if r.error else ""))
     trials.sort(key=lambda t: (-(t.metric if t.metric == t.metric else -math.inf), t.trial_id))
     return trials
-
-
-def error_line(error: BaseException) -> str:
-    """A trial's error in one line: the message of a user error found in it (a bad shard, storage, a diverged run:
-    ``shards.cli.describe``), else the innermost error's own last line -- not Ray's wrapper's first line
-    ("ray::ImplicitFunc.train() (pid=..., ip=...)"), which says nothing of what went wrong."""
-    import re
-
-    from shards.cli import describe
-    from shards.storage import error_chain
-
-    from ray.exceptions import RayTaskError
-    from ray.train import TrainingFailedError
-
-    message = describe(error)
-    if message is None:
-        wrappers = (RayTaskError, TrainingFailedError)
-        inner = next((e for e in error_chain(error) if not isinstance(e, wrappers)), error)
-        lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-        message = f"{type(inner).__name__}: {lines[-1]}" if lines else type(inner).__name__
-    message = re.sub(r"\x1b\[[0-9;]*m", "", message)  # Ray colours its task names
-    return message if len(message) <= 300 else message[:297] + "..."
 
 
 def _number(v) -> bool:

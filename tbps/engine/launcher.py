@@ -417,7 +417,8 @@ def fit_seeds(cfg: Config, verbose: bool = True) -> dict[int, str | None]:
 
 def fit_concurrently(runs: dict[str, Config], verbose: bool = True, ensure: Config | None = None) -> dict:
     """Train several runs at once, each run's driver a Ray task (as Tune runs trials; Ray queues what the cluster
-    cannot hold at once); each run's lines are named by its label. Returns label -> None, or the run's error."""
+    cannot hold at once); each run's lines are named by its label. Returns label -> None, or the run's error in one
+    line (``shards.cli.error_line``)."""
     import ray
 
     from tbps.engine.lease import DriverLease
@@ -435,8 +436,10 @@ def fit_concurrently(runs: dict[str, Config], verbose: bool = True, ensure: Conf
         def run(config: dict, progress: str, label: str) -> str | None:
             from tbps.config import Config as _Config, from_dict
 
+            from shards.cli import error_line
+
             result = build_trainer(from_dict(_Config, config), progress=progress, label=label).fit()
-            return None if result.error is None else str(result.error)
+            return None if result.error is None else error_line(result.error)
         progress = "lines" if verbose else "events"  # the console drops the events of concurrent runs
         refs = {label: run.remote(to_dict(c), progress, label) for label, c in runs.items()}
         out = {}
@@ -444,7 +447,9 @@ def fit_concurrently(runs: dict[str, Config], verbose: bool = True, ensure: Conf
             try:
                 out[label] = ray.get(ref)
             except Exception as e:  # the task itself failed
-                out[label] = str(e)
+                from shards.cli import error_line
+
+                out[label] = error_line(e)
         return out
     finally:
         for lease in leases:
