@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,6 +215,42 @@ def test_a_failed_trial_s_error_is_the_worker_s_own_message():
         RuntimeError("x" * 400)))) == 300
 
 
+def test_a_resumed_sweep_refuses_a_changed_spec(synth_tiny, tmp_path, capsys):
+    """Re-running a sweep's command resumes it, and Tune restores the num_samples, searcher and scheduler it started
+    with: a larger num_samples was silently ignored while the new overrides and spaces reached the trials still to
+    run and best.yaml. The spec is recorded when the sweep starts; a resume with a changed field is an error naming
+    it (the end-to-end test below runs it through the command), one with other resources goes on, and moved data
+    is named."""
+    from tune.sweep import SPEC_FILE, check_resumed_spec, record_spec
+
+    def spec(*extra):
+        return load_sweep("smoke", [f"data_url={synth_tiny}", f"storage_path={tmp_path}", "name=s", *extra])
+
+    check_resumed_spec(spec())  # a sweep from before the record: recorded now
+    assert json.load(open(tmp_path / "s" / SPEC_FILE))["num_samples"] == 4
+    record_spec(spec())
+    check_resumed_spec(spec("resources.cpus=8", "seeds=3"))
+    for extra, message in ((["num_samples=8"], "num_samples: 4 -> 8"),
+                           (["train.epochs=5"], "overrides.train.epochs: 3 -> 5"),
+                           (["scheduler.grace_period=2"], "grace_period: 1 -> 2"),
+                           (["metric=R1"], "metric: 'mAP' -> 'R1'"),
+                           (["train.seed=1"], "overrides.train.seed: (not set) -> 1")):
+        with pytest.raises(ConfigError, match=r"sweep 's' resumes the interrupted sweep at .*, which was started "
+                                              r"with another spec: " + re.escape(message) + ".*choose a new name="):
+            check_resumed_spec(spec(*extra))
+    moved = tmp_path / "moved"
+    os.symlink(synth_tiny, moved)
+    check_resumed_spec(spec(f"data_url={moved}"))
+    assert f"[sweep] resuming 's' with data_url: '{synth_tiny}' -> '{moved}'" in capsys.readouterr().err
+    changed_space = tmp_path / "space.yaml"
+    tree = yaml.safe_load(open(os.path.join(ROOT, "tune", "configs", "smoke.yaml")))
+    tree["methods"]["irra"]["space"]["loss.mlm"] = {"uniform": [0.5, 2.0]}
+    changed_space.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=re.escape("methods.irra.space.loss.mlm.uniform: [0.25, 2.0] -> [0.5, 2.0]")):
+        check_resumed_spec(load_sweep(str(changed_space), [f"data_url={synth_tiny}", f"storage_path={tmp_path}",
+                                                           "name=s"]))
+
+
 def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     sessions_before = set(glob.glob(os.path.join(RAY_TMP, "session_2*")))
     storage = str(tmp_path / "sweeps")
@@ -244,6 +281,12 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     assert interrupted_at, f"no trial finished in time; sweep output:\n{first[-5000:]}"
     done_before, partial = interrupted_at
     snapshot = {k: os.path.getmtime(os.path.join(runs, k, "metrics.json")) for k in done_before}
+
+    # the same command with more trials: refused before Ray starts (Tune's restore keeps the old num_samples)
+    changed = subprocess.run(_sweep_cmd(synth_tiny, storage) + ["num_samples=4"], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "which was started with another spec: num_samples: 3 -> 4" in changed.stderr, changed.stderr[-3000:]
 
     second = subprocess.run(_sweep_cmd(synth_tiny, storage), cwd=ROOT, env=_env(), capture_output=True, text=True,
                             timeout=600)

@@ -17,6 +17,7 @@ the 95 % interval per method and configuration, the plot marks them, and best.ya
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -134,6 +135,67 @@ def experiment_path(spec: SweepSpec) -> str:
     return join(spec.storage_path, spec.name)
 
 
+SPEC_FILE = "sweep.json"  # the spec a sweep started with, beside Tune's experiment state
+# spec fields a resumed sweep may change: where and how wide it runs, and the seeds confirmation after the search
+SPEC_MAY_CHANGE = {"name", "storage_path", "source", "cpus", "gpus", "max_concurrent", "driver_cpus", "seeds"}
+SPEC_NAMED = {"data_url"}  # allowed and named in a line: the same data at another place
+
+
+def _flat_spec(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat_spec(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def record_spec(spec: SweepSpec) -> None:
+    """Write the spec a new sweep starts with (``<storage>/<name>/sweep.json``): ``check_resumed_spec`` compares a
+    resumed sweep's against it."""
+    from shards.storage import filesystem, join, write_bytes_atomic
+
+    fs, path = filesystem(join(experiment_path(spec), SPEC_FILE))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    write_bytes_atomic(fs, path, json.dumps(spec.to_dict(), indent=1, sort_keys=True).encode())
+
+
+def check_resumed_spec(spec: SweepSpec) -> None:
+    """The same command resumes an interrupted sweep, and Tune restores it with what it started with: its
+    num_samples, searcher and scheduler. A changed spec used to be half taken: a larger num_samples was ignored (and
+    the sweep reported itself interrupted on every re-run), while the trials still to run or resume -- and best.yaml
+    -- took the new overrides and spaces, one sweep of two configurations. Such a change is now an error naming the
+    fields; where and how wide it runs (``SPEC_MAY_CHANGE``) may change, the data may move (named in a line)."""
+    from shards.storage import join, read_json
+
+    try:
+        started = read_json(join(experiment_path(spec), SPEC_FILE))
+    except FileNotFoundError:  # a sweep started before the spec was recorded: it is recorded now
+        record_spec(spec)
+        return
+    old = _flat_spec(started)
+    new = _flat_spec(json.loads(json.dumps(spec.to_dict())))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if k.split(".")[0] not in SPEC_MAY_CHANGE and old.get(k) != new.get(k))
+    named = [k for k in changed if k in SPEC_NAMED]
+    changed = [k for k in changed if k not in SPEC_NAMED]
+    if changed:
+        diffs = "; ".join(f"{k}: {_absent(old, k)} -> {_absent(new, k)}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(f"sweep {spec.name!r} resumes the interrupted sweep at {experiment_path(spec)}, which was "
+                          f"started with another spec: {diffs}{more}. A resumed sweep goes on with the trials, "
+                          "search and schedule it started with; give these fields their old values, or choose a new "
+                          "name=... for a new sweep")
+    if named:
+        print(f"[sweep] resuming {spec.name!r} with " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                                                                for k in named), file=sys.stderr)
+
+
+def _absent(flat: dict, key: str) -> str:
+    return repr(flat[key]) if key in flat else "(not set)"
+
+
 def runs_path(spec: SweepSpec) -> str:
     from shards.storage import join
 
@@ -204,6 +266,13 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV)
 
 
+def resumable(spec: SweepSpec) -> bool:
+    """Whether ``<storage>/<name>`` holds an interrupted sweep that the same command resumes."""
+    import ray.tune
+
+    return ray.tune.Tuner.can_restore(experiment_path(spec))
+
+
 def build_tuner(spec: SweepSpec, concurrent: int, progress: str = "lines"):
     """A new Tuner, or the interrupted one restored from <storage>/<name> (same command = resume). ``progress``:
     the trials' (``tbps.engine.launcher.build_trainer``)."""
@@ -220,6 +289,7 @@ def build_tuner(spec: SweepSpec, concurrent: int, progress: str = "lines"):
     if ray.tune.Tuner.can_restore(path):
         print(f"[sweep] resuming the interrupted sweep at {path}", file=sys.stderr)
         return ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    record_spec(spec)
     metric = f"val_{spec.metric}"
     # every method's first trial comes first (the rest of its parameters sampled), so each method gets a run
     search = OptunaSearch(space=spec.define_by_run, metric=metric, mode="max",
@@ -255,6 +325,8 @@ def _sweep(args) -> int:
     require("matplotlib", "tune.sweep (its metric-against-parameter plot)")
     try:
         spec = prepare(load_sweep(args.config, args.overrides))
+        if resumable(spec):
+            check_resumed_spec(spec)
         from tbps.engine.launcher import ensure_ray
 
         ensure_ray(spec.base_config(next(iter(spec.methods))), console=None if args.verbose else "none")
