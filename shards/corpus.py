@@ -224,6 +224,14 @@ def _signature(kind: str, root: str) -> dict:
     return {"kind": kind, "files": out}
 
 
+def shared_ids_note(split: str, info: dict) -> str:
+    """The warning for an evaluation split some of whose identities are also in train (``ids_in_train``, manifest)."""
+    return (f"{info['ids_in_train']} of the {info['ids']} person ids of split {split!r} also appear in train: "
+            "evaluating on it measures people the model trained on (CUHK-PEDES, ICFG-PEDES and RSTPReid share none "
+            "between splits), so its R1/mAP read higher than on unseen people; give each person's records one "
+            "split, unless the ids are not people")
+
+
 def make_plan(kind: str, root: str, work: str, shard_size: int, min_shards: int, skip_bad: bool, log) -> dict:
     os.makedirs(os.path.join(work, "parts"), exist_ok=True)
     for f in os.listdir(os.path.join(work, "parts")):
@@ -293,6 +301,10 @@ def make_plan(kind: str, root: str, work: str, shard_size: int, min_shards: int,
         close(part)
     for split, ids in split_ids.items():
         stats[split]["ids"] = len(ids)
+        if split != "train":  # the benchmarks' splits share no identity with train (see check_shared_ids)
+            stats[split]["ids_in_train"] = len(ids & split_ids.get("train", set()))
+            if stats[split]["ids_in_train"] and log:
+                print(f"[corpus] warning: {shared_ids_note(split, stats[split])}", file=log)
     if "train" not in stats:
         raise BadRecord(root, None, "no usable train records (records without a split are train)")
     for split in list(stats):  # small splits: re-cut into min_shards balanced parts (every rank x worker gets work)

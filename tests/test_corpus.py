@@ -73,6 +73,18 @@ def test_jsonl_corpus_with_ids_and_splits(toy, tmp_path):
         assert pid_of.setdefault(src["pid"], out_s["pid"]) == out_s["pid"]  # one person, one id
         assert out_s["train_id"] == (-1 if i >= 40 else out_s["train_id"])
     assert sorted({s["train_id"] for s in got["train"]}) == list(range(len(persons)))
+    assert manifest["splits"]["test"]["ids_in_train"] == 0  # ToyPEDES' splits share no person
+    # a test record of a train person: counted and warned about (evaluation would measure a person it trained on)
+    shared = json.loads(lines[45])
+    shared["person_id"] = f"person-{train[0]['pid']}"
+    lines[45] = json.dumps(shared)
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    log = io.StringIO()
+    manifest = convert_corpus("jsonl", str(tmp_path / "corpus.jsonl"), str(tmp_path / "shared"), shard_size=16,
+                              min_shards=2, workers=2, work_dir=str(tmp_path / "work"), log=log)
+    test_ids = manifest["splits"]["test"]["ids"]
+    assert manifest["splits"]["test"]["ids_in_train"] == 1
+    assert f"[corpus] warning: 1 of the {test_ids} person ids of split 'test' also appear in train" in log.getvalue()
 
 
 def test_csv_corpus_without_ids_or_splits_trains(toy, tmp_path, synth_tiny):
