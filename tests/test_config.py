@@ -279,3 +279,15 @@ def test_a_weights_path_that_holds_no_weights_stops_before_ray(synth_tiny, tmp_p
     save_file(state, str(tmp_path / "w.safetensors"))
     for name in ("zip.pt", "legacy.pt", "w.safetensors"):
         check_weight_file("model.pretrained", name, (tmp_path / name).read_bytes()[:16])
+
+
+def test_a_run_that_is_all_warm_up_is_warned_about(synth_tiny, capsys):
+    """A paper preset shortened for a try (irra: 5 warm-up epochs) trains at a rising fraction of its lr and never
+    decays: pre-flight says so; a run longer than its warm-up gets no such line."""
+    from tbps.engine.launcher import preflight
+
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.epochs=3", "optim.warmup_epochs=3"]))
+    assert ("[tbps] warning: optim.warmup_epochs=3 covers all train.epochs=3: the whole run is warm-up, so the lr "
+            "never reaches optim.lr and never decays") in capsys.readouterr().err
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.epochs=4", "optim.warmup_epochs=3"]))
+    assert "warm-up" not in capsys.readouterr().err

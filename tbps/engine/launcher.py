@@ -47,6 +47,10 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError("train.compile supports ZeRO stages 0-2: ZeRO-3 gathers each module's parameters in forward "
                           "hooks that a compiled forward would have to trace (DeepSpeed's own compiler path is not "
                           "supported by tbps yet); use train.zero_stage=2")
+    if 0 < cfg.train.epochs <= cfg.optim.warmup_epochs:
+        print(f"[tbps] warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all train.epochs="
+              f"{cfg.train.epochs}: the whole run is warm-up, so the lr never reaches optim.lr and never decays; "
+              "lower optim.warmup_epochs for a short run", file=sys.stderr)
     if cfg.train.grad_cache and cfg.train.grad_accum == 1:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
