@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 
-from shards.storage import join, read_bytes
+from shards.storage import filesystem, join, read_bytes
 
 
 class LoadedModel(NamedTuple):
@@ -118,6 +118,16 @@ def is_model_file(url: str) -> bool:
     return fs.isfile(path)
 
 
+def run_directory_hint(url: str) -> str | None:
+    """For a training run's directory given where a model directory is wanted: the message that names its best/
+    (the run's model directories are best/ and checkpoint_*/); None for anything else."""
+    fs, path = filesystem(url)
+    if fs.exists(join(path, "meta.json")) or not fs.exists(join(path, "best", "meta.json")):
+        return None
+    return (f"{url} is a training run's directory, not a checkpoint: give its best val epoch's weights, "
+            f"{join(url, 'best')}, or one of its checkpoint_* directories")
+
+
 def _from_checkpoint(checkpoint: str, data_url: str | None = None, device: str = "cpu",
                      overrides: list[str] | None = None) -> LoadedModel:
     """(method, cfg, tokenizer) rebuilt from a tbps checkpoint directory, an official IRRA run directory or an
@@ -143,6 +153,9 @@ def _from_checkpoint(checkpoint: str, data_url: str | None = None, device: str =
         cfg = read_saved_config(checkpoint)
         meta = json.loads(read_text(join(checkpoint, "meta.json")))
     except FileNotFoundError as e:
+        hint = run_directory_hint(checkpoint)
+        if hint:
+            raise FileNotFoundError(hint) from None
         raise FileNotFoundError(f"{checkpoint} is not a tbps checkpoint (config.yaml/meta.json missing; a best/ "
                                 f"being replaced on object storage lacks meta.json until its upload ends): {e}"
                                 ) from None

@@ -142,3 +142,25 @@ def test_commands_run_from_a_directory_holding_shards_and_tune_folders(tmp_path)
                               env=env, capture_output=True, text=True, timeout=120)
         assert "ImportError" not in done.stderr, (hint, done.stderr[-2000:])
         assert done.returncode == 2 and "no manifest.json" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_run_directory_given_for_a_checkpoint_names_its_best(synth_tiny, tmp_path, capsys):
+    """A training run's directory (best/, checkpoint_*/, metrics.json) where a model directory is wanted: evaluate
+    and search said config.yaml or meta.json was missing, and model.pretrained failed inside every worker with "holds
+    no CLIP checkpoint"; each now names the run's best/, and training stops before Ray starts."""
+    import ray
+
+    from tbps.evaluate import main as evaluate_main
+    from tbps.train import main as train_main
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "meta.json").write_text("{}")
+    (run / "metrics.json").write_text("{}")
+    hint = f"{run} is a training run's directory, not a checkpoint: give its best val epoch's weights, {run}/best"
+    assert evaluate_main(["--checkpoint", str(run), "--data", synth_tiny]) == 2
+    assert f"error: {hint}" in capsys.readouterr().err
+    assert train_main(["--config", "irra_tiny", f"data.url={synth_tiny}", f"model.pretrained={run}",
+                       f"train.storage_path={tmp_path}"]) == 2
+    assert f"config error: model.pretrained: {hint}" in capsys.readouterr().err
+    assert not ray.is_initialized()

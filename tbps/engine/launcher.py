@@ -32,6 +32,7 @@ def preflight(cfg: Config) -> dict:
     from tbps.data.identity import check_identity_config, check_identity_layout
     from tbps.data.stream import Mixture, check_pair_counts, sampling_weight, split_shards, train_batches
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
+    from tbps.checkpoint import run_directory_hint
     from tbps.engine.loop import tokenizer_path
 
     if cfg.train.precision == "fp16" and not cfg.train.use_gpu:
@@ -120,6 +121,8 @@ def preflight(cfg: Config) -> dict:
             if key != "data.tokenizer" and fs.isfile(path):
                 with fs.open(path, "rb") as f:
                     check_weight_file(key, url, f.read(16))
+            if key == "model.pretrained" and run_directory_hint(url):
+                raise ConfigError(f"{key}: {run_directory_hint(url)}")
     if not cfg.model.pretrained:  # (with it, the checkpoint's weights give the architecture, checked as they load)
         check_architecture(cfg)
     check_resumed_config(cfg)
