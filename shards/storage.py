@@ -48,6 +48,11 @@ def retry_budget() -> float:
     return budget
 
 
+# errors that mean a bug in the code that raised them, never a problem of the input or the storage
+BUG_TYPES = (NameError, AttributeError, TypeError, AssertionError, ZeroDivisionError, IndexError, NotImplementedError,
+             RecursionError)
+
+
 def error_chain(error: BaseException):
     """``error``, then what it wraps, outermost first: Ray Train's worker failures (``worker_failures``,
     ``controller_failure``), ``cause``, ``__cause__``/``__context__``; each error once."""
@@ -66,7 +71,10 @@ def error_chain(error: BaseException):
             inner = getattr(e, attr, None)
             if isinstance(inner, BaseException):
                 todo.append(inner)
-        todo += [e.__cause__, e.__context__]
+        # an error raised while another was handled has it as __context__; a bug raised that way (a NameError in an
+        # except block) is not the handled error: following it would print the handled error's message as a user
+        # error and hide the bug's traceback
+        todo += [e.__cause__] if isinstance(e, BUG_TYPES) else [e.__cause__, e.__context__]
 
 
 def is_transient(error: BaseException) -> bool:

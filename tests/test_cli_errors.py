@@ -164,3 +164,34 @@ def test_a_run_directory_given_for_a_checkpoint_names_its_best(synth_tiny, tmp_p
                        f"train.storage_path={tmp_path}"]) == 2
     assert f"config error: model.pretrained: {hint}" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_a_bug_raised_while_a_user_error_is_handled_keeps_its_traceback():
+    """An error raised inside an ``except`` block carries the handled one as ``__context__``; describe() followed
+    it, so a NameError in a handler of FileNotFoundError printed the missing file as a one-line user error (exit 2)
+    and hid the bug -- as happened while a handler in tbps/checkpoint.py was written. A bug type stops the walk there
+    (an explicit ``raise ... from`` still leads on), and is not retried as a transient storage error either."""
+    from shards.cli import run_command
+    from shards.storage import is_transient
+
+    def handler_with_a_bug(handled: Exception):
+        try:
+            raise handled
+        except type(handled):
+            return undefined_name  # noqa: F821
+
+    with pytest.raises(NameError) as bug:
+        handler_with_a_bug(FileNotFoundError(2, "No such file or directory", "/data/run/meta.json"))
+    assert isinstance(bug.value.__context__, FileNotFoundError)
+    assert describe(bug.value) is None
+    with pytest.raises(NameError):
+        run_command("test", lambda: handler_with_a_bug(FileNotFoundError("meta.json")))
+    with pytest.raises(NameError) as bug:
+        handler_with_a_bug(ConnectionResetError("reset by peer"))
+    assert not is_transient(bug.value)
+    wrapped = RuntimeError("while reading the checkpoint")  # a deliberate wrapper leads on to the user error
+    wrapped.__context__ = FileNotFoundError("meta.json")
+    assert describe(wrapped) == "meta.json"
+    attribute = AttributeError("x")
+    attribute.__cause__ = FileNotFoundError("explicit")  # raise ... from: followed
+    assert describe(attribute) == "explicit"
