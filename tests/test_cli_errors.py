@@ -178,7 +178,7 @@ def test_a_bug_raised_while_a_user_error_is_handled_keeps_its_traceback():
         try:
             raise handled
         except type(handled):
-            return undefined_name  # noqa: F821
+            raise NameError("name 'undefined_name' is not defined")  # as a typo in the handler raises it
 
     with pytest.raises(NameError) as bug:
         handler_with_a_bug(FileNotFoundError(2, "No such file or directory", "/data/run/meta.json"))
