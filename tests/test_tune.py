@@ -190,6 +190,21 @@ def _run_states(runs_dir):
 
 
 @pytest.mark.slow
+def test_a_failed_trial_is_never_the_best():
+    """A trial that failed after good epochs (a divergence in its last epoch) has a real best val value, but its
+    configuration does not train through: it is not the sweep's best (best.yaml) nor its method's best (the seeds'
+    runs); stopped and completed trials are."""
+    from tune.results import Trial, best_per_method
+
+    def trial(tid, method, metric, status):
+        return Trial(trial_id=tid, method=method, params={}, status=status, epochs_run=2, epochs=3, metric=metric)
+
+    trials = [trial("a", "irra", 40.0, "error"), trial("b", "pcc", 35.0, "stopped early (ASHA)"),
+              trial("c", "irra", 30.0, "completed"), trial("d", "pcc", float("nan"), "completed")]
+    assert {m: t.trial_id for m, t in best_per_method(trials).items()} == {"irra": "c", "pcc": "b"}
+    assert best_per_method([trials[0]]) == {}
+
+
 def test_a_failed_trial_s_error_is_the_worker_s_own_message():
     """results.md's status column of a failed trial: the worker's message (a diverged run's, a bug's last line), not
     the first line of Ray's wrapper ("ray::ImplicitFunc.train() (pid=..., ip=..., actor_id=...)", in colour codes),

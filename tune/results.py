@@ -94,6 +94,22 @@ def collect(spec: SweepSpec, results) -> list[Trial]:
     return trials
 
 
+def selectable(t: Trial) -> bool:
+    """A trial that may be a sweep's (or a method's) best: it has a val value, and it did not fail -- a trial that
+    failed (diverged, crashed) after good epochs has a real val value, but its configuration does not train through:
+    best.yaml and the seeds' runs would repeat the failure."""
+    return t.metric == t.metric and t.status != "error"
+
+
+def best_per_method(trials: list[Trial]) -> dict[str, Trial]:
+    """Each method's best selectable trial, from trials sorted by the metric (``collect``)."""
+    best: dict[str, Trial] = {}
+    for t in trials:
+        if selectable(t) and t.method not in best:
+            best[t.method] = t
+    return best
+
+
 def _number(v) -> bool:
     """A reported value that is there: not None and not NaN (Tune's dataframe fills missing keys with NaN)."""
     return isinstance(v, (int, float)) and v == v
@@ -265,8 +281,7 @@ def summarize(spec: SweepSpec, results, seeds: dict | None = None) -> Report:
 
     trials = collect(spec, results)
     text = table(spec, trials)
-    done = [t for t in trials if t.metric == t.metric]
-    best = done[0] if done else None
+    best = next(iter(best_per_method(trials).values()), None)  # trials are sorted: the first method's is the best
     if seeds:
         text += "\n\n" + seeds_table(spec, seeds)
         ranked = [e for _, e in _by_mean(spec, seeds) if e["summary"]]
@@ -288,7 +303,7 @@ def summarize(spec: SweepSpec, results, seeds: dict | None = None) -> Report:
             fs.put(os.path.join(tmp, name), f"{root}/{name}")
     best_line = (f"{best.trial_id} {best.method} val {spec.metric} {_fmt(best.metric)} "
                  f"({', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or 'preset'})"
-                 if best else "no trial reported a val metric")
+                 if best else "no trial that did not fail reported a val metric")
     x = ((seeds or {}).get(best.method, {}).get("summary") or {}).get("val", {}).get(spec.metric) if best else None
     if x:
         best_line += f"; over {x['n']} seeds val {spec.metric} {x['mean']:.2f} ± {x['std']:.2f}"

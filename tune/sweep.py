@@ -56,11 +56,9 @@ def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
     from shards.storage import join, read_json
     from tbps.engine.launcher import fit_concurrently, seed_configs
     from tbps.seeds import aggregate
+    from tune.results import best_per_method
 
-    best = {}
-    for t in trials:  # sorted by the metric: the first of each method is its best
-        if t.metric == t.metric and t.method not in best:
-            best[t.method] = t
+    best = best_per_method(trials)
     runs, reused = {}, {}
     for method, t in best.items():
         cfg = spec.base_config(method, t.params)
