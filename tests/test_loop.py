@@ -358,6 +358,13 @@ def _diverging(rank, url, out_dir):
     with pytest.raises(NonFiniteEmbeddingsError) as e:  # what val would have met: the NaN model's embeddings
         run.run_eval("val", full_state_dict(run.engine, 0))
     results["eval"] = str(e.value)
+    from tbps.data import build_eval_loader
+    from tbps.eval import evaluate
+
+    npz = os.path.join(out_dir, "embeddings.npz")  # the NaN model (run_eval loaded it): nothing is written
+    with pytest.raises(NonFiniteEmbeddingsError):
+        evaluate(run.eval_model, build_eval_loader(cfg.data, run.tok, "val", 16), embeddings_path=npz)
+    results["npz_written"] = os.path.exists(npz)
 
     seen.clear()  # the same config again (Ray's retry, or a re-run): stops before its first batch
     again = TrainRun(_config(url, storage, 2, extra + ["optim.lr=1e36"]), rank, 1, torch.device("cpu"),
@@ -412,6 +419,7 @@ def test_a_diverged_run_stops_saves_nothing_of_it_and_is_not_retried(synth_tiny,
                     r"point on is saved \(no checkpoint was saved before it\)\. To go on, lower optim\.lr \(now "
                     r"1e\+36\)", real["message"]), real
     assert "the model's embeddings are not finite: 36 of 36 gallery images and 72 of 72 captions" in results["eval"]
+    assert results["npz_written"] is False
     run_dir = tmp_path / "runs" / "loop"
     record = json.load(open(tmp_path / "diverged-record.json"))
     assert record["message"] == real["message"] and record["step"] == 8 and record["tensors"]

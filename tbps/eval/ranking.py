@@ -88,13 +88,13 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
         raise ValueError(f"ap must be standard or trapezoid, got {ap!r}")
     start = time.time()
     local = embed(model, loader, device, autocast_dtype, keep_strings=embeddings_path is not None)
+    gallery, gallery_pids = _gather_gallery(local)
+    queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
+    check_finite(gallery, queries)  # before anything is written from them
     if embeddings_path:
         local["img_vec"] = model.search_vectors(local["img"], "image")
         local["txt_vec"] = model.search_vectors(local["txt"], "text")
         save_embeddings(local, embeddings_path)
-    gallery, gallery_pids = _gather_gallery(local)
-    queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
-    check_finite(gallery, queries)
     cmc = min(cmc, len(gallery))
     stats = torch.zeros(len(KS) + 4 + cmc, dtype=torch.float64, device=gallery.device)
     for s in range(0, len(queries), chunk):
