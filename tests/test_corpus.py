@@ -42,7 +42,7 @@ def _read(url: str) -> dict[str, list[dict]]:
     return {split: read_split(url, split) for split in manifest["splits"]} | {"manifest": manifest}
 
 
-def test_jsonl_corpus_with_ids_and_splits(toy, tmp_path):
+def test_jsonl_corpus_with_ids_and_splits(toy, tmp_path, capsys):
     train, test = toy
     names = _images(tmp_path / "imgs", train + test)
     lines = []
@@ -85,6 +85,13 @@ def test_jsonl_corpus_with_ids_and_splits(toy, tmp_path):
     test_ids = manifest["splits"]["test"]["ids"]
     assert manifest["splits"]["test"]["ids_in_train"] == 1
     assert f"[corpus] warning: 1 of the {test_ids} person ids of split 'test' also appear in train" in log.getvalue()
+    from tbps.config import load_config
+    from tbps.engine.launcher import preflight
+
+    capsys.readouterr()  # and before training on it: once, though val and test are the same split here
+    preflight(load_config("clip_tiny", [f"data.url={tmp_path / 'shared'}", "data.tokenizer=clip", "data.val_split=test",
+                                        "data.batch_size=4", "data.loader_workers=0"]))
+    assert capsys.readouterr().err.count(f"[tbps] warning: 1 of the {test_ids} person ids of split 'test'") == 1
 
 
 def test_csv_corpus_without_ids_or_splits_trains(toy, tmp_path, synth_tiny):

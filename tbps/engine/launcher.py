@@ -76,12 +76,12 @@ def preflight(cfg: Config) -> dict:
                 if key == "val_split" else ""
             raise ConfigError(f"data.{key}: split {split!r} not in {cfg.data.url} (has "
                               f"{', '.join(manifest['splits'])}){hint}")
-    for key in ("val_split", "test_split"):
-        info = manifest["splits"][getattr(cfg.data, key)]
+    for split in dict.fromkeys((cfg.data.val_split, cfg.data.test_split)):  # each once, val first
+        info = manifest["splits"][split]
         if info.get("ids_in_train"):  # a corpus whose splits share people (shards.corpus)
             from shards.corpus import shared_ids_note
 
-            print(f"[tbps] warning: data.{key}: {shared_ids_note(getattr(cfg.data, key), info)}", file=sys.stderr)
+            print(f"[tbps] warning: {shared_ids_note(split, info)}", file=sys.stderr)
     workers = max(1, cfg.data.loader_workers)
     weight = sampling_weight(cfg.data.sampling)
     shards = split_shards(manifest, cfg.data.train_split)
