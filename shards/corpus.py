@@ -301,7 +301,7 @@ def make_plan(kind: str, root: str, work: str, shard_size: int, min_shards: int,
         close(part)
     for split, ids in split_ids.items():
         stats[split]["ids"] = len(ids)
-        if split != "train":  # the benchmarks' splits share no identity with train (see check_shared_ids)
+        if split != "train":  # the benchmarks' splits share no identity with train (shared_ids_note)
             stats[split]["ids_in_train"] = len(ids & split_ids.get("train", set()))
             if stats[split]["ids_in_train"] and log:
                 print(f"[corpus] warning: {shared_ids_note(split, stats[split])}", file=log)

@@ -686,5 +686,17 @@ def redact(tree):
     return tree
 
 
+def flatten(tree: dict, keep: tuple[str, ...] = (), prefix: str = "") -> dict:
+    """A nested mapping as {"a.b.c": value}; a mapping under a key in ``keep`` stays one value (a free-form field such
+    as ``model.image_overrides``). For comparing two configs or specs key by key."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in keep:
+            out.update(flatten(v, keep, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)

@@ -139,16 +139,6 @@ SPEC_MAY_CHANGE = {"name", "storage_path", "source", "cpus", "gpus", "max_concur
 SPEC_NAMED = {"data_url"}  # allowed and named in a line: the same data at another place
 
 
-def _flat_spec(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat_spec(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def record_spec(spec: SweepSpec) -> None:
     """Write the spec a new sweep starts with (``<storage>/<name>/sweep.json``): ``check_resumed_spec`` compares a
     resumed sweep's against it."""
@@ -172,8 +162,10 @@ def check_resumed_spec(spec: SweepSpec) -> None:
     except FileNotFoundError:  # a sweep started before the spec was recorded: it is recorded now
         record_spec(spec)
         return
-    old = _flat_spec(started)
-    new = _flat_spec(json.loads(json.dumps(spec.to_dict())))
+    from tbps.config import flatten
+
+    old = flatten(started)
+    new = flatten(json.loads(json.dumps(spec.to_dict())))
     changed = sorted(k for k in old.keys() | new.keys()
                      if k.split(".")[0] not in SPEC_MAY_CHANGE and old.get(k) != new.get(k))
     named = [k for k in changed if k in SPEC_NAMED]

@@ -121,8 +121,9 @@ def preflight(cfg: Config) -> dict:
             if key != "data.tokenizer" and fs.isfile(path):
                 with fs.open(path, "rb") as f:
                     check_weight_file(key, url, f.read(16))
-            if key == "model.pretrained" and run_directory_hint(url):
-                raise ConfigError(f"{key}: {run_directory_hint(url)}")
+            hint = run_directory_hint(url) if key == "model.pretrained" else None
+            if hint:
+                raise ConfigError(f"{key}: {hint}")
     if not cfg.model.pretrained:  # (with it, the checkpoint's weights give the architecture, checked as they load)
         check_architecture(cfg)
     check_resumed_config(cfg)
@@ -199,16 +200,6 @@ RESUME_NAMED = {"data.url": "", "data.mix": "", "data.tokenizer": "",
                 "train.epochs": " (the lr schedule follows the new number of epochs from the resumed step)"}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k not in ("image_overrides",):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def training_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
     """Where ``cfg`` differs from the ``saved`` config (a config.yaml's tree) in what it trains, as key -> (saved
     value, new value), sorted: (keys that may not change on a resume, ``RESUME_NAMED`` keys). ``RESUME_MAY_CHANGE``
@@ -218,7 +209,10 @@ def training_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
     from tbps.engine.loop import as_saved
     from tbps.methods.pretrained import METHOD_ARCH, MODEL_ARCH
 
-    saved, new = _flat(saved), _flat(to_dict(as_saved(copy.deepcopy(cfg))))
+    from tbps.config import flatten
+
+    keep = ("image_overrides",)
+    saved, new = flatten(saved, keep), flatten(to_dict(as_saved(copy.deepcopy(cfg))), keep)
     ignore = set(RESUME_MAY_CHANGE)
     if new.get("model.pretrained") and new["model.pretrained"] == saved.get("model.pretrained"):
         ignore |= {f"model.{k}" for k in MODEL_ARCH} | {f"method.{k}" for k in METHOD_ARCH.get(cfg.method.name, ())}

@@ -63,7 +63,7 @@ def ivt_protocol(model, local: dict, chunk: int = 1024) -> dict[str, float]:
     return out
 
 
-def check_finite(gallery: torch.Tensor, queries: torch.Tensor) -> None:
+def check_embeddings_finite(gallery: torch.Tensor, queries: torch.Tensor) -> None:
     """Raise :class:`NonFiniteEmbeddingsError` on every rank when any rank's embeddings hold NaN or inf (the gallery
     is the same on all ranks; the counts of this rank's queries are summed across them)."""
     counts = torch.tensor([nonfinite_rows(queries), len(queries)], dtype=torch.long)
@@ -90,7 +90,7 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
     local = embed(model, loader, device, autocast_dtype, keep_strings=embeddings_path is not None)
     gallery, gallery_pids = _gather_gallery(local)
     queries, query_pids = local["txt"], local["txt_pid"].to(gallery.device)
-    check_finite(gallery, queries)  # before anything is written from them
+    check_embeddings_finite(gallery, queries)  # before anything is written from them
     if embeddings_path:
         local["img_vec"] = model.search_vectors(local["img"], "image")
         local["txt_vec"] = model.search_vectors(local["txt"], "text")
