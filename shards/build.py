@@ -27,7 +27,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from .cli import add_verbose, at_least, run_command
-from .corpus import KINDS, convert_corpus
+from .corpus import KINDS, convert_corpus, shared_ids_note
 from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
 from .writer import DatasetWriter, group_shard_counts
 
@@ -177,6 +177,14 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
                                               "file_path, relative to imgs/, and caption text)")
         print(f"attributes: {matched} of {total} captions have attribute phrases ({attributes})", file=log)
 
+    # the benchmarks' evaluation splits share no person with train; an edited annotation file might
+    shared = {split: len({r.pid for r in recs} & train_id.keys()) for split, recs in by_split.items()
+              if split != "train"}
+    for split, n in shared.items():
+        if n:
+            ids = len({r.pid for r in by_split[split]})
+            print(f"warning: {shared_ids_note(split, {'ids_in_train': n, 'ids': ids})}", file=log)
+
     def samples(split: str):
         for i, rec in enumerate(by_split[split]):
             data, ext = load_image(root, rec, file)
@@ -195,6 +203,8 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
             if by_split.get(split):
                 grouped = layout if split == "train" else {}
                 stats = {**split_stats(by_split[split]), **({"layout": "by_identity"} if grouped else {})}
+                if split != "train":
+                    stats["ids_in_train"] = shared[split]
                 writer.write_split(split, samples(split), len(by_split[split]), stats=stats, **grouped)
         return writer.publish(extra={
             "num_train_ids": len(train_pids),

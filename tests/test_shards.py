@@ -90,6 +90,26 @@ def test_duplicate_image_records_are_merged_into_one_gallery_image(tmp_path):
     assert back[records[0]["file_path"]]["captions"] == records[0]["captions"] + dup["captions"]
 
 
+def test_an_evaluation_split_sharing_people_with_train_is_counted_and_warned(tmp_path, capsys):
+    """The benchmarks' splits share no person with train; an edited annotation file that moves one test person's
+    records into train would make test measure a person the model trained on: counted in the manifest
+    (``ids_in_train``, which pre-flight warns about again) and warned at conversion."""
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = write_raw(root, "cuhk-pedes")
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["splits"]["val"]["ids_in_train"] == manifest["splits"]["test"]["ids_in_train"] == 0
+    assert "also appear in train" not in capsys.readouterr().err
+    test_pid = next(r["id"] for r in records if r["split"] == "test")
+    moved = next(r for r in records if r["id"] == test_pid)
+    moved["split"] = "train"  # one of that person's two images now in train
+    write_raw(root, "cuhk-pedes", records)
+    assert build_main(["--dataset", "cuhk-pedes", "--root", root, "--out", out]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["splits"]["test"]["ids_in_train"] == 1 and manifest["splits"]["val"]["ids_in_train"] == 0
+    assert "1 of the 2 person ids of split 'test' also appear in train" in capsys.readouterr().err
+
+
 def _corrupt(kind: str, root: str):
     records = make_records("cuhk-pedes")
     raw_json = None
