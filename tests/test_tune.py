@@ -96,6 +96,21 @@ def test_bad_space_is_rejected_naming_the_key(tmp_path, method, space, message):
     assert f"methods.{method}" in str(e.value) or "space" in str(e.value)
 
 
+def test_a_shared_parameter_no_method_has_is_an_error_not_a_sweep_that_varies_nothing(tmp_path, capsys):
+    """A shared space key goes to the methods that have it; one that none of the listed methods has was dropped, and
+    the sweep trained one configuration num_samples times while its file said it searched the margin."""
+    tree = {"name": "t", "num_samples": 3, "methods": {"irra": {"config": "irra_tiny"}},
+            "space": {"method.margin": {"uniform": [0.1, 0.4]}}}
+    with pytest.raises(ConfigError, match="space.method.margin is not a parameter of any method of this sweep"):
+        load_sweep(_write(tmp_path, tree))
+    tree["methods"]["pcc"] = {"config": "pcc_tiny"}  # a listed method has it: fine
+    assert "method.margin" in load_sweep(_write(tmp_path, tree)).methods["pcc"].space
+    assert "warning" not in capsys.readouterr().err
+    del tree["space"], tree["methods"]["pcc"]  # nothing to sample: 3 trials of one configuration
+    load_sweep(_write(tmp_path, tree))
+    assert "no search space, so its 3 trials train the same 1 configuration(s) again" in capsys.readouterr().err
+
+
 def test_bad_sweep_fields(tmp_path):
     for tree, message in [({"methods": {}}, "methods is empty"),
                           ({"metric": "top1", "methods": {"clip": {"config": "clip_tiny"}}}, "metric must be one of"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -340,6 +341,16 @@ def _build(tree: dict, source: str) -> SweepSpec:
                     spec.base_config(name, {key: value})
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {key}={value!r} does not make a valid config: {e}") from None
+    # a shared parameter no listed method has would be dropped, and the sweep would not vary it at all
+    for key in shared:
+        if not any(key in ms.space for ms in spec.methods.values()):  # (merged above where it applies)
+            raise ConfigError(f"{source}: space.{key} is not a parameter of any method of this sweep "
+                              f"({', '.join(spec.methods)}), so no trial would vary it: move it under the method that "
+                              "has it, or list that method")
+    if not any(ms.space for ms in spec.methods.values()) and spec.num_samples > len(spec.methods):
+        print(f"[tune] warning: {source}: the sweep has no search space, so its {spec.num_samples} trials train the "
+              f"same {len(spec.methods)} configuration(s) again; set `seeds: N` to repeat a configuration with "
+              "other seeds, or add a space", file=sys.stderr)
     return spec
 
 
