@@ -125,6 +125,28 @@ def test_eval_stream_covers_gallery_once_and_every_caption(synth_tiny):
         build_eval_loader(cfg, tok, "test", batch_size=0)  # would have been one batch of the whole split
 
 
+def test_caption_indices_stay_unique_and_in_order_for_an_image_with_many_captions(synth_tiny, tmp_path):
+    """A caption's index orders the queries (image, then caption) for saved embeddings and IVT's every-second-row
+    gallery. It was image * 1000 + caption: an image with over 1000 captions (a generic corpus can hold one) gave
+    its caption 1000 the index of the next image's caption 0."""
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    clean = _train_samples(synth_tiny)[:3]
+    many = json.loads(clean[0]["json"])
+    many["captions"] = [f"caption number {j}" for j in range(1001)]
+    clean[0] = dict(clean[0], json=json.dumps(many).encode())
+    out = str(tmp_path / "many")
+    with DatasetWriter(out, "many", progress=False, min_shards=1) as w:
+        w.write_split("test", iter(clean), len(clean), stats={"images": 3})
+        w.publish()
+    cfg = DataConfig(url=out, image_size=[64, 32], loader_workers=0)
+    (batch,) = list(build_eval_loader(cfg, tok, "test", batch_size=8))
+    index = batch["text_index"].tolist()
+    assert len(set(index)) == len(index) == 1001 + sum(len(json.loads(s["json"])["captions"]) for s in clean[1:])
+    order = sorted(range(len(index)), key=index.__getitem__)
+    assert [batch["text_image"][i] for i in order] == sorted(batch["text_image"].tolist())
+    assert [batch["captions"][i] for i in order][:1001] == many["captions"]
+
+
 def test_tokenizer_loads_from_s3(synth_tiny, s3_server, tmp_path, monkeypatch):
     import s3fs
 

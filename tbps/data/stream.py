@@ -703,7 +703,7 @@ class EvalStream(IterableDataset):
             for j, cap in enumerate(meta["captions"]):
                 captions.append(cap)
                 cpids.append(meta["pid"])
-                cindex.append(i * 1000 + j)
+                cindex.append((i << 24) + j)  # (image, caption) order; unique up to 16.7M captions per image
                 cimage.append(i)
         ids, mask = tokenize(self.tokenizer, captions, self.cfg.text_length)
         return {"images": self.augment(torch.from_numpy(np.stack(images))), "image_pids": torch.tensor(pids),
