@@ -40,10 +40,13 @@ def summarize(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": list(values)}
 
 
-def aggregate(runs: dict[str, dict]) -> dict:
+def aggregate(runs: dict[str, dict], failed: dict | None = None) -> dict:
     """``runs``: seed label -> that run's metrics.json. Returns ``{"seeds": [...], "test": {metric: summary},
-    "val": {metric: summary}}`` (val: the best val epoch's metrics of each run)."""
+    "val": {metric: summary}}`` (val: the best val epoch's metrics of each run); with ``failed`` (seed label -> its
+    error), also ``"failed"``: those seeds are not in the summary, and the summary says so."""
     out: dict = {"seeds": list(runs), "test": {}, "val": {}}
+    if failed:
+        out["failed"] = dict(failed)
     for part in ("test", "val"):
         for metric in METRICS:
             values = [float(r[part][metric]) for r in runs.values() if metric in (r.get(part) or {})]
@@ -55,6 +58,12 @@ def aggregate(runs: dict[str, dict]) -> dict:
 def markdown(summary: dict, title: str) -> str:
     lines = [f"# {title}", "", f"{len(summary['seeds'])} seeds: {', '.join(map(str, summary['seeds']))}. Mean ± "
              "sample std; 95 % interval of the mean (Student's t).", ""]
+    failed = summary.get("failed") or {}
+    if failed:  # a seed that diverged or crashed is left out of the mean, which then reads better than the config is
+        lines += [f"**{len(failed)} more seed(s) failed and are not in these numbers**: "
+                  + "; ".join(f"seed {s}: {e}" for s, e in failed.items())
+                  + f". The configuration did not train through with {len(failed)} of "
+                  f"{len(failed) + len(summary['seeds'])} seeds.", ""]
     for part, label in (("test", "test (at each run's best val epoch)"), ("val", "best val")):
         if not summary[part]:
             continue

@@ -110,7 +110,7 @@ def _train_seeds(cfg, verbose: bool) -> int:
             runs[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
     if not runs:
         return 1
-    summary = aggregate(runs)
+    summary = aggregate(runs, {s: (e.splitlines() or [e])[0] for s, e in failed.items()})
     text = markdown(summary, f"{cfg.train.run_name}: {cfg.method.name}, seeds {', '.join(map(str, runs))}")
     out = join(cfg.train.storage_path, cfg.train.run_name)
     fs, root = filesystem(out)

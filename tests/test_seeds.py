@@ -30,6 +30,13 @@ def test_mean_std_and_the_95_percent_interval():
     assert agg["test"]["R1"]["mean"] == 71.0 and agg["val"]["R1"]["values"] == [71.0, 73.0]
     text = markdown(agg, "t")
     assert "| R1 | 71.00 ± 1.41 | [58.29, 83.71] | 70.00, 72.00 |" in text
+    assert "failed" not in text and "failed" not in agg
+    # a seed that failed (diverged, crashed) is not averaged in, and the summary says so: without it the mean of
+    # the seeds that trained through reads better than the configuration is
+    agg = aggregate(runs, {2: "training diverged: step 12"})
+    assert agg["failed"] == {2: "training diverged: step 12"} and agg["test"]["R1"]["n"] == 2
+    assert ("1 more seed(s) failed and are not in these numbers**: seed 2: training diverged: step 12. The "
+            "configuration did not train through with 1 of 3 seeds.") in markdown(agg, "t")
 
 
 @pytest.mark.slow

@@ -204,7 +204,6 @@ def _run_states(runs_dir):
     return out
 
 
-@pytest.mark.slow
 def test_a_failed_trial_is_never_the_best():
     """A trial that failed after good epochs (a divergence in its last epoch) has a real best val value, but its
     configuration does not train through: it is not the sweep's best (best.yaml) nor its method's best (the seeds'
@@ -218,6 +217,32 @@ def test_a_failed_trial_is_never_the_best():
               trial("c", "irra", 30.0, "completed"), trial("d", "pcc", float("nan"), "completed")]
     assert {m: t.trial_id for m, t in best_per_method(trials).items()} == {"irra": "c", "pcc": "b"}
     assert best_per_method([trials[0]]) == {}
+
+
+def test_a_method_with_a_failed_seed_is_not_chosen_over_one_whose_seeds_all_trained():
+    """After the search each method's best configuration trains with N seeds, and best.yaml is the method with the
+    best mean. A seed that failed (diverged) is left out of its method's mean, so that mean was of the survivors
+    only: a configuration that diverges on one seed in three could be chosen over one that trains with all."""
+    from tbps.seeds import aggregate
+    from tune.results import Trial, _by_mean, best_config_yaml, seeds_table
+
+    spec = load_sweep("smoke")
+
+    def entry(method, vals, errors):
+        runs = {s: {"val": {spec.metric: v}, "test": {"R1": v}} for s, v in enumerate(vals)}
+        trial = Trial(trial_id=f"t-{method}", method=method, params={}, status="completed", epochs_run=3, epochs=3,
+                      metric=max(vals))
+        return {"trial": trial, "summary": aggregate(runs, errors), "errors": errors, "reused": {}}
+
+    seeds = {"irra": entry("irra", [50.0, 52.0], {2: "training diverged: step 9"}),
+             "pcc": entry("pcc", [40.0, 41.0, 42.0], {})}
+    assert [m for m, _ in _by_mean(spec, seeds)] == ["pcc", "irra"]
+    table = seeds_table(spec, seeds)
+    assert table.index("| pcc |") < table.index("| irra |") and "| 2, 1 failed |" in table
+    seeds["pcc"]["errors"] = {0: "worker died"}  # both failed a seed: the higher mean, with the failure named
+    assert [m for m, _ in _by_mean(spec, seeds)] == ["irra", "pcc"]
+    head = best_config_yaml(spec, seeds["irra"]["trial"], seeds)
+    assert "# Warning: 1 seed(s) of it failed and are not in that mean (seed 2: training diverged: step 9)" in head
 
 
 def test_a_failed_trial_s_error_is_the_worker_s_own_message():

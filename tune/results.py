@@ -175,11 +175,13 @@ def seeds_table(spec: SweepSpec, seeds: dict) -> str:
 
 
 def _by_mean(spec: SweepSpec, seeds: dict) -> list:
-    """Methods by the mean val metric of their seeds, best first (methods without one last)."""
-    def mean(entry):
+    """Methods by the mean val metric of their seeds, best first: those whose every seed trained through before
+    those with a failed seed (their mean is over the seeds that survived, and their configuration does not train
+    through with every seed -- as a failed trial is never the best), methods without a mean last."""
+    def key(entry):
         x = (entry["summary"] or {}).get("val", {}).get(spec.metric)
-        return x["mean"] if x else -math.inf
-    return sorted(seeds.items(), key=lambda kv: -mean(kv[1]))
+        return (bool(entry["errors"]), -x["mean"] if x else math.inf)
+    return sorted(seeds.items(), key=lambda kv: key(kv[1]))
 
 
 def csv_text(trials: list[Trial]) -> str:
@@ -206,6 +208,10 @@ def best_config_yaml(spec: SweepSpec, best: Trial, seeds: dict | None = None) ->
         if x:
             chosen = (f"# Chosen by the mean over {len(x['values'])} seeds: val {spec.metric} {x['mean']:.2f} ± "
                       f"{x['std']:.2f}, 95 % interval [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}].\n")
+        failed = seeds[best.method]["errors"]
+        if failed:  # every method had a failed seed
+            chosen += (f"# Warning: {len(failed)} seed(s) of it failed and are not in that mean ("
+                       + "; ".join(f"seed {s}: {e}" for s, e in failed.items()) + ").\n")
     head = (f"# Best trial of sweep {spec.name!r} ({best.trial_id}): {best.method}, val {spec.metric} "
             f"{_fmt(best.metric)} after {best.epochs_run} epochs.\n" + chosen +
             f"# Sampled: {', '.join(f'{k}={_fmt(v)}' for k, v in sorted(best.params.items())) or '(preset)'}\n"

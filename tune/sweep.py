@@ -88,7 +88,7 @@ def confirm_with_seeds(spec: SweepSpec, trials, verbose: bool = False) -> dict:
             else:
                 c = runs[label]
                 metrics[seed] = read_json(join(c.train.storage_path, c.train.run_name, "metrics.json"))
-        out[method] = {"trial": t, "summary": aggregate(metrics) if metrics else None, "errors": failed,
+        out[method] = {"trial": t, "summary": aggregate(metrics, failed) if metrics else None, "errors": failed,
                        "reused": reused.get(method, {})}
     return out
 
