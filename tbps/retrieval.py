@@ -25,8 +25,10 @@ import torch
 
 from shards.storage import filesystem, join, write_bytes_atomic
 
-INDEX_FORMAT = 2  # part of every cache key: 2 = images decoded upright by their EXIF orientation (indexes built
-# before embedded photos with an orientation tag sideways, and are rebuilt)
+INDEX_FORMAT = 3  # part of every cache key: 2 = images decoded upright by their EXIF orientation (indexes built
+# before embedded photos with an orientation tag sideways, and are rebuilt); 3 = a caption of several persons maps to
+# SHARED_CAPTION (format 2 kept its first person's id, and marked hits of the others wrong)
+SHARED_CAPTION = -1  # caption_pids' value for a caption that several persons of the split have
 
 
 class NonFiniteEmbeddingsError(ValueError):
@@ -104,7 +106,7 @@ class GalleryIndex:
     keys: list[str]
     shards: list[str]
     paths: list[str]
-    caption_pids: dict[str, int]  # normalised caption -> pid, for queries taken from the dataset
+    caption_pids: dict[str, int]  # normalised caption -> pid (SHARED_CAPTION: several), for queries from the dataset
     url: str
     split: str
     source: str = "shards"  # shards (a tbps dataset's split) | images (a plain folder or bucket of image files)
@@ -187,7 +189,9 @@ def build_gallery(method, cfg, tok, gallery: str, split: str, device: str = "cpu
         raise ValueError(f"split {split!r} of {gallery} has no images")
     caption_pids: dict[str, int] = {}
     for caption, pid in zip(local["caption"], local["txt_pid"].tolist()):
-        caption_pids.setdefault(normalise_caption(caption), int(pid))
+        key = normalise_caption(caption)
+        # a generic caption ("a man in black.") may describe several persons: then no hit is known to be right
+        caption_pids[key] = int(pid) if caption_pids.get(key, pid) == pid else SHARED_CAPTION
     pids = local["img_pid"].tolist()
     return GalleryIndex(vectors, [int(pids[i]) for i in order], [local["img_key"][i] for i in order],
                         [local["img_shard"][i] for i in order], [local["img_path"][i] for i in order], caption_pids,

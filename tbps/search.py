@@ -9,7 +9,8 @@
 The gallery (a split of a shards dataset, default test) is embedded once and cached beside the checkpoint
 (``<checkpoint>/search-index/``, keyed by the checkpoint and the gallery's manifest), so later queries only embed the
 text and rank. Galleries of ``--faiss-min`` images or more are ranked by a FAISS inner-product index. When a query is
-one of the gallery split's own captions, its person id is known and the results say which images are correct.
+one of the gallery split's own captions, its person id is known and the results say which images are correct (not
+when several persons of the split share that caption: correctness is then unknown).
 ``--images`` searches a plain folder or bucket prefix of image files (person crops; .jpg/.png/...; recursively) with
 no dataset conversion, cached the same way (keyed by the files' names, sizes and modification stamps). ``--serve``
 serves a page on 127.0.0.1 where a person types queries (``/?q=TEXT&k=K``).
@@ -32,7 +33,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from tbps.retrieval import encode_queries, fetch_images, gallery_index, normalise_caption
+from tbps.retrieval import SHARED_CAPTION, encode_queries, fetch_images, gallery_index, normalise_caption
 
 TILE_W, TILE_H, LABEL_H = 96, 192, 30
 
@@ -74,6 +75,8 @@ def render_page(query: str, hits: list[dict], images: dict[int, bytes], meta: di
             f'</figcaption></figure>')
     if meta.get("source") == "images":
         note = "Images of a plain folder: no person ids, correctness unknown."
+    elif meta.get("query_shared"):
+        note = "The query is a caption of several persons of the split: correctness unknown."
     elif meta.get("query_pid") is not None:
         note = f"The query is a caption of person {meta['query_pid']}: green = correct, red = wrong."
     else:
@@ -159,12 +162,15 @@ class SearchService:
                                               top_k)
             answer_ms = (time.perf_counter() - t0) * 1000
         qpid = self.index.caption_pids.get(normalise_caption(query))
+        shared = qpid == SHARED_CAPTION  # a caption of several persons: correctness unknown
+        qpid = None if shared else qpid
         hits = [{"rank": r + 1, "score": float(s), "position": int(p), "key": self.index.keys[p],
                  "pid": self.index.pids[p], "path": self.index.paths[p],
                  "correct": None if qpid is None else self.index.pids[p] == qpid}
                 for r, (s, p) in enumerate(zip(scores[0].tolist(), order[0].tolist()))]
         images = fetch_images(self.index, [h["position"] for h in hits])
-        return hits, images, {**self.meta(), "query_pid": qpid, "answer_ms": answer_ms}
+        return hits, images, {**self.meta(), "query_pid": qpid, "answer_ms": answer_ms,
+                              **({"query_shared": True} if shared else {})}
 
 
 def search(checkpoint: str, gallery: str | None, queries: list[str], top_k: int = 10, out: str = "search-results",

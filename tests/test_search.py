@@ -109,6 +109,44 @@ def test_search_writes_html_and_grid_and_reuses_the_gallery_cache(tiny_checkpoin
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
 
 
+def test_a_caption_several_persons_share_marks_no_hit_right_or_wrong(tiny_checkpoint, synth_tiny, tmp_path):
+    """A query that is one of the split's captions is marked against that caption's person. A generic caption two
+    persons share ("a man in black.") was marked against the first person found, so the other's images showed as
+    wrong; it now leaves correctness unknown and says why."""
+    import webdataset as wds
+
+    from shards.storage import join
+    from shards.writer import DatasetWriter
+    from tbps.data import load_manifest
+    from tbps.data.stream import split_shards
+    from tbps.search import search
+
+    samples = []
+    for shard in split_shards(load_manifest(synth_tiny), "test"):
+        samples += [{k: v for k, v in x.items() if k in ("__key__", "jpg", "json")} for x in
+                    wds.DataPipeline(wds.SimpleShardList([join(synth_tiny, shard["name"])]), wds.tarfile_to_samples())]
+    shared = "A person in a plain grey coat."
+    metas = [json.loads(x["json"]) for x in samples]
+    a = 0
+    b = next(i for i, m in enumerate(metas) if m["pid"] != metas[a]["pid"])
+    for i in (a, b):
+        metas[i]["captions"] = [shared] + metas[i]["captions"][1:]
+        samples[i] = dict(samples[i], json=json.dumps(metas[i]).encode())
+    out = str(tmp_path / "shared")
+    with DatasetWriter(out, "shared", progress=False, min_shards=1) as w:
+        w.write_split("test", iter(samples), len(samples), stats={"images": len(samples)})
+        w.publish()
+    result = search(tiny_checkpoint, out, [shared.lower()], top_k=len(samples), out=str(tmp_path / "r"),
+                    log=lambda *_: None)[0]
+    assert result["query_pid"] is None and result["query_shared"] is True
+    assert all(h["correct"] is None for h in result["hits"])
+    assert "a caption of several persons of the split" in (tmp_path / "r" / "index.html").read_text()
+    own = metas[b]["captions"][1]  # a caption of one person only: still marked
+    result = search(tiny_checkpoint, out, [own], top_k=5, out=str(tmp_path / "s"), log=lambda *_: None)[0]
+    assert result["query_pid"] == metas[b]["pid"] and "query_shared" not in result
+    assert all(h["correct"] == (h["pid"] == metas[b]["pid"]) for h in result["hits"])
+
+
 def test_search_cli_with_a_file_of_queries(tiny_checkpoint, synth_tiny, tmp_path):
     queries = tmp_path / "q.txt"
     queries.write_text("# comment\na man with a blue shirt\n\na woman carrying a bag\n")
