@@ -164,7 +164,7 @@ def test_search_cli_with_a_file_of_queries(tiny_checkpoint, synth_tiny, tmp_path
     assert bad.returncode == 2 and "is not a tbps checkpoint" in bad.stderr
 
 
-def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synth_tiny, tmp_path):
+def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synth_tiny, tmp_path, capsys):
     from PIL import Image
 
     out = subprocess.run([sys.executable, "-m", "tbps.evaluate", "--checkpoint", tiny_checkpoint, "--name", "clip-a",
@@ -183,6 +183,13 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
     with Image.open(tmp_path / "rep" / "cmc.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
     assert "clip-a (val)" in out.stdout
+    # rows are keyed by name: two models of one name kept only the second's row
+    from tbps.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--checkpoint", tiny_checkpoint, "--name", "a", "--checkpoint", tiny_checkpoint, "--name", "a"])
+    assert e.value.code == 2
+    assert "give each its own --name" in capsys.readouterr().err
 
 
 def test_search_on_object_storage_writes_no_credential(tiny_checkpoint, synth_tiny, s3_server, tmp_path):
