@@ -500,6 +500,48 @@ def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_t
     assert compositions[: len(compositions) // 2] != compositions[len(compositions) // 2:]
 
 
+def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_tiny, capsys):
+    """Shards go whole to ranks, every rank stops at the smallest rank's share, and each loader worker yields only
+    full batches: with few shards per rank an epoch trains on a part of the split (RSTPReid's 19 default shards on
+    4 GPUs x 7 loader workers: 86 %), which nothing said. Pre-flight gives the count -- the real loaders' batches --,
+    what the rest is, and the fix."""
+    from tbps.config import load_config
+    from tbps.engine.launcher import preflight
+
+    tok = os.path.join(synth_tiny, "tokenizer")
+    base = [f"data.url={uneven}", f"data.tokenizer={tok}", "data.sampling=images", "data.loader_workers=1",
+            "train.ray_num_cpus=16", "data.image_size=[48,16]", "data.text_length=24", "data.val_split=train",
+            "data.test_split=train"]  # (the uneven set is one split)
+
+    def used(ranks: int, batch: int) -> int:  # what the ranks' real loaders yield in epoch 0
+        cfg = load_config("clip_tiny", base + [f"data.batch_size={batch}"]).data
+        (n,) = {len(_rank_epoch_of(cfg, load_tokenizer(tok), r, ranks)) for r in range(ranks)}
+        return n * batch * ranks
+
+    # 5 ranks: the greedy shares of shards of 33, 30, 23, 17, ... images are 33, 30, 23, 17 and 17
+    preflight(load_config("clip_tiny", base + ["train.num_workers=5", "data.batch_size=8"]))
+    err = capsys.readouterr().err
+    assert used(5, 8) == 80
+    assert ("[tbps] warning: an epoch trains on 80 of the 120 images of the train split (66.7 %; another part is left "
+            "out each epoch): 35 as the ranks' shares of its 8 shards differ (each rank stops at the smallest; a "
+            "multiple of 5 equal shards evens them: shards.build --min-shards 10); 5 as the loader workers' "
+            "remainders below a full batch of 8") in err
+    # 3 ranks: equal shares of 40, but 16-image batches leave 8 on each
+    preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=16"]))
+    err = capsys.readouterr().err
+    assert used(3, 16) == 96
+    assert ("an epoch trains on 96 of the 120 images of the train split (80.0 %; another part is left out each epoch): "
+            "24 as the loader workers' remainders below a full batch of 16") in err and "shares" not in err
+    preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=8"]))  # all 120
+    assert used(3, 8) == 120 and "an epoch trains on" not in capsys.readouterr().err
+
+
+def _rank_epoch_of(cfg, tok, rank: int, world_size: int) -> list[dict]:
+    loader = build_train_loader(cfg, tok, rank=rank, world_size=world_size)
+    loader.set_epoch(0)
+    return list(loader)
+
+
 def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):
     from tbps.config import Config, ConfigError
     from tbps.engine.launcher import preflight

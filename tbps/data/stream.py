@@ -135,6 +135,20 @@ def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, ep
                                         weight == "captions") for worker in rank) for rank in assignment)
 
 
+def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int = 0) -> dict[str, int]:
+    """How much of the train split an epoch trains on, in pairs (``data.sampling=pairs``) or images (``images``):
+    ``used``, ``total``, and what the rest is: ``shares`` -- whole shards go to ranks and every rank stops at the
+    smallest rank's share, so a shard count that does not divide evenly leaves part out (another part each epoch) --
+    and ``remainders``, the parts of each loader worker's share below a full batch (and the identity sampler's)."""
+    weight = sampling_weight(cfg.sampling)
+    batches = train_batches(shards, cfg, world_size, num_workers, epoch)
+    assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
+    smallest = min(sum(s[weight] for worker in rank for s in worker) for rank in assignment)
+    used, total = batches * cfg.batch_size * world_size, sum(s[weight] for s in shards)
+    return {"used": used, "total": total, "shares": total - smallest * world_size,
+            "remainders": smallest * world_size - used}
+
+
 def sampling_weight(sampling: str, train: bool = True) -> str:
     """The manifest count that an epoch of ``data.sampling`` iterates: ``captions`` (pairs) or ``samples``."""
     if sampling not in ("pairs", "images"):

@@ -30,7 +30,7 @@ def preflight(cfg: Config) -> dict:
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
-    from tbps.data.stream import Mixture, check_pair_counts, sampling_weight, split_shards, train_batches
+    from tbps.data.stream import Mixture, check_pair_counts, epoch_coverage, sampling_weight, split_shards
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.checkpoint import run_directory_hint
     from tbps.engine.loop import tokenizer_path
@@ -108,9 +108,26 @@ def preflight(cfg: Config) -> dict:
         print(f"[tbps] warning: the train split of {cfg.data.url} is written by identity (shards.build --group-ids) "
               "and data.sampler=random: batches will hold more same-identity pairs than a global shuffle; use "
               "data.sampler=identity, or a conversion without --group-ids", file=sys.stderr)
-    if train_batches(shards, cfg.data, cfg.train.worker_range()[1], workers, 0) == 0:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {cfg.train.worker_range()[1]} workers x {workers} "
-                          f"loader workers leaves no full batch in the {len(shards)} train shards of {cfg.data.url}")
+    ranks = cfg.train.worker_range()[1]
+    cover = epoch_coverage(shards, cfg.data, ranks, workers)
+    used, total = cover["used"], cover["total"]
+    units = {"captions": "pairs", "samples": "images"}[weight]
+    if used == 0:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} x {ranks} workers x {workers} loader workers leaves no "
+                          f"full batch in the {len(shards)} train shards of {cfg.data.url} ({total} {units}): lower "
+                          "data.batch_size or data.loader_workers, or write more shards")
+    if used < 0.95 * total:  # (another part each epoch: the shards' assignment is reshuffled)
+        why = []
+        if cover["shares"]:
+            slots = ranks * workers
+            why.append(f"{cover['shares']} as the ranks' shares of its {len(shards)} shards differ (each rank stops at "
+                       f"the smallest; a multiple of {slots} equal shards evens them: shards.build --min-shards "
+                       f"{-(-len(shards) // slots) * slots})")
+        if cover["remainders"]:
+            why.append(f"{cover['remainders']} as the loader workers' remainders below a full batch of "
+                       f"{cfg.data.batch_size} (fewer data.loader_workers or a smaller data.batch_size leave less)")
+        print(f"[tbps] warning: an epoch trains on {used} of the {total} {units} of the train split "
+              f"({100 * used / total:.1f} %; another part is left out each epoch): {'; '.join(why)}", file=sys.stderr)
     for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.pretrained", cfg.model.pretrained),
                      ("model.image_pretrained", cfg.model.image_pretrained),
                      ("model.text_pretrained", cfg.model.text_pretrained)):
