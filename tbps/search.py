@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from tbps.retrieval import SHARED_CAPTION, encode_queries, fetch_images, gallery_index, normalise_caption
 
 TILE_W, TILE_H, LABEL_H = 96, 192, 30
+PAGE_MAX_K = 200  # --serve: the most results one page holds (each image inline; the form's limit too)
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -84,7 +85,7 @@ def render_page(query: str, hits: list[dict], images: dict[int, bytes], meta: di
     where = html.escape(meta["gallery"]) + ("" if meta.get("source") == "images" else f" ({html.escape(meta['split'])})")
     box = (f'<form method="get" action="/"><input type="text" name="q" id="q" size="60" autofocus '
            f'value="{html.escape(query)}" placeholder="describe a person, e.g. a man in a red jacket"> '
-           f'<input type="number" name="k" value="{len(hits) or meta.get("top_k", 10)}" min="1" max="200"> '
+           f'<input type="number" name="k" value="{len(hits) or meta.get("top_k", 10)}" min="1" max="{PAGE_MAX_K}"> '
            f'<button type="submit" id="go">search</button></form>') if form else ""
     head = f"<h2 id=\"query\">“{html.escape(query)}”</h2>" if query else "<h2>tbps search</h2>"
     summary = (f"<p>Top {len(hits)} of {meta['gallery_size']} images in {where}, checkpoint "
@@ -210,6 +211,8 @@ def make_server(service: SearchService, port: int = 8000, top_k: int = 10):
             query = params.get("q", [""])[0].strip()
             try:
                 k = int(params.get("k", [top_k])[0])
+                if k > PAGE_MAX_K:  # a typed URL: the whole gallery inline in one page would stall the server
+                    raise ValueError(f"k must be at most {PAGE_MAX_K} on this page, got {k}")
                 hits, found, meta = service.answer(query, k) if query else ([], {}, {**service.meta(),
                                                                                       "top_k": top_k})
                 body, status = render_page(query, hits, found, meta, form=True), 200

@@ -408,6 +408,29 @@ def test_search_over_a_plain_folder_of_photos(tiny_checkpoint, synth_tiny, photo
         SearchService(tiny_checkpoint, images=str(tmp_path / "nowhere"), log=lambda m: None)
 
 
+def test_the_served_page_refuses_a_bad_or_oversized_k(tiny_checkpoint, photo_folder):
+    """The form limits k to 1..200; a typed URL is answered 400 with the reason, not with the whole gallery inline."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from tbps.search import PAGE_MAX_K, SearchService, make_server
+
+    root, samples = photo_folder
+    server = make_server(SearchService(tiny_checkpoint, images=str(root), log=lambda m: None), port=0, top_k=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/?q=a+man"
+    try:
+        assert urllib.request.urlopen(f"{base}&k=3", timeout=60).read().decode().count("<figure") == 3
+        for k, reason in ((PAGE_MAX_K + 1, f"k must be at most {PAGE_MAX_K}"), (0, "--top-k must be at least 1"),
+                          ("x", "invalid literal")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{base}&k={k}", timeout=60)
+            assert e.value.code == 400 and reason in e.value.read().decode()
+    finally:
+        server.shutdown()
+
+
 def test_the_served_search_page_answers_a_typed_query_in_headless_chromium(tiny_checkpoint, photo_folder):
     """`tbps.search --serve`: a real browser (Debian's chromium, driven by Selenium through chromedriver) loads the
     page, types a query, submits it and gets the top K."""
