@@ -190,6 +190,10 @@ def test_evaluate_writes_cmc_plot_and_compares_checkpoints(tiny_checkpoint, synt
         evaluate_main(["--checkpoint", tiny_checkpoint, "--name", "a", "--checkpoint", tiny_checkpoint, "--name", "a"])
     assert e.value.code == 2
     assert "give each its own --name" in capsys.readouterr().err
+    # a split the dataset lacks: its name and the ones it has (it was "missing key \"split 'tset' ...\"")
+    assert evaluate_main(["--checkpoint", tiny_checkpoint, "--split", "tset"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: split 'tset' not in dataset {synth_tiny} (has train, val, test)")
 
 
 def test_search_on_object_storage_writes_no_credential(tiny_checkpoint, synth_tiny, s3_server, tmp_path):

@@ -72,9 +72,15 @@ def load_manifest(url: str) -> dict:
     return manifest
 
 
+class UnknownSplitError(ValueError):
+    """A split the dataset does not have (a user error: one message naming the splits it has)."""
+
+    is_user_error = True
+
+
 def split_shards(manifest: dict, split: str, url: str = "") -> list[dict]:
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in dataset {url or manifest.get('dataset')} "
+        raise UnknownSplitError(f"split {split!r} not in dataset {url or manifest.get('dataset')} "
                        f"(has {', '.join(manifest['splits'])})")
     return manifest["splits"][split]["shards"]
 
