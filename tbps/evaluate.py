@@ -183,8 +183,7 @@ def main(argv=None) -> int:
         names.append(label)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # rows are keyed by name: a second model of one name replaced the first's row
-        ap.error(f"two models are named {repeated[0]!r} (a repeated --name): give each "
-                 "its own --name")
+        ap.error(f"two models are named {repeated[0]!r} (a repeated --name): give each its own --name")
     rows = {}
 
     def embeddings_path(i: int) -> str | None:

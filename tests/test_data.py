@@ -45,9 +45,9 @@ def uneven(tmp_path_factory, synth_tiny):
     return out
 
 
-def _rank_epoch(cfg, tok, rank: int, epoch: int) -> list[dict]:
-    """Every batch rank ``rank`` of 2 yields in ``epoch``."""
-    loader = build_train_loader(cfg, tok, rank=rank, world_size=2)
+def _rank_epoch(cfg, tok, rank: int, epoch: int, world_size: int = 2) -> list[dict]:
+    """Every batch rank ``rank`` of ``world_size`` yields in ``epoch``."""
+    loader = build_train_loader(cfg, tok, rank=rank, world_size=world_size)
     loader.set_epoch(epoch)
     return list(loader)
 
@@ -515,7 +515,7 @@ def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_
 
     def used(ranks: int, batch: int) -> int:  # what the ranks' real loaders yield in epoch 0
         cfg = load_config("clip_tiny", base + [f"data.batch_size={batch}"]).data
-        (n,) = {len(_rank_epoch_of(cfg, load_tokenizer(tok), r, ranks)) for r in range(ranks)}
+        (n,) = {len(_rank_epoch(cfg, load_tokenizer(tok), r, 0, ranks)) for r in range(ranks)}
         return n * batch * ranks
 
     # 5 ranks: the greedy shares of shards of 33, 30, 23, 17, ... images are 33, 30, 23, 17 and 17
@@ -534,12 +534,6 @@ def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_
             "24 as the loader workers' remainders below a full batch of 16") in err and "shares" not in err
     preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=8"]))  # all 120
     assert used(3, 8) == 120 and "an epoch trains on" not in capsys.readouterr().err
-
-
-def _rank_epoch_of(cfg, tok, rank: int, world_size: int) -> list[dict]:
-    loader = build_train_loader(cfg, tok, rank=rank, world_size=world_size)
-    loader.set_epoch(0)
-    return list(loader)
 
 
 def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):

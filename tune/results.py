@@ -209,7 +209,7 @@ def best_config_yaml(spec: SweepSpec, best: Trial, seeds: dict | None = None) ->
             chosen = (f"# Chosen by the mean over {len(x['values'])} seeds: val {spec.metric} {x['mean']:.2f} ± "
                       f"{x['std']:.2f}, 95 % interval [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}].\n")
         failed = seeds[best.method]["errors"]
-        if failed:  # every method had a failed seed
+        if failed:  # chosen so only when no method with a mean had all its seeds train through
             chosen += (f"# Warning: {len(failed)} seed(s) of it failed and are not in that mean ("
                        + "; ".join(f"seed {s}: {e}" for s, e in failed.items()) + ").\n")
     head = (f"# Best trial of sweep {spec.name!r} ({best.trial_id}): {best.method}, val {spec.metric} "

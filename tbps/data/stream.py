@@ -81,7 +81,7 @@ class UnknownSplitError(ValueError):
 def split_shards(manifest: dict, split: str, url: str = "") -> list[dict]:
     if split not in manifest["splits"]:
         raise UnknownSplitError(f"split {split!r} not in dataset {url or manifest.get('dataset')} "
-                       f"(has {', '.join(manifest['splits'])})")
+                                f"(has {', '.join(manifest['splits'])})")
     return manifest["splits"][split]["shards"]
 
 
