@@ -40,7 +40,7 @@ from shards.storage import join  # noqa: E402
 from shards.synth import generate  # noqa: E402
 from tbps.config import DataConfig  # noqa: E402
 from tbps.data import load_manifest  # noqa: E402
-from tbps.data.stream import ShardCheck, _decode_image, shard_samples, split_shards  # noqa: E402
+from tbps.data.stream import ShardCheck, _decode_image, decode_target, shard_samples, split_shards  # noqa: E402
 from tbps.data.transforms import BatchAugment, build_transform, resize_uint8  # noqa: E402
 
 torch.set_num_threads(1)  # per core
@@ -74,7 +74,7 @@ def time_folder(root: str, transform, n: int) -> float:
 
 def time_shards(url: str, cfg, n: int, batch_size: int = 64, verify: bool = True) -> float:
     """The training pipeline's path: shard reader (next shard prefetched, each checked against the manifest's
-    sha256 unless ``verify`` is off, JPEGs decoded at reduced scale), one resize to uint8 per image, then
+    sha256 unless ``verify`` is off, JPEGs decoded as ``data.decode`` says), one resize to uint8 per image, then
     BatchAugment (flip, pad + crop, normalise, erasing) per batch."""
     entries = split_shards(load_manifest(url), "train")
     urls = [join(url, s["name"]) for s in entries]
@@ -86,7 +86,7 @@ def time_shards(url: str, cfg, n: int, batch_size: int = 64, verify: bool = True
     start = time.perf_counter()
     while count < n:
         for sample in shard_samples(urls, check):
-            pending.append(resize_uint8(_decode_image(sample, size), size))
+            pending.append(resize_uint8(_decode_image(sample, decode_target(cfg)), size))
             json.loads(sample["json"])["captions"][0]
             count += 1
             if len(pending) == batch_size or count >= n:
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="demo")
     ap.add_argument("--image-size", type=int, nargs=2, default=[96, 32], metavar=("H", "W"))
     ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--decode", choices=("exact", "reduced"), default="exact",
+                    help="data.decode of the shard path and the loaders (the folder baseline always decodes fully)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loader-workers", type=int, nargs="*", default=[],
                     help="also time the training loader with these numbers of loader processes (total samples/s)")
@@ -179,14 +181,14 @@ def main(argv=None) -> int:
     # enough shards for two per loader process (shards are dealt to loader workers whole)
     generate(out=shards, raw=raw, size=args.size, seed=0, progress=False, images_per_id=args.images_per_id,
              min_shards=max([8] + [2 * n for n in args.loader_workers]), workers=os.cpu_count() or 1)
-    cfg = DataConfig(image_size=list(args.image_size))
+    cfg = DataConfig(image_size=list(args.image_size), decode=args.decode)
     transform = build_transform(cfg, train=True)
     from tbps.data import build_tokenizer, load_tokenizer, split_captions
 
     build_tokenizer(split_captions(shards, "train"), os.path.join(shards, "tokenizer"))
     tokenizer = load_tokenizer(os.path.join(shards, "tokenizer"))
     loader_cfg = DataConfig(url=shards, image_size=list(args.image_size), loader_workers=0, batch_size=64,
-                            sampling="images", text_length=48)
+                            sampling="images", text_length=48, decode=args.decode)
     target = tuple(args.image_size)
     # --quick's 120 images give two loader processes a few batches each only at a smaller batch
     workers_cfg = replace(loader_cfg, batch_size=16) if args.quick else loader_cfg
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     assert open(path, "rb").read() == first["jpg"], "shards and folder hold different images"
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread; "
-          f"ToyPEDES {args.size}, decode+augment to {target[0]}x{target[1]}, {args.samples} samples, "
+          f"ToyPEDES {args.size}, decode ({args.decode})+augment to {target[0]}x{target[1]}, {args.samples} samples, "
           f"best of {args.repeats}")
     print(f"{'reader':<16}{'samples/s/core':>16}{'vs folder':>11}")
     for k in ("folder", "shards_local", "shards_s3", "unverified_local", "trainloader"):

@@ -25,9 +25,10 @@ import torch
 
 from shards.storage import filesystem, join, write_bytes_atomic
 
-INDEX_FORMAT = 3  # part of every cache key: 2 = images decoded upright by their EXIF orientation (indexes built
+INDEX_FORMAT = 4  # part of every cache key: 2 = images decoded upright by their EXIF orientation (indexes built
 # before embedded photos with an orientation tag sideways, and are rebuilt); 3 = a caption of several persons maps to
-# SHARED_CAPTION (format 2 kept its first person's id, and marked hits of the others wrong)
+# SHARED_CAPTION (format 2 kept its first person's id, and marked hits of the others wrong); 4 = a dataset's images
+# decoded as the checkpoint's data.decode says (before: large JPEGs always at reduced scale)
 SHARED_CAPTION = -1  # caption_pids' value for a caption that several persons of the split have
 
 
@@ -224,7 +225,8 @@ def list_images(url: str) -> list[tuple[str, str]]:
 
 class ImageFolderStream(torch.utils.data.IterableDataset):
     """``EvalBatch``es of a folder's images (no captions, pids -1), decoded, resized and normalised as evaluation
-    does; loader workers take every n-th batch."""
+    does; loader workers take every n-th batch. A large JPEG is decoded at reduced scale whatever ``data.decode``
+    says: these are a user's photos (often 12 MP, where it is about 5x cheaper), with no official pipeline to match."""
 
     def __init__(self, url: str, paths: list[str], data_cfg, batch_size: int):
         from tbps.data.transforms import BatchAugment

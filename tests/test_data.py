@@ -667,3 +667,52 @@ def test_images_decode_upright_by_their_exif_orientation():
         im.draft("RGB", (128, 384))
         before = np.asarray(im.convert("RGB"))
     assert np.array_equal(np.asarray(decode_image(plain, (384, 128))), before)
+
+
+@pytest.mark.parametrize("decode", ["exact", "reduced"])
+def test_loaders_feed_the_official_pipeline_s_pixels(synth_tiny, decode):
+    """Train and evaluation images equal the official pipelines' (IRRA's ``read_image``: ``Image.open(path)
+    .convert("RGB")``, then ``T.Resize``, ``ToTensor``, ``Normalize``) with ``data.decode: exact``, the default, also
+    for JPEGs at least twice the input size, which ``reduced`` decodes at reduced scale (ToyPEDES' 64x192 crops for a
+    96x32 input: other pixels, up to several levels off)."""
+    from PIL import Image
+
+    from tbps.data.transforms import build_transform
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, image_size=[96, 32], interpolation="bilinear", flip=0.0, pad=0,
+                     random_erasing=0.0, loader_workers=0, batch_size=8, sampling="images", decode=decode)
+    official = build_transform(cfg, train=False)
+    raw = {s["key"]: s["image"] for split in ("train", "val") for s in read_split(synth_tiny, split)}
+    assert all(Image.open(io.BytesIO(b)).size == (64, 192) for b in raw.values())  # twice 32 x 96: reducible
+
+    def reference(keys):
+        return torch.stack([official(Image.open(io.BytesIO(raw[k])).convert("RGB")) for k in keys])
+
+    train = next(iter(build_train_loader(cfg, tok)))
+    evaluation = next(iter(build_eval_loader(cfg, tok, "val", batch_size=8)))
+    for images, keys in ((train["images"], train["keys"]), (evaluation["images"], evaluation["image_key"])):
+        gap = (images - reference(keys)).abs().max().item()
+        if decode == "exact":
+            assert gap < 1e-5, gap
+        else:
+            assert gap > 3 / 255 / 0.27, gap  # over 3 pixel levels somewhere (std ~0.27 in normalised units)
+
+
+def test_a_config_saved_before_data_decode_keeps_the_decoding_it_trained_with(tmp_path):
+    """Runs saved before ``data.decode`` existed decoded large JPEGs at reduced scale: resuming or evaluating one
+    keeps that (the resume check sees no change), a new config decodes exactly."""
+    import yaml
+
+    from tbps.checkpoint import read_saved_config
+    from tbps.config import load_config, to_dict
+
+    cfg = load_config("irra_tiny")
+    assert cfg.data.decode == "exact"
+    tree = to_dict(cfg)
+    del tree["data"]["decode"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert read_saved_config(str(tmp_path)).data.decode == "reduced"
+    tree["data"]["decode"] = "exact"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert read_saved_config(str(tmp_path)).data.decode == "exact"

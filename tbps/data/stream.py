@@ -324,9 +324,10 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
     """Decode to RGB, upright: an EXIF orientation tag (phone and camera photos: ``tbps.search --images``, generic
     corpora) is applied, as a photo viewer and the browser's search page show the image; the person datasets' crops
-    carry none, so their pixels are unchanged. A JPEG at least twice the target size is decoded directly at a reduced
-    scale (libjpeg's DCT scaling via ``draft``), which is several times cheaper than a full decode followed by a
-    downscale."""
+    carry none, so their pixels are unchanged. With ``target_hw`` (``data.decode: reduced``, and a folder of
+    photos in ``tbps.search --images``), a JPEG at least twice the target size is decoded directly at a reduced scale
+    (libjpeg's DCT scaling via ``draft``): about 2x cheaper than a full decode followed by a downscale for a crop
+    twice the target, more for larger photos, but not the pixels of a full decode (``decode_target``)."""
     with Image.open(io.BytesIO(data)) as im:
         orientation = im.getexif().get(EXIF_ORIENTATION, 1) if "exif" in im.info else 1
         if orientation not in UPRIGHT:
@@ -337,6 +338,13 @@ def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image
                 im.draft("RGB", (w, h))
         rgb = im.convert("RGB")
     return rgb if orientation == 1 else rgb.transpose(UPRIGHT[orientation])
+
+
+def decode_target(cfg) -> tuple[int, int] | None:
+    """What ``decode_image`` may decode a JPEG down towards under ``cfg`` (a DataConfig): the input size with
+    ``data.decode: reduced``; None with ``exact``, a full decode as the official pipelines' ``Image.open(...)
+    .convert("RGB")`` before the resize, so train and evaluation images have their pixels."""
+    return tuple(cfg.image_size) if cfg.decode == "reduced" else None
 
 
 def _decode_image(sample: dict, target_hw: tuple[int, int] | None = None) -> Image.Image:
@@ -441,7 +449,8 @@ class ShardStream(IterableDataset):
         size = tuple(self.cfg.image_size)
         index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
         caption = meta["captions"][index]
-        image = resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation) if decode else None
+        image = resize_uint8(_decode_image(sample, decode_target(self.cfg)), size, self.cfg.interpolation) \
+            if decode else None
         pid, train_id = meta["pid"], meta.get("train_id", -1)
         if self.mixture:  # identities of different members kept apart
             pid, train_id = self.mixture.relabel(sample.get("__url__"), pid, train_id)
@@ -715,7 +724,7 @@ class EvalStream(IterableDataset):
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
-            images.append(resize_uint8(_decode_image(sample, size), size, self.cfg.interpolation))
+            images.append(resize_uint8(_decode_image(sample, decode_target(self.cfg)), size, self.cfg.interpolation))
             pids.append(meta["pid"])
             index.append(i)
             paths.append(meta.get("path", sample["__key__"]))
