@@ -225,8 +225,8 @@ def list_images(url: str) -> list[tuple[str, str]]:
 
 class ImageFolderStream(torch.utils.data.IterableDataset):
     """``EvalBatch``es of a folder's images (no captions, pids -1), decoded, resized and normalised as evaluation
-    does; loader workers take every n-th batch. A large JPEG is decoded at reduced scale whatever ``data.decode``
-    says: these are a user's photos (often 12 MP, where it is about 5x cheaper), with no official pipeline to match."""
+    does (``data.decode`` included: a photo embeds as the same image in a dataset's gallery); loader workers take
+    every n-th batch."""
 
     def __init__(self, url: str, paths: list[str], data_cfg, batch_size: int):
         from tbps.data.transforms import BatchAugment
@@ -238,7 +238,7 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
         import numpy as np
 
         from shards.storage import read_bytes
-        from tbps.data.stream import decode_image
+        from tbps.data.stream import decode_image, decode_target
         from tbps.data.transforms import resize_uint8
 
         info = torch.utils.data.get_worker_info()
@@ -251,7 +251,7 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
             for rel in rels:
                 where = join(self.url, rel)
                 try:
-                    image = decode_image(read_bytes(where), size)
+                    image = decode_image(read_bytes(where), decode_target(self.cfg))
                 except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
                     raise ValueError(f"{where}: not a readable image ({e}); remove it or convert it") from None
                 images.append(resize_uint8(image, size, self.cfg.interpolation))

@@ -392,16 +392,15 @@ def test_search_over_a_plain_folder_of_photos(tiny_checkpoint, synth_tiny, photo
     assert first["index_cached"] is False and first["gallery_size"] == len(samples) == 36
     assert first["source"] == "images" and all(h["correct"] is None and h["pid"] == -1 for h in first["hits"])
     assert (tmp_path / "a" / "index.html").read_text().count("<figure") == 6
-    # each JPEG file embeds as the same image in the dataset's gallery (same bytes, same decode path; the PNG, a
-    # lossless copy of the decoded pixels, misses only JPEG's reduced-scale decoding)
+    # each file embeds as the same image in the dataset's gallery (the JPEGs: same bytes, same decode path, as
+    # data.decode says; the PNG, a lossless copy of the fully decoded pixels, as data.decode: exact decodes the JPEG)
     again = SearchService(tiny_checkpoint, images=str(root), log=lambda m: None)
     assert again.cached is True
     dataset = SearchService(tiny_checkpoint, gallery=synth_tiny, log=lambda m: None)
     position = {k: i for i, k in enumerate(dataset.index.keys)}
     for i, key in enumerate(again.index.keys):
         want = dataset.index.vectors[position[key.rsplit("/", 1)[1].split(".")[0]]]
-        tol = 1e-5 if key.endswith(".jpg") else 0.05
-        torch.testing.assert_close(again.index.vectors[i], want, rtol=0, atol=tol, msg=key)
+        torch.testing.assert_close(again.index.vectors[i], want, rtol=0, atol=1e-5, msg=key)
     hits = again.answer(query, 6)[0]
     assert [h["key"] for h in hits] == [h["key"] for h in first["hits"]]
     # a new file changes the listing: a new index; a file that does not decode stops with its name

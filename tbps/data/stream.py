@@ -324,8 +324,7 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
     """Decode to RGB, upright: an EXIF orientation tag (phone and camera photos: ``tbps.search --images``, generic
     corpora) is applied, as a photo viewer and the browser's search page show the image; the person datasets' crops
-    carry none, so their pixels are unchanged. With ``target_hw`` (``data.decode: reduced``, and a folder of
-    photos in ``tbps.search --images``), a JPEG at least twice the target size is decoded directly at a reduced scale
+    carry none, so their pixels are unchanged. With ``target_hw`` (``data.decode: reduced``), a JPEG at least twice the target size is decoded directly at a reduced scale
     (libjpeg's DCT scaling via ``draft``): about 2x cheaper than a full decode followed by a downscale for a crop
     twice the target, more for larger photos, but not the pixels of a full decode (``decode_target``)."""
     with Image.open(io.BytesIO(data)) as im:
