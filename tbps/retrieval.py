@@ -239,7 +239,7 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
 
         from shards.storage import read_bytes
         from tbps.data.stream import decode_image, decode_target
-        from tbps.data.transforms import resize_uint8
+        from tbps.data.transforms import resize_mode, resize_uint8
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -254,7 +254,7 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
                     image = decode_image(read_bytes(where), decode_target(self.cfg))
                 except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
                     raise ValueError(f"{where}: not a readable image ({e}); remove it or convert it") from None
-                images.append(resize_uint8(image, size, self.cfg.interpolation))
+                images.append(resize_uint8(image, size, resize_mode(self.cfg, train=False)))
             n, empty = len(rels), torch.empty(0, dtype=torch.long)
             yield {"images": self.augment(torch.from_numpy(np.stack(images))),
                    "image_pids": torch.full((n,), -1, dtype=torch.long),

@@ -716,3 +716,36 @@ def test_a_config_saved_before_data_decode_keeps_the_decoding_it_trained_with(tm
     tree["data"]["decode"] = "exact"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
     assert read_saved_config(str(tmp_path)).data.decode == "exact"
+
+
+def test_ivt_resizes_training_images_bicubically_and_evaluation_images_bilinearly(synth_tiny):
+    """IVT's loaders (datasets/make_dataloader.py): ``T.Resize(SIZE_TRAIN, interpolation=3)`` in training,
+    ``T.Resize(SIZE_TEST)`` -- torchvision's default, bilinear -- for val and test. The ivt preset's
+    ``data.eval_interpolation`` gives the loaders those pixels; null (IRRA, the other presets) follows
+    ``data.interpolation``."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from tbps.config import load_config
+    from tbps.data.transforms import resize_mode
+
+    ivt = load_config("ivt").data
+    assert (ivt.interpolation, ivt.eval_interpolation) == ("bicubic", "bilinear")
+    irra = load_config("irra").data
+    assert resize_mode(irra, train=True) == resize_mode(irra, train=False) == "bilinear"
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, image_size=[96, 32], interpolation=ivt.interpolation,
+                     eval_interpolation=ivt.eval_interpolation, mean=ivt.mean, std=ivt.std, flip=0.0, pad=0,
+                     random_erasing=0.0, loader_workers=0, batch_size=8, sampling="images")
+    raw = {s["key"]: s["image"] for split in ("train", "test") for s in read_split(synth_tiny, split)}
+
+    def official(keys, **resize):
+        steps = T.Compose([T.Resize((96, 32), **resize), T.ToTensor(), T.Normalize(ivt.mean, ivt.std)])
+        return torch.stack([steps(Image.open(io.BytesIO(raw[k])).convert("RGB")) for k in keys])
+
+    train = next(iter(build_train_loader(cfg, tok)))
+    test = next(iter(build_eval_loader(cfg, tok, "test", batch_size=8)))
+    bicubic = {"interpolation": T.InterpolationMode.BICUBIC}
+    torch.testing.assert_close(train["images"], official(train["keys"], **bicubic), atol=1e-5, rtol=0)
+    torch.testing.assert_close(test["images"], official(test["image_key"]), atol=1e-5, rtol=0)
+    assert (test["images"] - official(test["image_key"], **bicubic)).abs().max() > 0.05  # the choice shows

@@ -49,7 +49,7 @@ from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
 from .text import mask_tokens, mla_texts, mlm_rows, tokenize
-from .transforms import BatchAugment, resize_uint8
+from .transforms import BatchAugment, resize_mode, resize_uint8
 
 register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
 
@@ -723,7 +723,8 @@ class EvalStream(IterableDataset):
         for i, sample in chunk:
             meta = json.loads(sample["json"])
             size = tuple(self.cfg.image_size)
-            images.append(resize_uint8(_decode_image(sample, decode_target(self.cfg)), size, self.cfg.interpolation))
+            images.append(resize_uint8(_decode_image(sample, decode_target(self.cfg)), size,
+                                       resize_mode(self.cfg, train=False)))
             pids.append(meta["pid"])
             index.append(i)
             paths.append(meta.get("path", sample["__key__"]))

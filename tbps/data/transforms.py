@@ -26,9 +26,16 @@ def _size(cfg) -> tuple[int, int]:
     return size
 
 
+def resize_mode(cfg, train: bool) -> str:
+    """The resize interpolation of training images (``data.interpolation``) or of evaluation images
+    (``data.eval_interpolation``, null = the training one). IVT's loaders resize training crops bicubically
+    (``T.Resize(SIZE_TRAIN, interpolation=3)``) and val/test images with ``T.Resize(SIZE_TEST)``: bilinear."""
+    return cfg.interpolation if train or cfg.eval_interpolation is None else cfg.eval_interpolation
+
+
 def build_transform(cfg, train: bool):
     size = _size(cfg)
-    steps = [T.Resize(size, interpolation=T.InterpolationMode(cfg.interpolation))]
+    steps = [T.Resize(size, interpolation=T.InterpolationMode(resize_mode(cfg, train)))]
     if train:
         if cfg.flip > 0:
             steps.append(T.RandomHorizontalFlip(cfg.flip))
