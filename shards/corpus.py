@@ -50,7 +50,7 @@ from typing import Iterator
 from . import __version__
 from .readers import BadRecord, check_image
 from .storage import MANIFEST, filesystem, join, read_bytes, with_retries, write_bytes_atomic
-from .writer import MANIFEST_FORMAT, _HashingWriter, plan_shards
+from .writer import MANIFEST_FORMAT, TAR_MTIME, _HashingWriter, plan_shards
 
 KINDS = ("jsonl", "csv", "wds")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -358,7 +358,7 @@ def write_part(work: str, name: str, out: str, kind: str, skip_bad: bool) -> dic
 
     with fs.open(path, "wb") as raw:
         hashing = _HashingWriter(raw)
-        with wds.TarWriter(hashing, mtime=0.0) as tar:
+        with wds.TarWriter(hashing, mtime=TAR_MTIME) as tar:
             for j, row in enumerate(rows):
                 try:
                     try:

@@ -28,6 +28,10 @@ from . import __version__
 from .storage import MANIFEST, filesystem, write_bytes_atomic
 
 MANIFEST_FORMAT = "tbps-shards/1"
+# every tar member's mtime: fixed, so the same input gives the same bytes, and an int: Python's tarfile writes a
+# float one (webdataset's TarWriter passes it through) as a PAX extended header before each member -- 1 KB more per
+# member, and half the time of reading the shard back (docs/benchmarks.md)
+TAR_MTIME = 0
 
 
 def _caption_count(meta) -> int:
@@ -119,13 +123,13 @@ class DatasetWriter:
     """
 
     def __init__(self, out_url: str, dataset: str, shard_size: int = 1000, min_shards: int = 8,
-                 mtime: float = 0.0, progress: bool = True):
+                 mtime: int = TAR_MTIME, progress: bool = True):
         self.out_url = out_url.rstrip("/") if "://" in out_url else out_url
         self.fs, self.root = filesystem(out_url)
         self.dataset = dataset
         self.shard_size = shard_size
         self.min_shards = min_shards
-        self.mtime = mtime  # fixed tar member mtime: the same input gives the same bytes
+        self.mtime = int(mtime)  # fixed tar member mtime: the same input gives the same bytes
         self.progress = progress
         self.splits: dict[str, dict] = {}
         self.written: list[str] = []

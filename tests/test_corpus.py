@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from conftest import read_split
+from conftest import assert_plain_tar_members, read_split
 from shards.corpus import convert_corpus
 from shards.readers import BadRecord
 from shards.verify import verify
@@ -61,6 +61,7 @@ def test_jsonl_corpus_with_ids_and_splits(toy, tmp_path, capsys):
                               work_dir=str(tmp_path / "work"), log=io.StringIO())
     assert not os.path.exists(tmp_path / "work")  # published: the work folder is gone
     assert verify(out)["bad"] == {}
+    assert assert_plain_tar_members(out) >= 2 * 52  # no PAX header per member (an int mtime)
     assert [len(s) for s in (manifest["splits"]["train"]["shards"], manifest["splits"]["test"]["shards"])] == [3, 2]
     got = _read(out)
     persons = {s["pid"] for s in train}

@@ -369,3 +369,11 @@ def stream_samples(stream):
     rng = _random.Random(0)
     for raw in pair_stream(urls, pair_passes(stream.shards), 0, 0, 0, 0):
         yield stream._sample(raw, rng)
+
+
+def test_shard_members_carry_no_pax_headers(synth_tiny):
+    """DatasetWriter's shards (shards.build, shards.synth) hold each member behind one plain header: an int mtime,
+    where a float one made Python's tarfile write a PAX extended header before every member."""
+    from conftest import assert_plain_tar_members
+
+    assert assert_plain_tar_members(synth_tiny) >= 2 * 120  # jpg + json per sample, every split
