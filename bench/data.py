@@ -82,11 +82,12 @@ def time_shards(url: str, cfg, n: int, batch_size: int = 64, verify: bool = True
     augment = BatchAugment(cfg, train=True)
     size = tuple(cfg.image_size)
     gen = torch.Generator().manual_seed(0)
+    decode_hw = decode_target(cfg)
     count, pending = 0, []
     start = time.perf_counter()
     while count < n:
         for sample in shard_samples(urls, check):
-            pending.append(resize_uint8(_decode_image(sample, decode_target(cfg)), size))
+            pending.append(resize_uint8(_decode_image(sample, decode_hw), size))
             json.loads(sample["json"])["captions"][0]
             count += 1
             if len(pending) == batch_size or count >= n:

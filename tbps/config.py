@@ -139,7 +139,8 @@ class DataConfig:
     # 'pixel', as IVT)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize to image_size: bicubic | bilinear (IRRA: bilinear), PIL with antialias
     eval_interpolation: Optional[Literal["bicubic", "bilinear"]] = None  # the resize of val/test and search images;
-    # null = interpolation (IRRA: bilinear for both) | bicubic | bilinear (IVT: T.Resize's default after bicubic in training)
+    # null = interpolation (IRRA: bilinear for both) | bicubic | bilinear (IVT: T.Resize's default; bicubic in
+    # training)
     decode: Literal["exact", "reduced"] = "exact"  # exact: every image fully decoded, then resized (the official
     # pipelines' pixels) | reduced: a JPEG at least twice image_size decoded at 1/2-1/8 scale by libjpeg (about 2x
     # faster on such images; other pixels: 35-47 dB PSNR to exact)

@@ -324,9 +324,10 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 def decode_image(data: bytes, target_hw: tuple[int, int] | None = None) -> Image.Image:
     """Decode to RGB, upright: an EXIF orientation tag (phone and camera photos: ``tbps.search --images``, generic
     corpora) is applied, as a photo viewer and the browser's search page show the image; the person datasets' crops
-    carry none, so their pixels are unchanged. With ``target_hw`` (``data.decode: reduced``), a JPEG at least twice the target size is decoded directly at a reduced scale
-    (libjpeg's DCT scaling via ``draft``): about 2x cheaper than a full decode followed by a downscale for a crop
-    twice the target, more for larger photos, but not the pixels of a full decode (``decode_target``)."""
+    carry none, so their pixels are unchanged. With ``target_hw`` (``data.decode: reduced``), a JPEG at least twice
+    the target size is decoded directly at a reduced scale (libjpeg's DCT scaling via ``draft``): about 2x cheaper
+    than a full decode followed by a downscale for a crop twice the target, more for larger photos, but not the
+    pixels of a full decode (``decode_target``)."""
     with Image.open(io.BytesIO(data)) as im:
         orientation = im.getexif().get(EXIF_ORIENTATION, 1) if "exif" in im.info else 1
         if orientation not in UPRIGHT:
@@ -420,6 +421,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skip: list[int] | None = None  # per loader worker: batches a resumed epoch does not yield again
         self.augment = BatchAugment(cfg, train=train)
+        self.decode_hw = decode_target(cfg)  # what a JPEG may be decoded down towards (data.decode)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
 
     def set_epoch(self, epoch: int) -> None:
@@ -448,8 +450,7 @@ class ShardStream(IterableDataset):
         size = tuple(self.cfg.image_size)
         index = sample["__caption__"] if "__caption__" in sample else rng.randrange(len(meta["captions"]))
         caption = meta["captions"][index]
-        image = resize_uint8(_decode_image(sample, decode_target(self.cfg)), size, self.cfg.interpolation) \
-            if decode else None
+        image = resize_uint8(_decode_image(sample, self.decode_hw), size, self.cfg.interpolation) if decode else None
         pid, train_id = meta["pid"], meta.get("train_id", -1)
         if self.mixture:  # identities of different members kept apart
             pid, train_id = self.mixture.relabel(sample.get("__url__"), pid, train_id)
