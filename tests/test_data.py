@@ -110,6 +110,55 @@ def test_train_batch_contents_and_views(synth_tiny):
     assert torch.equal(batch["mla_ids"][:, 0], batch["text_ids"])
 
 
+class _SharedProbe(torch.utils.data.IterableDataset):
+    """Runs a stream in the loader worker and says, per batch, whether its images were made in shared memory (then
+    handing them to the training process copies nothing) and what they are."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        for batch in self.stream:
+            if "images" in batch:
+                yield {"shared": batch["images"].is_shared(), "images": batch["images"].clone()}
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_loader_workers_make_the_image_batch_in_shared_memory(synth_tiny, views):
+    from torch.utils.data import DataLoader
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=synth_tiny, image_size=[64, 32], batch_size=6, loader_workers=1, text_length=40)
+    stream = build_train_loader(cfg, tok, DataNeeds(views=views)).stream
+    got = list(DataLoader(_SharedProbe(stream), batch_size=None, num_workers=1))
+    assert got and all(b["shared"] for b in got)
+    # the same batches as the stream makes in this process, where nothing is shared
+    here = [b for b in _SharedProbe(stream)]
+    assert [b["shared"] for b in here] == [False] * len(got)
+    for a, b in zip(got, here):
+        assert a["images"].shape == ((6, 3, 64, 32) if views == 1 else (6, views, 3, 64, 32))
+        assert torch.equal(a["images"], b["images"])
+
+
+def test_batch_augment_writes_into_a_given_batch_and_checks_its_inputs():
+    from tbps.data.transforms import BatchAugment
+
+    cfg = DataConfig(image_size=[48, 16], pad=4, flip=0.5, random_erasing=0.5)
+    pixels = torch.randint(0, 256, (5, 48, 16, 3), dtype=torch.uint8)
+    aug = BatchAugment(cfg, train=True)
+    gen = torch.Generator().manual_seed(3)
+    views = torch.full((5, 2, 3, 48, 16), float("nan"))
+    for v in range(2):
+        assert aug(pixels, gen, out=views[:, v]).data_ptr() == views[:, v].data_ptr()
+    gen = torch.Generator().manual_seed(3)
+    separate = [aug(pixels, gen) for _ in range(2)]  # the same draws in the same order
+    assert torch.equal(views, torch.stack(separate, dim=1))  # every element written (no NaN left)
+    with pytest.raises(ValueError, match="expected images of 48x16"):
+        aug(torch.zeros(5, 40, 16, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out must be float32"):
+        aug(pixels, out=torch.empty(5, 3, 48, 17))
+
+
 def test_eval_stream_covers_gallery_once_and_every_caption(synth_tiny):
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
     cfg = DataConfig(url=synth_tiny, image_size=[64, 32], loader_workers=2)

@@ -49,7 +49,7 @@ from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
 from .text import mask_tokens, mla_texts, mlm_rows, tokenize
-from .transforms import BatchAugment, resize_mode, resize_uint8
+from .transforms import BatchAugment, batch_tensor, resize_mode, resize_uint8
 
 register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
 
@@ -466,9 +466,13 @@ class ShardStream(IterableDataset):
         length = self.cfg.text_length
         ids, mask = tokenize(self.tokenizer, [s["caption"] for s in samples], length)
         pixels = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B, H, W, 3]
-        views = [self.augment(pixels, gen) for _ in range(self.needs.views)]  # independent augmentations
+        views = self.needs.views
+        images = batch_tensor((len(samples), 3, *self.cfg.image_size) if views == 1 else
+                              (len(samples), views, 3, *self.cfg.image_size))
+        for v in range(views):  # independent augmentations, written in place ([B, V, 3, H, W] for several views)
+            self.augment(pixels, gen, out=images if views == 1 else images[:, v])
         batch = {
-            "images": views[0] if len(views) == 1 else torch.stack(views, dim=1),
+            "images": images,
             "text_ids": ids,
             "text_mask": mask,
             "pids": torch.tensor([s["pid"] for s in samples], dtype=torch.long),

@@ -5,8 +5,9 @@ Two implementations of the same operations:
 - ``build_transform``: torchvision on one PIL image at a time (the public TBPS repos' way; the reference that
   ``bench/data.py`` compares against and the tests check ``BatchAugment`` with).
 - ``BatchAugment``: what the pipeline uses. Each image is decoded and resized once to uint8 (``resize_uint8``); flip,
-  pad + crop, normalisation and erasing then run as tensor ops on the whole batch in the loader worker, which costs
-  a fraction of per-image PIL + ToTensor + Normalize.
+  pad + crop, normalisation and erasing then run as tensor ops in the loader worker, written straight into the
+  float batch (in shared memory in a loader process, see ``batch_tensor``), which costs a fraction of per-image
+  PIL + ToTensor + Normalize.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
 
@@ -62,8 +64,19 @@ def resize_uint8(img: Image.Image, size: tuple[int, int], interpolation: str = "
     return np.asarray(img, dtype=np.uint8)
 
 
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor for a batch. In a DataLoader worker process it is made in shared memory, as torch's
+    ``default_collate`` makes its batches: a tensor in ordinary memory is copied into shared memory when the worker
+    hands it to the training process (38 MB per batch of 64 at 384x128)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
 class BatchAugment:
-    """``build_transform``'s operations on a batch ``uint8 [B, H, W, 3]`` (already resized) -> ``float [B, 3, H, W]``."""
+    """``build_transform``'s operations on a batch of resized images, ``uint8 [B, H, W, 3]`` -> ``float [B, 3, H, W]``:
+    the numbers of torchvision's per-image transforms (tests/test_data.py)."""
 
     def __init__(self, cfg, train: bool):
         self.size = _size(cfg)
@@ -77,29 +90,53 @@ class BatchAugment:
         self.fill = torch.tensor(cfg.erasing_value, dtype=torch.float32).view(3, 1, 1)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.black = ((torch.zeros(1, 3, 1, 1) - self.mean) / self.std)[0]  # the padding, normalised
 
-    def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a float ``[B, 3, H, W]`` tensor (or view) to write into, e.g. one view of a multi-view batch made
+        with :func:`batch_tensor`; a new one by default."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-        # channels first while still uint8 (a 1-byte copy), so every float operation below runs on contiguous
-        # memory: on 384x128 crops the strided float arithmetic was most of the cost (docs/benchmarks.md)
-        x = images.permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W]
-        B, H, W = len(x), *self.size
-        if self.flip > 0:
-            flip = (torch.rand(B, generator=gen) < self.flip).nonzero().flatten()
-            if len(flip):
-                x[flip] = x[flip].flip(-1)
-        if self.pad > 0:  # pad with black, then a random (H, W) window per image
-            p = self.pad
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
-            ii = torch.randint(0, 2 * p + 1, (B,), generator=gen).tolist()
-            jj = torch.randint(0, 2 * p + 1, (B,), generator=gen).tolist()
-            x = torch.stack([padded[b, :, i:i + H, j:j + W] for b, (i, j) in enumerate(zip(ii, jj))])
-        out = x.float().sub_(self.mean).div_(self.std)
+        B, H, W = len(images), *self.size
+        if tuple(images.shape[1:3]) != (H, W):
+            raise ValueError(f"expected images of {H}x{W} (data.image_size), got {tuple(images.shape[1:3])}")
+        if out is None:
+            out = batch_tensor((B, 3, H, W))
+        elif out.dtype != torch.float32 or tuple(out.shape) != (B, 3, H, W):
+            raise ValueError(f"out must be float32 {(B, 3, H, W)}, got {out.dtype} {tuple(out.shape)}")
+        # the random draws, in this order: flips, crop rows, crop columns, erasing, each erased box
+        flips = (torch.rand(B, generator=gen) < self.flip).tolist() if self.flip > 0 else [False] * B
+        p = self.pad
+        if p > 0:  # pad with black, then a random (H, W) window per image: its row k is source row k + rows[b] - p
+            rows = torch.randint(0, 2 * p + 1, (B,), generator=gen).tolist()
+            cols = torch.randint(0, 2 * p + 1, (B,), generator=gen).tolist()
+        else:
+            rows = cols = [0] * B
+        # One image at a time, so each image's float pixels stay in the CPU cache between the subtraction and the
+        # division: on the whole batch (38 MB at 384x128) every operation was a pass through memory
+        # (docs/benchmarks.md). The numbers are those of (float(x) - 255 mean) / (255 std) on the padded batch.
+        for b in range(B):
+            src = images[b].flip(1) if flips[b] else images[b]
+            src = src.permute(2, 0, 1)  # [3, H, W], strided
+            o = out[b]
+            r, c = rows[b] - p, cols[b] - p  # the window's origin in source coordinates
+            top, bottom, left, right = max(0, -r), min(H, H - r), max(0, -c), min(W, W - c)
+            if top > 0:
+                o[:, :top] = self.black
+            if bottom < H:
+                o[:, bottom:] = self.black
+            if left > 0:
+                o[:, top:bottom, :left] = self.black
+            if right < W:
+                o[:, top:bottom, right:] = self.black
+            inner = o[:, top:bottom, left:right]
+            torch.sub(src[:, top + r:bottom + r, left + c:right + c], self.mean[0], out=inner)
+            inner.div_(self.std[0])
         if self.erasing > 0:
             for b in (torch.rand(B, generator=gen) < self.erasing).nonzero().flatten().tolist():
                 self._erase(out[b], gen)
-        return out.contiguous()
+        return out
 
     def _erase(self, img: torch.Tensor, gen) -> None:
         """torchvision RandomErasing: a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries, filled with
