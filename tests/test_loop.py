@@ -438,3 +438,47 @@ def test_a_diverged_run_stops_saves_nothing_of_it_and_is_not_retried(synth_tiny,
     assert re.match(rf"training diverged: after step {STEPS + 2 * EVERY} \(epoch 2, batch {2 * EVERY} of {STEPS}\) \d+ "
                     rf"of \d+ weight tensors hold NaN or inf values \(.+\); .* \(its last checkpoint is the "
                     rf"checkpoint in epoch 2 after batch {EVERY} \(step {STEPS + EVERY}\)\)", poisoned["message"])
+
+
+def _fp16_weights_main(rank, url, out_dir):
+    from tbps.engine.loop import TrainRun
+
+    extra = ["train.precision=fp16-weights", "optim.eps=1e-3", "train.checkpoint_every_steps=0",
+             "data.loader_workers=0", "train.eval_every=1"]
+    results, kept = {}, {}
+
+    def report(name):
+        def keep(metrics, checkpoint_dir):
+            if checkpoint_dir is not None and metrics.get("epoch") == 1 and name == "whole":
+                kept["dir"] = os.path.join(out_dir, "epoch1")
+                shutil.copytree(checkpoint_dir, kept["dir"])
+        return keep
+
+    run = TrainRun(_config(url, os.path.join(out_dir, "whole"), 2, extra), rank, 1, torch.device("cpu"),
+                   report("whole"))
+    half = [n for n, p in run.engine.module.named_parameters() if p.dtype == torch.float16]
+    final = run.run()
+    results["whole"] = {"final": final, "half": half,
+                        "moments": sorted({str(s["exp_avg"].dtype) for s in run.optimizer.state.values()})}
+    again = TrainRun(_config(url, os.path.join(out_dir, "resumed"), 2, extra), rank, 1, torch.device("cpu"),
+                     report("resumed"))
+    again.resume(kept["dir"])
+    results["resumed"] = {"final": again.run(), "start_epoch": again.start_epoch,
+                          "half": [n for n, p in again.engine.module.named_parameters() if p.dtype == torch.float16]}
+    with open(os.path.join(out_dir, "fp16.json"), "w") as f:
+        json.dump(results, f, default=str)
+
+
+def test_fp16_weights_train_evaluate_and_resume(synth_tiny, tmp_path):
+    """train.precision=fp16-weights through the worker's loop: the linear, conv and attention weights are fp16 and
+    stay so (their Adam moments too), val and test run (on CPU in fp32, from the fp16 values), and a run resumed
+    from its epoch-1 checkpoint ends with the uninterrupted run's metrics."""
+    run_ranks(_fp16_weights_main, 1, synth_tiny, str(tmp_path))
+    res = json.load(open(tmp_path / "fp16.json"))
+    whole, resumed = res["whole"], res["resumed"]
+    assert whole["half"] and resumed["half"] == whole["half"]
+    assert whole["moments"] == ["torch.float16", "torch.float32"]
+    assert resumed["start_epoch"] == 1
+    metrics = {k: v for k, v in whole["final"].items() if isinstance(v, float) and "seconds" not in k}
+    assert metrics and all(v == v for v in metrics.values())  # finite, not NaN
+    assert {k: resumed["final"][k] for k in metrics} == metrics

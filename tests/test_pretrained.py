@@ -340,6 +340,53 @@ def test_irra_cross_modal_encoder_equals_official_architecture(ref, tmp_path):
     assert not torch.allclose(other, ours, atol=1e-3)
 
 
+def _irra_fp16(model: nn.Module) -> None:
+    """What IRRA's build_model does to the model it returns (model/clip_model.py ``convert_weights``), restated:
+    every Conv1d/Conv2d/Linear weight and bias, nn.MultiheadAttention's input projection tensors, and the parameters
+    held under the names text_projection, proj or mcq_proj become fp16; nothing else is touched."""
+    for module in model.modules():
+        tensors = []
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            tensors += [module.weight, module.bias]
+        if isinstance(module, nn.MultiheadAttention):
+            tensors += [getattr(module, a) for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                     "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")]
+        tensors += [getattr(module, a, None) for a in ("text_projection", "proj", "mcq_proj")]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                t.data = t.data.half()
+
+
+def test_fp16_weights_convert_what_irra_converts(ref, tmp_path):
+    """train.precision=fp16-weights stores in fp16 exactly the parameters IRRA's model holds in fp16 (the official
+    model, built here from the reference: CLIP + IRRA's heads), and leaves the rest (LayerNorms, embeddings, position
+    tables) in fp32: the same number of values each way."""
+    import copy
+
+    from tbps.methods.base import fp16_weights
+
+    run, heads = _irra_run(tmp_path, ref)
+    method, _ = _method(run)
+    converted = fp16_weights(method)
+    official = nn.ModuleDict({"base_model": copy.deepcopy(ref), "heads": copy.deepcopy(heads)})
+    _irra_fp16(official)
+
+    def values(model, dtype, resized=()):
+        return sum(p.numel() for n, p in model.named_parameters() if p.dtype == dtype and not n.endswith(resized))
+
+    # the official run holds its position table resized to 24x8 (+ CLS) at 384x128; the unused logit_scale is
+    # CLIP's (IRRA fixes the temperature)
+    pos = 24 * 8 + 1
+    assert values(method, torch.float16) == values(official, torch.float16) > 0
+    assert values(method, torch.float32) == (values(official, torch.float32, ("visual.positional_embedding",
+                                                                              "logit_scale")) + pos * WIDTH)
+    assert all(method.get_parameter(n).dtype == torch.float16 for n in converted)
+    assert fp16_weights(method) == []  # nothing left to convert
+    # IRRA's code base trains the CLIP baseline the same way; the CPU presets stay fp32
+    assert load_config("irra").train.precision == load_config("clip").train.precision == "fp16-weights"
+    assert load_config("irra_tiny").train.precision == load_config("clip_tiny").train.precision == "auto"
+
+
 def test_irra_heads_are_initialised_as_the_official_code():
     from tbps.methods.irra import CrossModalEncoder
 

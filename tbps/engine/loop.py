@@ -34,6 +34,7 @@ from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
 from tbps.methods import TextSpec, build_method, create_method
+from tbps.methods.base import fp16_weights
 from tbps.optim import build_optimizer, build_scheduler
 
 from .checkpoint import DS_TAG, RunOutputs, full_state_dict
@@ -67,13 +68,26 @@ def resolve_precision(cfg: Config) -> str:
     return p
 
 
+# precisions in which DeepSpeed runs tbps's torch optimizer on the parameters as they are (no fp16/bf16 optimizer of
+# its own): fp32, bf16 autocast over fp32 weights, and IRRA's fp16 weights trained directly
+TORCH_OPTIMIZER_PRECISIONS = ("fp32", "bf16-autocast", "fp16-weights")
+
+
+def forward_autocast(precision: str) -> torch.dtype | None:
+    """The dtype the training forward runs under ``torch.autocast`` in, where tbps applies it itself: fp16 for
+    ``fp16-weights`` (IRRA's fp16 weights with fp32 LayerNorms and embeddings need it to mix; DeepSpeed's own
+    ``torch_autocast`` section would add a loss scaler, which IRRA does not have). bf16-autocast is DeepSpeed's
+    section (``deepspeed_config``)."""
+    return torch.float16 if precision == "fp16-weights" else None
+
+
 def tbps_clips(cfg: Config) -> bool:
     """Whether tbps clips the gradients itself (``optimizer_step``) instead of DeepSpeed: at ZeRO-0 with fp32
-    gradients (fp32, bf16-autocast), where DeepSpeed's clipping takes one norm kernel per parameter and two blocking
+    gradients (``TORCH_OPTIMIZER_PRECISIONS``), where DeepSpeed's clipping takes one norm kernel per parameter and two blocking
     host-to-device copies per step, and torch's ``clip_grad_norm_`` computes the same norm with its multi-tensor
     kernels and no synchronisation. (ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers own the gradients and clip them.)"""
-    return cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32",
-                                                                                                "bf16-autocast")
+    return (cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0
+            and resolve_precision(cfg) in TORCH_OPTIMIZER_PRECISIONS)
 
 
 def tbps_clip_norm(cfg: Config) -> float:
@@ -171,7 +185,7 @@ def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
         prefer_environment_ninja()
     engine, optimizer, _, scheduler = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))
-    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in ("fp32", "bf16-autocast"):
+    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0 and resolve_precision(cfg) in TORCH_OPTIMIZER_PRECISIONS:
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
@@ -184,10 +198,12 @@ def optimizer_step(engine, clip: float = 0.0) -> None:
     engine.step()
 
 
-def train_step(engine, group: list[dict], grad_cache: bool, clip: float = 0.0, device=None) -> dict:
+def train_step(engine, group: list[dict], grad_cache: bool, clip: float = 0.0, device=None,
+               autocast: torch.dtype | None = None) -> dict:
     """One call of the training step: the forward, backward and ``optimizer_step`` of one batch (``group[0]``), or
     with ``grad_cache`` of a group of micro-batches (contrastive losses over all of them, tbps/gradcache.py). Returns
-    the detached loss and its parts; reads nothing back to the host."""
+    the detached loss and its parts; reads nothing back to the host. ``autocast``: the forward runs under
+    ``torch.autocast`` in that dtype (``forward_autocast``; not with grad_cache)."""
     if grad_cache:
         def step_backward(surrogate, _):
             """each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)"""
@@ -195,7 +211,11 @@ def train_step(engine, group: list[dict], grad_cache: bool, clip: float = 0.0, d
             optimizer_step(engine, clip)
 
         return grad_cache_step(engine.module, group, forward=engine, backward=step_backward, device=device)
-    out = engine(group[0])
+    if autocast is not None:
+        with torch.autocast(next(engine.module.parameters()).device.type, dtype=autocast):
+            out = engine(group[0])
+    else:
+        out = engine(group[0])
     engine.backward(out["loss"])
     optimizer_step(engine, clip)
     return {k: v.detach() for k, v in out.items()}
@@ -314,6 +334,11 @@ class TrainRun:
         self.num_classes = self.mixture.num_train_ids if self.mixture else int(manifest["num_train_ids"])
         text = TextSpec.from_tokenizer(self.tok, cfg.data.text_length)
         method = create_method(cfg, text, self.num_classes, log=self.log)  # fits cfg.model to pretrained
+        self.precision = precision = resolve_precision(cfg)
+        if precision == "fp16-weights":  # before the optimizer and the engine see the parameters
+            converted = fp16_weights(method)
+            self.log(f"[tbps] fp16 weights (IRRA's convert_weights): {len(converted)} linear, conv and attention "
+                     "weights and biases stored and trained in fp16, no fp32 master copy, no loss scaling")
         if cfg.train.activation_checkpointing:
             switched = method.set_activation_checkpointing(True)
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
@@ -329,16 +354,18 @@ class TrainRun:
         self.steps_per_epoch = batches // accum
         self.batches = self.steps_per_epoch * accum  # whole optimizer steps: no micro-batch carries over an epoch
         self.group_size = accum if cfg.train.grad_cache else 1  # micro-batches per call of the step
-        optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu)
+        # fp16-weights: torch's default (foreach) Adam, IRRA's, keeps its moments in the parameters' fp16
+        optimizer = build_optimizer(method, cfg.optim, fused=cfg.train.use_gpu and precision != "fp16-weights")
         scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.engine, self.optimizer, self.scheduler = initialize_engine(cfg, method, optimizer, scheduler)
         self.clip = tbps_clip_norm(cfg)
         self.method = method
 
-        self.precision = precision = resolve_precision(cfg)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights'
-        # evaluation: under autocast in the training precision on GPUs (bf16-autocast included)
-        self.autocast = (torch.bfloat16 if precision == "bf16-autocast" else self.dtype) if cfg.train.use_gpu else None
+        self.train_autocast = forward_autocast(precision)
+        # evaluation: under autocast in the training precision on GPUs (bf16-autocast and fp16-weights included)
+        self.autocast = ({"bf16-autocast": torch.bfloat16, "fp16-weights": torch.float16}.get(precision, self.dtype)
+                         if cfg.train.use_gpu else None)
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
         self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
@@ -476,7 +503,7 @@ class TrainRun:
             group.append(_to_device(batch, self.device, self.dtype))
             if len(group) < self.group_size:
                 continue
-            out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device)
+            out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
             self.global_step = engine.global_steps
             for k, v in out.items():
                 sums[k] = sums[k].to(v.dtype) + v if k in sums else v

@@ -251,6 +251,28 @@ class Method(nn.Module):
         return {"pos_embed", "cls_token", "log_scale", "embeddings.weight", "type_embed", "part_tokens"}
 
 
+FP16_MODULE_PARAMS = {nn.Conv1d: ("weight", "bias"), nn.Conv2d: ("weight", "bias"), nn.Linear: ("weight", "bias"),
+                      nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                              "in_proj_bias", "bias_k", "bias_v")}
+
+
+def fp16_weights(module: nn.Module) -> list[str]:
+    """IRRA's ``convert_weights`` (model/clip_model.py, applied by ``build_model`` to the whole IRRA model), by module
+    type: the weights and biases of every Conv1d, Conv2d and Linear (nn.MultiheadAttention's output projection, the
+    CLIP projections, ID classifier and MLM head included) and nn.MultiheadAttention's input projection are stored
+    in fp16; LayerNorms, embeddings, position tables and scalars stay fp32. ``train.precision: fp16-weights`` trains
+    them so, as IRRA does. Converts in place (the same Parameter objects) and returns the converted names."""
+    converted = []
+    for prefix, m in module.named_modules():
+        names = next((n for kind, n in FP16_MODULE_PARAMS.items() if isinstance(m, kind)), ())
+        for name in names:
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter) and p.dtype != torch.float16:
+                p.data = p.data.half()
+                converted.append(f"{prefix}.{name}" if prefix else name)
+    return converted
+
+
 def build_method(cfg, text: TextSpec, num_classes: int) -> Method:
     """The method ``cfg.method.name`` with fresh weights: its own config section, the architecture (``cfg.model``)
     and the image size; ``tbps.methods.pretrained.create_method`` also loads the configured weights."""
