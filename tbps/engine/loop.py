@@ -82,10 +82,11 @@ def forward_autocast(precision: str) -> torch.dtype | None:
 
 
 def tbps_clips(cfg: Config) -> bool:
-    """Whether tbps clips the gradients itself (``optimizer_step``) instead of DeepSpeed: at ZeRO-0 with fp32
-    gradients (``TORCH_OPTIMIZER_PRECISIONS``), where DeepSpeed's clipping takes one norm kernel per parameter and two blocking
-    host-to-device copies per step, and torch's ``clip_grad_norm_`` computes the same norm with its multi-tensor
-    kernels and no synchronisation. (ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers own the gradients and clip them.)"""
+    """Whether tbps clips the gradients itself (``optimizer_step``) instead of DeepSpeed: at ZeRO-0 where DeepSpeed
+    runs tbps's torch optimizer on the parameters as they are (``TORCH_OPTIMIZER_PRECISIONS``), where DeepSpeed's
+    clipping takes one norm kernel per parameter and two blocking host-to-device copies per step, and torch's
+    ``clip_grad_norm_`` computes the same norm with its multi-tensor kernels and no synchronisation. (ZeRO 1-3 and
+    DeepSpeed's bf16/fp16 optimizers own the gradients and clip them.)"""
     return (cfg.optim.grad_clip > 0 and cfg.train.zero_stage == 0
             and resolve_precision(cfg) in TORCH_OPTIMIZER_PRECISIONS)
 
