@@ -31,7 +31,7 @@ def test_presets_load_and_overrides_apply():
     ("optim.name=adamx", "optim.name must be one of adam, adamw, sgd, got 'adamx'"),
     ("model.image_pool=max", "model.image_pool must be one of cls, mean, got 'max'"),
     ("model.text_tower=gpt", "model.text_tower must be one of clip, bert, got 'gpt'"),
-    ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp16-weights, fp32"),
+    ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp16-autocast, fp16-weights, fp32"),
     ("data.on_bad_shard=ignore", "data.on_bad_shard must be one of error, skip"),
     (["method.name=ivt", "method.cmpm_norm=l1"], "method.cmpm_norm must be one of l2, sum"),
     ("method.bmm_max_drop=0.3", "unknown config key method.bmm_max_drop for method irra \\(a key of ivt\\); valid "
@@ -75,6 +75,9 @@ def test_bad_overrides_name_the_key(override, message):
     (["train.precision=fp16-weights", "optim.eps=1e-3", "train.grad_accum=2", "train.grad_cache=true"],
      "runs at ZeRO-0 without grad_cache and compile; train.grad_cache is set"),
     (["train.precision=fp16-weights"], "optim.eps=1e-08 is below fp16's smallest normal number (6.1e-05)"),
+    (["train.precision=fp16-autocast", "train.compile=true"],
+     "train.precision=fp16-autocast (torch's AMP with loss scaling, IVT's) runs at ZeRO-0 without grad_cache and "
+     "compile; train.compile is set"),
     # a Ray started here that cannot hold the workers: they used to wait forever
     (["train.use_gpu=true", "train.precision=bf16-autocast"], "train.use_gpu=true: 2 Train worker(s) x "
                                                               "train.gpus_per_worker=1 GPU, and this machine has 0"),

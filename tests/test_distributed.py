@@ -182,3 +182,51 @@ def test_fp16_weights_train_as_irra_does(synth_tiny, tmp_path):
     moved32 = sum(int((fp32[k] != init[k]).sum()) for k in half)
     total = sum(init[k].numel() for k in half)
     assert moved32 > 0.95 * total and moved16 < 0.9 * total, (moved16, moved32, total)
+
+
+def _fp16_autocast_steps(rank, url, out_dir):
+    from tbps.config import load_config
+    from tbps.engine.loop import deepspeed_config, initialize_engine, tbps_clips, train_step
+    from tbps.optim import build_optimizer
+
+    method, batch = _setup("ivt", url)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    cfg = load_config("ivt_tiny", [f"data.url={url}", "optim.grad_clip=0", "train.precision=fp16-autocast"])
+    clipped = load_config("ivt_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "train.precision=fp16-autocast"])
+    results = {"autocast": deepspeed_config(cfg)["torch_autocast"], "tbps_clips": tbps_clips(clipped),
+               "deepspeed_clips": deepspeed_config(clipped)["gradient_clipping"]}
+    for name in ("ours", "amp"):
+        method.load_state_dict(state)
+        opt = build_optimizer(method, cfg.optim)
+        if name == "ours":
+            engine = initialize_engine(cfg, method, opt)[0]
+            for _ in range(3):
+                train_step(engine, [batch], grad_cache=False, clip=0.0)
+            scale = engine.torch_autocast_z0_gradscaler.get_scale()
+        else:  # IVT's loop (processor/processor.py): torch's AMP, autocast + GradScaler
+            scaler = torch.amp.GradScaler("cpu")
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = method(batch)["loss"]
+                opt.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            scale = scaler.get_scale()
+        results[name] = {"params": {k: v.detach().clone() for k, v in method.state_dict().items()}, "scale": scale}
+    torch.save(results, os.path.join(out_dir, "amp.pt"))
+
+
+def test_fp16_autocast_is_torch_amp_as_ivt_runs_it(synth_tiny, tmp_path):
+    """train.precision=fp16-autocast (IVT's: torch.cuda.amp autocast + GradScaler over fp32 weights) through tbps's
+    engine and step: DeepSpeed's fp16 torch_autocast section with its ZeRO-0 loss scaler, the same weights and scale
+    after 3 steps as IVT's plain AMP loop; clipping, if any, is DeepSpeed's (after it unscales the gradients)."""
+    run_ranks(_fp16_autocast_steps, 1, synth_tiny, str(tmp_path))
+    res = torch.load(tmp_path / "amp.pt")
+    assert res["autocast"] == {"enabled": True, "dtype": "float16"}
+    assert res["tbps_clips"] is False and res["deepspeed_clips"] == 1.0  # on unscaled gradients
+    assert res["ours"]["scale"] == res["amp"]["scale"] == 65536.0
+    init = _setup("ivt", synth_tiny)[0].state_dict()
+    assert any(not torch.equal(res["ours"]["params"][k], v) for k, v in init.items())  # trained
+    for k, v in res["amp"]["params"].items():
+        torch.testing.assert_close(res["ours"]["params"][k], v, rtol=1e-6, atol=1e-7, msg=k)

@@ -440,44 +440,60 @@ def test_a_diverged_run_stops_saves_nothing_of_it_and_is_not_retried(synth_tiny,
                     rf"checkpoint in epoch 2 after batch {EVERY} \(step {STEPS + EVERY}\)\)", poisoned["message"])
 
 
-def _fp16_weights_main(rank, url, out_dir):
+def _fp16_main(rank, url, out_dir, precision):
     from tbps.engine.loop import TrainRun
 
-    extra = ["train.precision=fp16-weights", "optim.eps=1e-3", "train.checkpoint_every_steps=0",
+    extra = [f"train.precision={precision}", "optim.eps=1e-3", "train.checkpoint_every_steps=0",
              "data.loader_workers=0", "train.eval_every=1"]
     results, kept = {}, {}
 
-    def report(name):
-        def keep(metrics, checkpoint_dir):
-            if checkpoint_dir is not None and metrics.get("epoch") == 1 and name == "whole":
-                kept["dir"] = os.path.join(out_dir, "epoch1")
-                shutil.copytree(checkpoint_dir, kept["dir"])
-        return keep
+    def keep(metrics, checkpoint_dir):
+        if checkpoint_dir is not None and metrics.get("epoch") == 1 and "dir" not in kept:
+            kept["dir"] = os.path.join(out_dir, "epoch1")
+            shutil.copytree(checkpoint_dir, kept["dir"])
+            kept["scaler"] = run.scaler_state()
+            # the run's outputs as a run killed here would leave them (best/ of epoch 1), for the resumed run
+            shutil.copytree(os.path.join(out_dir, "whole"), os.path.join(out_dir, "resumed"))
 
-    run = TrainRun(_config(url, os.path.join(out_dir, "whole"), 2, extra), rank, 1, torch.device("cpu"),
-                   report("whole"))
+    def set_scale(epoch, index, batch):  # a scale the loss scaler would not start from (fp16-autocast)
+        scaler = getattr(run.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None and (epoch, index) == (0, 1):
+            scaler.update(new_scale=512.0)
+
+    run = TrainRun(_config(url, os.path.join(out_dir, "whole"), 2, extra), rank, 1, torch.device("cpu"), keep,
+                   on_batch=set_scale)
     half = [n for n, p in run.engine.module.named_parameters() if p.dtype == torch.float16]
     final = run.run()
-    results["whole"] = {"final": final, "half": half,
+    results["whole"] = {"final": final, "half": half, "scaler": kept["scaler"],
                         "moments": sorted({str(s["exp_avg"].dtype) for s in run.optimizer.state.values()})}
     again = TrainRun(_config(url, os.path.join(out_dir, "resumed"), 2, extra), rank, 1, torch.device("cpu"),
-                     report("resumed"))
+                     lambda metrics, checkpoint_dir: None)
     again.resume(kept["dir"])
-    results["resumed"] = {"final": again.run(), "start_epoch": again.start_epoch,
+    results["resumed"] = {"scaler": again.scaler_state(), "start_epoch": again.start_epoch,
                           "half": [n for n, p in again.engine.module.named_parameters() if p.dtype == torch.float16]}
+    results["resumed"]["final"] = again.run()
     with open(os.path.join(out_dir, "fp16.json"), "w") as f:
         json.dump(results, f, default=str)
 
 
-def test_fp16_weights_train_evaluate_and_resume(synth_tiny, tmp_path):
-    """train.precision=fp16-weights through the worker's loop: the linear, conv and attention weights are fp16 and
-    stay so (their Adam moments too), val and test run (on CPU in fp32, from the fp16 values), and a run resumed
-    from its epoch-1 checkpoint ends with the uninterrupted run's metrics."""
-    run_ranks(_fp16_weights_main, 1, synth_tiny, str(tmp_path))
+@pytest.mark.parametrize("precision", ["fp16-weights", "fp16-autocast"])
+def test_fp16_precisions_train_evaluate_and_resume(synth_tiny, tmp_path, precision):
+    """The official codes' precisions through the worker's loop. fp16-weights (IRRA's): the linear, conv and attention
+    weights are fp16 and stay so (their Adam moments too). fp16-autocast (IVT's torch AMP): fp32 weights and a loss
+    scaler, whose state -- which DeepSpeed leaves out of its ZeRO-0 checkpoints -- a resumed run takes from tbps's
+    checkpoint. Val and test run (on CPU in fp32), and a run resumed from its epoch-1 checkpoint ends with the
+    uninterrupted run's metrics."""
+    run_ranks(_fp16_main, 1, synth_tiny, str(tmp_path), precision)
     res = json.load(open(tmp_path / "fp16.json"))
     whole, resumed = res["whole"], res["resumed"]
-    assert whole["half"] and resumed["half"] == whole["half"]
-    assert whole["moments"] == ["torch.float16", "torch.float32"]
+    if precision == "fp16-weights":
+        assert whole["half"] and resumed["half"] == whole["half"]
+        assert whole["moments"] == ["torch.float16", "torch.float32"]
+        assert whole["scaler"] == resumed["scaler"] == {}
+    else:
+        assert whole["half"] == resumed["half"] == [] and whole["moments"] == ["torch.float32"]
+        assert whole["scaler"]["grad_scaler"]["scale"] == 512.0  # saved with the checkpoint
+        assert resumed["scaler"] == whole["scaler"]  # and restored: not DeepSpeed's fresh 65536
     assert resumed["start_epoch"] == 1
     metrics = {k: v for k, v in whole["final"].items() if isinstance(v, float) and "seconds" not in k}
     assert metrics and all(v == v for v in metrics.values())  # finite, not NaN

@@ -385,6 +385,8 @@ def test_fp16_weights_convert_what_irra_converts(ref, tmp_path):
     # IRRA's code base trains the CLIP baseline the same way; the CPU presets stay fp32
     assert load_config("irra").train.precision == load_config("clip").train.precision == "fp16-weights"
     assert load_config("irra_tiny").train.precision == load_config("clip_tiny").train.precision == "auto"
+    # IVT's official loop is torch's AMP (fp16 autocast + GradScaler over fp32 weights)
+    assert load_config("ivt").train.precision == "fp16-autocast" and load_config("ivt_tiny").train.precision == "auto"
 
 
 def test_irra_heads_are_initialised_as_the_official_code():

@@ -38,15 +38,17 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.precision == "fp16" and not cfg.train.use_gpu:
         raise ConfigError("train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU (train.use_gpu=true); on "
                           "CPUs use fp32, bf16 or bf16-autocast")
-    if cfg.train.precision == "fp16-weights":
-        for key, on, why in (("train.zero_stage", cfg.train.zero_stage > 0, "ZeRO's optimizers flatten the parameters "
-                              "into one dtype"),
+    limited = {"fp16-weights": ("IRRA's fp16 weights trained directly", "ZeRO's optimizers flatten the parameters "
+                                "into one dtype"),
+               "fp16-autocast": ("torch's AMP with loss scaling, IVT's", "not supported with it yet")}
+    if cfg.train.precision in limited:
+        what, zero_why = limited[cfg.train.precision]
+        for key, on, why in (("train.zero_stage", cfg.train.zero_stage > 0, zero_why),
                              ("train.grad_cache", cfg.train.grad_cache, "not supported with it yet"),
                              ("train.compile", cfg.train.compile, "not supported with it yet")):
             if on:
-                raise ConfigError(f"train.precision=fp16-weights (IRRA's fp16 weights trained directly) runs at ZeRO-0 "
-                                  f"without grad_cache and compile; {key} is set ({why}): unset it, or use "
-                                  "train.precision=bf16-autocast")
+                raise ConfigError(f"train.precision={cfg.train.precision} ({what}) runs at ZeRO-0 without grad_cache "
+                                  f"and compile; {key} is set ({why}): unset it, or use train.precision=bf16-autocast")
         tiny = 2.0 ** -14  # fp16's smallest normal number: below it eps is subnormal, and 1e-8 rounds to 0
         if cfg.optim.name in ("adam", "adamw") and cfg.optim.eps < tiny:
             raise ConfigError(f"optim.eps={cfg.optim.eps:g} is below fp16's smallest normal number ({tiny:.2g}): under "

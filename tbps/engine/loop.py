@@ -107,7 +107,10 @@ def deepspeed_config(cfg: Config) -> dict:
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         # fp32 weights and optimizer, the forward under torch.autocast (matmuls, convolutions, attention in bf16)
-        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
+        # (fp16-autocast: the same in fp16, and DeepSpeed then scales the loss with torch's GradScaler at ZeRO-0, as
+        # torch's AMP does)
+        "torch_autocast": {"enabled": precision in ("bf16-autocast", "fp16-autocast"),
+                           "dtype": "float16" if precision == "fp16-autocast" else "bfloat16"},
         "zero_allow_untested_optimizer": True,  # our optimizer is a plain torch one with parameter groups
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -364,9 +367,9 @@ class TrainRun:
 
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights'
         self.train_autocast = forward_autocast(precision)
-        # evaluation: under autocast in the training precision on GPUs (bf16-autocast and fp16-weights included)
-        self.autocast = ({"bf16-autocast": torch.bfloat16, "fp16-weights": torch.float16}.get(precision, self.dtype)
-                         if cfg.train.use_gpu else None)
+        # evaluation: under autocast in the training precision on GPUs (bf16-/fp16-autocast, fp16-weights included)
+        self.autocast = ({"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16,
+                          "fp16-weights": torch.float16}.get(precision, self.dtype) if cfg.train.use_gpu else None)
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
         self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
@@ -432,9 +435,19 @@ class TrainRun:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def scaler_state(self) -> dict:
+        """``train.precision: fp16-autocast``: the loss scaler's state (its scale and growth count), for the engine's
+        client state. DeepSpeed keeps the ZeRO-0 scaler out of its checkpoints, and a resumed run would restart at
+        scale 65,536 and skip steps while it falls back: not the steps of the uninterrupted run."""
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+
     def resume(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint this run reported: after its epoch, or, for a mid-epoch one, at its step."""
         client = self._load_engine(checkpoint_dir)
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None and client.get("grad_scaler"):
+            scaler.load_state_dict(client["grad_scaler"])
         self.global_step = client["step"]
         self.saved = f"the checkpoint at step {self.global_step} it resumed from"
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
@@ -558,7 +571,7 @@ class TrainRun:
             # the engine's client state is rank 0's; each rank's data position and loss sums go in a file of its own
             self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
-                "history": self.history, "mid_epoch": True, "world_size": self.world_size})
+                "history": self.history, "mid_epoch": True, "world_size": self.world_size, **self.scaler_state()})
             with open(os.path.join(tmp, self.rank_state_file(self.rank)), "w") as f:
                 json.dump({"position": self.train_loader.position(), "sums": sums}, f)
             if self.rank == 0:
@@ -649,7 +662,7 @@ class TrainRun:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
                 "epoch": epoch, "step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
-                "history": self.history, "world_size": self.world_size})
+                "history": self.history, "world_size": self.world_size, **self.scaler_state()})
             if self.rank == 0:
                 write_model_dir(tmp, state, self.config_yaml, meta)
                 if is_best:
