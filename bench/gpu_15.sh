@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue #15's GPU measurement for the device tool (one H100; 10 minutes a command, 30 device minutes a session):
-#   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile] [modes] [engine] [data]
+#   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile] [modes] [engine] [data] [precision]
 #                        (default: irra ivt pcc clip max, in that order)
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
 # limit keeps what it has), train_step.md (the tables), max_batch.json, profile.json/.md, train_step_modes.json,
-# train_step_copy.json, engine.json/.md, data.md, env.txt, steps.txt (each step's exit status and wall time: a step
+# train_step_copy.json, engine.json/.md, data.md, train_step_precision_{irra,ivt}.json, env.txt, steps.txt (each step's exit status and wall time: a step
 # that fails does not stop the next). At most 8 files come back from one call; none of the calls below writes more. Split the steps
 # over calls where one call cannot hold them all (10 minutes each); the next session's plan: `engine data irra` in
 # one call (carrying .whl; irra last: the re-measure since IRRA's MLM head scores masked positions only, whatever
-# fits), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp).
+# fits), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp), then `precision`.
 # The device image has torch, timm and transformers but no Ray, DeepSpeed or webdataset: bench/train_step.py needs
 # none of them (synthetic batches; tbps.methods imports without them). `engine` (the step through DeepSpeed's engine
 # against the plain step) and `data` (the loader on the machine's 16 cores) need DeepSpeed and webdataset: run
@@ -19,8 +19,9 @@ what=("$@")
 [ ${#what[@]} -gt 0 ] || what=(irra ivt pcc clip max)
 for p in "${what[@]}"; do  # every name checked before any device time is spent
   case "$p" in
-  irra|ivt|pcc|clip|max|profile|modes|engine|data) ;;
-  *) echo "bench/gpu_15.sh: unknown step '$p' (irra ivt pcc clip max profile modes engine data)" >&2; exit 2 ;;
+  irra|ivt|pcc|clip|max|profile|modes|engine|data|precision) ;;
+  *) echo "bench/gpu_15.sh: unknown step '$p' (irra ivt pcc clip max profile modes engine data precision)" >&2
+     exit 2 ;;
   esac
 done
 OUT=${OUT:-bench-out}
@@ -75,6 +76,13 @@ for p in "${what[@]}"; do
     # the training loader at 384x128 with 7 (train.cpus_per_worker: 8) and 15 loader processes
     step data data.md python bench/data.py --image-size 384 128 --samples 1000 --repeats 1 --no-s3 \
         --loader-workers 7 15 --images-per-id 16 ;;
+  precision)
+    # the presets' own precisions (the official codes': IRRA's fp16 weights, IVT's torch AMP) against bf16 autocast,
+    # eager and compiled at the paper batch
+    step precision-irra train_step.md python bench/train_step.py --paper --presets irra --batches 128 \
+        --precision bf16-autocast fp16-weights --steps 10 --warmup 3 --json "$OUT/train_step_precision_irra.json"
+    step precision-ivt train_step.md python bench/train_step.py --paper --presets ivt --batches 64 \
+        --precision bf16-autocast fp16-autocast --steps 10 --warmup 3 --json "$OUT/train_step_precision_ivt.json" ;;
   max)
     # the largest IRRA batch with and without activation checkpointing / grad_cache
     step max train_step.md python bench/train_step.py --paper --max-batch --max-batch-limit 4096 \

@@ -120,17 +120,19 @@ def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
 
 
 def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0, host_batch=None,
-            clip: float = 0.0, scheduler=None):
+            clip: float = 0.0, scheduler=None, dtype: torch.dtype = torch.bfloat16, scaler=None):
     """One training step on ``batch``; with ``host_batch`` (a copy in host memory), each step first copies it to the
     device with ``non_blocking=True``, as the training loop copies every loader batch. ``clip`` > 0: the gradients'
-    norm clipped (as DeepSpeed's ``gradient_clipping``); ``scheduler``: stepped after the optimizer."""
+    norm clipped (as DeepSpeed's ``gradient_clipping``); ``scheduler``: stepped after the optimizer. ``bf16``: the
+    forward under autocast in ``dtype`` (bf16, or fp16 for the fp16 precisions); ``scaler``: a torch GradScaler
+    (``fp16-autocast``, torch's AMP)."""
     params = [p for p in method.parameters() if p.requires_grad]
 
     def step():
         nonlocal batch
         if host_batch is not None:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in host_batch.items()}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=bf16):
             if grad_cache_micro:
                 from tbps.gradcache import grad_cache_step
 
@@ -140,10 +142,16 @@ def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_mic
                 loss = grad_cache_step(method, micro, device=device)["loss"]
             else:
                 loss = method(batch)["loss"]
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         if clip > 0:
+            if scaler is not None:
+                scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         if scheduler is not None:
             scheduler.step()
         opt.zero_grad(set_to_none=True)
@@ -166,13 +174,34 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+PRECISIONS = ("auto", "bf16-autocast", "fp16-autocast", "fp16-weights", "fp32")
+
+
+def precision_step(method, precision: str, device: torch.device, opt):
+    """What the step runs in for ``--precision`` (``train.precision``'s names; auto = bf16-autocast on a GPU, fp32
+    on CPU): (resolved name, autocast on, its dtype, a GradScaler or None, the optimizer). ``fp16-weights`` converts
+    the method as IRRA does (``tbps.methods.base.fp16_weights``) and steps it with torch's default Adam (IRRA's, eps
+    1e-3: its moments fp16 too); ``fp16-autocast`` is torch's AMP (IVT's)."""
+    if precision == "auto":
+        precision = "bf16-autocast" if device.type == "cuda" else "fp32"
+    if precision == "fp16-weights":
+        from tbps.methods.base import fp16_weights
+
+        fp16_weights(method)
+        opt = torch.optim.Adam(method.parameters(), lr=1e-5, eps=1e-3)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-autocast" else None
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float16
+    return precision, precision != "fp32", dtype, scaler, opt
+
+
 def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool,
-            mode: str | None = None, copy: str | None = None) -> dict:
+            mode: str | None = None, copy: str | None = None, precision: str = "auto") -> dict:
     """``copy``: each step also copies its batch from host memory, ``pageable`` (as a loader hands batches over
-    without pinning) or ``pinned`` (page-locked, as the DataLoader's pinning thread leaves them; GPU only)."""
+    without pinning) or ``pinned`` (page-locked, as the DataLoader's pinning thread leaves them; GPU only).
+    ``precision``: see ``precision_step``."""
     cfg, method, batch, opt = setup(preset, batch_size, device)
-    bf16 = device.type == "cuda"
-    flops = count_flops(step_fn(method, batch, opt, device, bf16))  # eager: the model's FLOPs
+    precision, bf16, dtype, scaler, opt = precision_step(method, precision, device, opt)
+    flops = count_flops(step_fn(method, batch, opt, device, bf16, dtype=dtype, scaler=scaler))  # the model's FLOPs
     if compiled:
         method.compile_step(**compile_options(mode))
     host = None
@@ -180,7 +209,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
         host = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
         if copy == "pinned":
             host = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host.items()}
-    step = step_fn(method, batch, opt, device, bf16, host_batch=host)
+    step = step_fn(method, batch, opt, device, bf16, host_batch=host, dtype=dtype, scaler=scaler)
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -197,7 +226,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
     peak = peak_flops(device)
     return {"method": cfg.method.name, "preset": preset, "batch": batch_size, "compiled": compiled,
             "compile_mode": (mode or "default") if compiled else None, "batch_copy": copy or "none",
-            "precision": "bf16-autocast" if bf16 else "fp32", "image": "x".join(map(str, cfg.data.image_size)),
+            "precision": precision, "image": "x".join(map(str, cfg.data.image_size)),
             "params_m": sum(p.numel() for p in method.parameters()) / 1e6, "step_ms": seconds * 1000,
             "samples_per_s": batch_size / seconds, "tflop_per_sample": flops / batch_size / 1e12,
             "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / peak) if peak else None,
@@ -466,6 +495,9 @@ def main(argv=None) -> int:
                     help="torch.compile's mode for the compiled rows (default: torch's default, as train.compile)")
     ap.add_argument("--copy", nargs="+", choices=("none", "pageable", "pinned"), default=["none"],
                     help="each step first copies its batch from host memory: pageable or pinned (GPU), or not")
+    ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"],
+                    help="the step's precision(s), train.precision's names (auto: bf16-autocast on a GPU, fp32 on "
+                         "CPU); fp16-weights and fp16-autocast are the irra/clip and ivt presets' own")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", action="store_true", help="largest IRRA batch per memory option (GPU)")
@@ -548,17 +580,20 @@ def main(argv=None) -> int:
         steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
         print("| preset | method | image | batch | compiled | params (M) | step ms | samples/s | TFLOP/sample | "
               "TFLOP/s | MFU | peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-        cells = [(p, b, c, k) for p in presets for b in batches for c in compile_modes for k in args.copy]
-        for preset, batch, compiled, copy in cells:
+        cells = [(p, b, c, k, q) for p in presets for b in batches for c in compile_modes for k in args.copy
+                 for q in args.precision]
+        for preset, batch, compiled, copy, precision in cells:
             try:
-                r = measure(preset, batch, steps, warmup, device, compiled, mode, None if copy == "none" else copy)
+                r = measure(preset, batch, steps, warmup, device, compiled, mode, None if copy == "none" else copy,
+                            precision)
             except torch.OutOfMemoryError:
                 print(f"| {preset} | | | {batch} | {compiled} | out of memory |", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             except Exception as e:  # one cell's failure costs that cell, not the rest of a device call
-                rows.append(failed_row(preset, batch, compiled, device, e, copy=copy, compile_mode=mode))
+                rows.append(failed_row(preset, batch, compiled, device, e, copy=copy, compile_mode=mode,
+                                       precision=precision))
                 save()
                 print(f"| {preset} | | | {batch} | {compiled} | failed: {rows[-1]['error'][:200]} |", flush=True)
                 continue
@@ -568,6 +603,8 @@ def main(argv=None) -> int:
             mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "—"
             shown = (mode or "yes") if compiled else "no"
             name = preset if copy == "none" else f"{preset} ({copy} copy)"
+            if precision != "auto":
+                name = f"{name} ({r['precision']})"
             print(f"| {name} | {r['method']} | {r['image']} | {batch} | {shown} | "
                   f"{r['params_m']:.1f} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | "
                   f"{r['tflop_per_sample']:.4f} | {r['tflops']:.3f} | {mfu} | {mem} |", flush=True)

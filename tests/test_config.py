@@ -31,7 +31,8 @@ def test_presets_load_and_overrides_apply():
     ("optim.name=adamx", "optim.name must be one of adam, adamw, sgd, got 'adamx'"),
     ("model.image_pool=max", "model.image_pool must be one of cls, mean, got 'max'"),
     ("model.text_tower=gpt", "model.text_tower must be one of clip, bert, got 'gpt'"),
-    ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp16-autocast, fp16-weights, fp32"),
+    ("train.precision=fp8", "train.precision must be one of auto, bf16, bf16-autocast, fp16, fp16-autocast, "
+                            "fp16-weights, fp32"),
     ("data.on_bad_shard=ignore", "data.on_bad_shard must be one of error, skip"),
     (["method.name=ivt", "method.cmpm_norm=l1"], "method.cmpm_norm must be one of l2, sum"),
     ("method.bmm_max_drop=0.3", "unknown config key method.bmm_max_drop for method irra \\(a key of ivt\\); valid "

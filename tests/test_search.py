@@ -261,6 +261,10 @@ def test_cross_domain_matrix_cells_equal_single_evaluations(tiny_checkpoint, syn
                                                          "Ray Train + DeepSpeed ZeRO-0"]),
                                          ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
                                                             "| pcc_tiny |"]),
+                                         ("train_step.py --presets irra_tiny ivt_tiny --precision fp16-weights "
+                                          "fp16-autocast", ["| irra_tiny (fp16-weights) |",
+                                                            "| irra_tiny (fp16-autocast) |",
+                                                            "| ivt_tiny (fp16-weights) |", "| ivt_tiny (fp16-autocast) |"]),
                                          ("train_step.py --engine", ["| clip_tiny | plain |",
                                                                      "| clip_tiny | deepspeed ZeRO-0 |"]),
                                          ("batch_mix.py", ["| tbps (shuffled shards", "| annotation-order shards",
