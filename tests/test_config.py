@@ -301,3 +301,14 @@ def test_a_run_that_is_all_warm_up_is_warned_about(synth_tiny, capsys):
             "never reaches optim.lr and never decays") in capsys.readouterr().err
     preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.epochs=4", "optim.warmup_epochs=3"]))
     assert "warm-up" not in capsys.readouterr().err
+
+
+def test_a_small_adam_eps_is_refused_only_where_adam_s_moments_are_fp16(synth_tiny):
+    """fp16-weights keeps the converted weights' Adam moments in fp16, where an eps of 1e-8 rounds to 0 (refused,
+    above); fp16-autocast keeps fp32 weights and moments, so the same eps is fine there."""
+    from tbps.engine.launcher import preflight
+
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.precision=fp16-autocast"]))  # eps 1e-8
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.precision=fp16-weights", "optim.eps=1e-4"]))
+    with pytest.raises(ConfigError, match="optim.eps=1e-08 is below fp16's smallest normal number"):
+        preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.precision=fp16-weights"]))

@@ -50,7 +50,7 @@ def preflight(cfg: Config) -> dict:
                 raise ConfigError(f"train.precision={cfg.train.precision} ({what}) runs at ZeRO-0 without grad_cache "
                                   f"and compile; {key} is set ({why}): unset it, or use train.precision=bf16-autocast")
         tiny = 2.0 ** -14  # fp16's smallest normal number: below it eps is subnormal, and 1e-8 rounds to 0
-        if cfg.optim.name in ("adam", "adamw") and cfg.optim.eps < tiny:
+        if cfg.train.precision == "fp16-weights" and cfg.optim.name in ("adam", "adamw") and cfg.optim.eps < tiny:
             raise ConfigError(f"optim.eps={cfg.optim.eps:g} is below fp16's smallest normal number ({tiny:.2g}): under "
                               "train.precision=fp16-weights Adam's moments are fp16, its denominator sqrt(v) + eps is "
                               "computed in fp16, and where v underflows to 0 the step divides by ~0; IRRA uses "
