@@ -230,3 +230,62 @@ def test_fp16_autocast_is_torch_amp_as_ivt_runs_it(synth_tiny, tmp_path):
     assert any(not torch.equal(res["ours"]["params"][k], v) for k, v in init.items())  # trained
     for k, v in res["amp"]["params"].items():
         torch.testing.assert_close(res["ours"]["params"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _local_ivt(url):
+    """IVT's tiny model and one batch of 2B, each rank's loss on its own half (IVT's local batches), no random
+    masking."""
+    from tbps.config import load_config
+    from tbps.data import build_train_loader, load_tokenizer
+    from tbps.methods import TextSpec, build_method
+
+    cfg = load_config("ivt_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
+                                   "method.bmm_max_drop=0.0", "method.gather=false", "optim.grad_clip=0",
+                                   "train.precision=fp16-autocast"])
+    tok = load_tokenizer(os.path.join(url, "tokenizer"))
+    torch.manual_seed(0)
+    method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
+    batch = next(iter(build_train_loader(cfg.data, tok, method.data_needs())))
+    return cfg, method, batch
+
+
+def _fp16_autocast_two_ranks(rank, url, out_dir):
+    from tbps.engine.loop import initialize_engine, train_step
+    from tbps.optim import build_optimizer
+
+    cfg, method, batch = _local_ivt(url)
+    engine = initialize_engine(cfg, method, build_optimizer(method, cfg.optim))[0]
+    for _ in range(3):
+        train_step(engine, [_slice(batch, rank * B, (rank + 1) * B)], grad_cache=False, clip=0.0)
+    if rank == 0:
+        torch.save({"params": {k: v.detach().clone() for k, v in method.state_dict().items()},
+                    "scale": engine.torch_autocast_z0_gradscaler.get_scale()}, os.path.join(out_dir, "amp2.pt"))
+
+
+def test_fp16_autocast_on_two_ranks_is_ddp_amp(synth_tiny, tmp_path):
+    """fp16-autocast on 2 ranks (the ivt preset runs 4): each rank scales its own loss, the fp32 gradients are
+    averaged (as IVT's DDP does), and every rank's scaler unscales, checks and steps the same averaged gradients --
+    the weights of one process that adds both halves' scaled gradients and halves them before the scaler's step."""
+    run_ranks(_fp16_autocast_two_ranks, 2, synth_tiny, str(tmp_path))
+    got = torch.load(tmp_path / "amp2.pt")
+    cfg, method, batch = _local_ivt(synth_tiny)
+    from tbps.optim import build_optimizer
+
+    opt = build_optimizer(method, cfg.optim)
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(3):
+        opt.zero_grad()
+        for r in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = method(_slice(batch, r * B, (r + 1) * B))["loss"]
+            scaler.scale(loss).backward()
+        for p in method.parameters():
+            if p.grad is not None:
+                p.grad /= 2
+        scaler.step(opt)
+        scaler.update()
+    assert got["scale"] == scaler.get_scale() == 65536.0  # no step skipped: the weights moved
+    init = _local_ivt(synth_tiny)[1].state_dict()
+    assert any(not torch.equal(got["params"][k], v) for k, v in init.items())
+    for k, v in method.state_dict().items():  # the gradients summed in another order: equal to rounding
+        torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
