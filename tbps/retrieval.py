@@ -243,7 +243,7 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        size = tuple(self.cfg.image_size)
+        size, decode_hw, resize = tuple(self.cfg.image_size), decode_target(self.cfg), resize_mode(self.cfg, False)
         starts = range(0, len(self.paths), self.batch_size)
         for start in list(starts)[worker::workers]:
             rels = self.paths[start:start + self.batch_size]
@@ -251,10 +251,10 @@ class ImageFolderStream(torch.utils.data.IterableDataset):
             for rel in rels:
                 where = join(self.url, rel)
                 try:
-                    image = decode_image(read_bytes(where), decode_target(self.cfg))
+                    image = decode_image(read_bytes(where), decode_hw)
                 except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
                     raise ValueError(f"{where}: not a readable image ({e}); remove it or convert it") from None
-                images.append(resize_uint8(image, size, resize_mode(self.cfg, train=False)))
+                images.append(resize_uint8(image, size, resize))
             n, empty = len(rels), torch.empty(0, dtype=torch.long)
             yield {"images": self.augment(torch.from_numpy(np.stack(images))),
                    "image_pids": torch.full((n,), -1, dtype=torch.long),

@@ -702,6 +702,8 @@ class EvalStream(IterableDataset):
         offsets = list(itertools.accumulate([0] + [s["samples"] for s in shards]))
         self.mine = [(s, offsets[i]) for i, s in enumerate(shards) if i % world_size == rank]
         self.augment = BatchAugment(cfg, train=False)
+        # each image decoded (data.decode) and resized (data.eval_interpolation) as evaluation does
+        self.decode_hw, self.resize = decode_target(cfg), resize_mode(cfg, train=False)
         check_on_bad_shard(cfg.on_bad_shard)
 
     def __iter__(self):
@@ -724,12 +726,10 @@ class EvalStream(IterableDataset):
 
     def _batch(self, chunk, shard: str) -> EvalBatch:
         images, pids, index, paths, captions, cpids, cindex, cimage = [], [], [], [], [], [], [], []
-        keys = []
+        keys, size = [], tuple(self.cfg.image_size)
         for i, sample in chunk:
             meta = json.loads(sample["json"])
-            size = tuple(self.cfg.image_size)
-            images.append(resize_uint8(_decode_image(sample, decode_target(self.cfg)), size,
-                                       resize_mode(self.cfg, train=False)))
+            images.append(resize_uint8(_decode_image(sample, self.decode_hw), size, self.resize))
             pids.append(meta["pid"])
             index.append(i)
             paths.append(meta.get("path", sample["__key__"]))

@@ -88,9 +88,9 @@ class BatchAugment:
             raise ValueError(f"data.erasing_mode must be constant or pixel, got {cfg.erasing_mode!r}")
         self.pixel = cfg.erasing_mode == "pixel"
         self.fill = torch.tensor(cfg.erasing_value, dtype=torch.float32).view(3, 1, 1)
-        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.black = ((torch.zeros(1, 3, 1, 1) - self.mean) / self.std)[0]  # the padding, normalised
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0  # per image, on uint8 values
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0
+        self.black = (torch.zeros(3, 1, 1) - self.mean) / self.std  # the padding, normalised
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,8 +131,8 @@ class BatchAugment:
             if right < W:
                 o[:, top:bottom, right:] = self.black
             inner = o[:, top:bottom, left:right]
-            torch.sub(src[:, top + r:bottom + r, left + c:right + c], self.mean[0], out=inner)
-            inner.div_(self.std[0])
+            torch.sub(src[:, top + r:bottom + r, left + c:right + c], self.mean, out=inner)
+            inner.div_(self.std)
         if self.erasing > 0:
             for b in (torch.rand(B, generator=gen) < self.erasing).nonzero().flatten().tolist():
                 self._erase(out[b], gen)

@@ -435,19 +435,22 @@ class TrainRun:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    @property
+    def scaler(self):
+        """DeepSpeed's ZeRO-0 loss scaler (torch's GradScaler) under ``train.precision: fp16-autocast``, else None."""
+        return getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+
     def scaler_state(self) -> dict:
         """``train.precision: fp16-autocast``: the loss scaler's state (its scale and growth count), for the engine's
         client state. DeepSpeed keeps the ZeRO-0 scaler out of its checkpoints, and a resumed run would restart at
         scale 65,536 and skip steps while it falls back: not the steps of the uninterrupted run."""
-        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
-        return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def resume(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint this run reported: after its epoch, or, for a mid-epoch one, at its step."""
         client = self._load_engine(checkpoint_dir)
-        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
-        if scaler is not None and client.get("grad_scaler"):
-            scaler.load_state_dict(client["grad_scaler"])
+        if self.scaler is not None and client.get("grad_scaler"):
+            self.scaler.load_state_dict(client["grad_scaler"])
         self.global_step = client["step"]
         self.saved = f"the checkpoint at step {self.global_step} it resumed from"
         self.best, self.best_epoch, self.history = client["best"], client["best_epoch"], client["history"]
