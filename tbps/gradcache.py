@@ -80,11 +80,13 @@ def grad_cache_step(method, micro_batches: Sequence[dict], forward: Callable | N
     for i, batch in enumerate(micro_batches):
         _set_rng_state(states[i], device)
         feats, local = forward(batch, stage="features")
-        surrogate = next(v for v in feats.values() if v.is_floating_point()).new_zeros(())
+        surrogate = next(v for v in feats.values() if v.is_floating_point()).new_zeros((), dtype=torch.float32)
         for k, g in feature_grads.items():
             lo = offsets[k]
-            if g is not None:
-                surrogate = surrogate + (feats[k] * g[lo:lo + rows[i][k]].to(feats[k].dtype)).sum()
+            if g is not None:  # in float32: the gradient reaching feats[k] is then (loss scale x g) rounded to its
+                # dtype once, as in one backward of the whole batch -- not g rounded to fp16 first, which flushes a
+                # large batch's small feature gradients (below fp16's 6e-5) to subnormals or 0 before any scaling
+                surrogate = surrogate + (feats[k].float() * g[lo:lo + rows[i][k]]).sum()
         for k in keys:
             offsets[k] += rows[i][k]
         if local:

@@ -71,14 +71,13 @@ def test_bad_overrides_name_the_key(override, message):
     (["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
     (["train.precision=fp16"], "train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU"),
     (["train.precision=fp16-weights", "optim.eps=1e-3", "train.zero_stage=1"],
-     "train.precision=fp16-weights (IRRA's fp16 weights trained directly) runs at ZeRO-0 without grad_cache and "
-     "compile; train.zero_stage is set"),
-    (["train.precision=fp16-weights", "optim.eps=1e-3", "train.grad_accum=2", "train.grad_cache=true"],
-     "runs at ZeRO-0 without grad_cache and compile; train.grad_cache is set"),
+     "train.precision=fp16-weights runs at ZeRO-0 only, and train.zero_stage=1 is set (IRRA's fp16 weights trained "
+     "directly: ZeRO's optimizers flatten the parameters into one dtype"),
     (["train.precision=fp16-weights"], "optim.eps=1e-08 is below fp16's smallest normal number (6.1e-05)"),
-    (["train.precision=fp16-autocast", "train.compile=true"],
-     "train.precision=fp16-autocast (torch's AMP with loss scaling, IVT's) runs at ZeRO-0 without grad_cache and "
-     "compile; train.compile is set"),
+    (["train.precision=fp16-autocast", "train.zero_stage=2", "train.grad_accum=2", "train.grad_cache=true"],
+     "train.precision=fp16-autocast runs at ZeRO-0 only, and train.zero_stage=2 is set (torch's AMP, IVT's: "
+     "DeepSpeed's ZeRO 1-3 skip a step whose gradients overflow without telling torch's GradScaler, so its scale "
+     "never falls"),
     # a Ray started here that cannot hold the workers: they used to wait forever
     (["train.use_gpu=true", "train.precision=bf16-autocast"], "train.use_gpu=true: 2 Train worker(s) x "
                                                               "train.gpus_per_worker=1 GPU, and this machine has 0"),
@@ -312,3 +311,14 @@ def test_a_small_adam_eps_is_refused_only_where_adam_s_moments_are_fp16(synth_ti
     preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.precision=fp16-weights", "optim.eps=1e-4"]))
     with pytest.raises(ConfigError, match="optim.eps=1e-08 is below fp16's smallest normal number"):
         preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "train.precision=fp16-weights"]))
+
+
+@pytest.mark.parametrize("precision", ["fp16-weights", "fp16-autocast"])
+def test_the_fp16_precisions_take_grad_cache_and_compile_at_zero_0(synth_tiny, precision):
+    """The official codes' precisions (the irra/clip and ivt presets' defaults) with #15's step options: grad_cache and
+    compile are accepted (tests/test_gradcache.py and tests/test_step_options.py train them); ZeRO 1-3 are not
+    (above)."""
+    from tbps.engine.launcher import preflight
+
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", f"train.precision={precision}", "optim.eps=1e-3",
+                                        "train.grad_accum=2", "train.grad_cache=true", "train.compile=true"]))

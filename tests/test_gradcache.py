@@ -188,3 +188,79 @@ def test_grad_cache_through_the_deepspeed_engine(synth_tiny, tmp_path):
     for stage, r in results.items():
         assert r["global_steps"] == 1, stage  # one optimizer step for the N micro-batches
         assert _rel(r["step"], r["ref"]) < 1e-5, (stage, _rel(r["step"], r["ref"]))
+
+
+# the official codes' precisions (the irra/clip and ivt presets' defaults) -> loss terms, on IRRA's tiny model (its
+# features come out of a projection, in fp16 under autocast; IVT's out of a LayerNorm, in fp32). IRRA's MLM is left
+# out: grad_cache averages it per micro-batch, one step of the N-times batch over all masked tokens.
+FP16 = {"fp16-weights": "[{name: sdm, weight: 1}, {name: id, weight: 1}]",
+        # 1e-4 of the usual weights: the feature gradients then lie below fp16's smallest normal number (6e-5), as a
+        # large batch's do (the batch loss spreads over more rows); torch's AMP scales the loss before any gradient is
+        # rounded to fp16, and grad_cache must too
+        "fp16-autocast": "[{name: sdm, weight: 1e-4}, {name: id, weight: 1e-4}]"}
+
+
+def _fp16_main(rank, url, out_dir):
+    """The three ways of _three_ways through the worker's step (``train_step``: the DeepSpeed engine, the precision's
+    autocast and, for fp16-autocast, DeepSpeed's ZeRO-0 GradScaler), the gradients read by the optimizer as it steps
+    (after the scaler unscales them)."""
+    from tbps.config import load_config
+    from tbps.engine.loop import forward_autocast, initialize_engine, train_step
+    from tbps.methods.base import fp16_weights
+
+    results = {}
+    for precision, losses in FP16.items():
+        for way, accum, grad_cache in (("reference", 1, False), ("grad_cache", N, True), ("plain", N, False)):
+            method, batches = _setup("irra", url, extra=[f"method.losses={losses}"])
+            if precision == "fp16-weights":
+                fp16_weights(method)
+            cfg = load_config("irra_tiny", [f"data.batch_size={MICRO}", f"train.grad_accum={accum}",
+                                            f"train.grad_cache={grad_cache}", "optim.grad_clip=0",
+                                            f"train.precision={precision}"])
+            seen, dtypes = [], set()
+
+            def record(*_):
+                seen.append(_grads(method).float())
+                dtypes.update(str(p.grad.dtype) for p in method.parameters() if p.grad is not None)
+
+            opt = torch.optim.SGD(method.parameters(), lr=0.0)
+            opt.register_step_pre_hook(record)
+            engine = initialize_engine(cfg, method, opt)[0]
+            autocast = forward_autocast(precision)
+            if way == "reference":
+                out = train_step(engine, [_concat(batches)], False, autocast=autocast)
+            elif way == "grad_cache":
+                out = train_step(engine, batches, True, autocast=autocast)
+                with torch.autocast("cpu", dtype=torch.float16):
+                    feats, _ = engine(batches[0], stage="features")
+                results[precision, "dtypes"] = (str(feats[next(iter(feats))].dtype), sorted(dtypes))
+            else:
+                for b in batches:
+                    out = train_step(engine, [b], False, autocast=autocast)
+            results[precision, way] = {"grads": seen, "loss": out["loss"]}
+    torch.save(results, os.path.join(out_dir, "fp16.pt"))
+
+
+def test_grad_cache_in_the_fp16_precisions(synth_tiny, tmp_path):
+    """train.grad_cache under the official codes' precisions, through the worker's step: IRRA's fp16 weights (the
+    forward under fp16 autocast in both passes, the fp16 gradients accumulated over micro-batches) and IVT's torch AMP
+    (every micro-batch's backward scaled by DeepSpeed's ZeRO-0 GradScaler, unscaled once before the step). One
+    optimizer step whose gradients are the N-times batch's to fp16's rounding; plain accumulation is another
+    function. Under AMP grad_cache's second pass multiplies the features by their cached gradients in float32: in
+    the features' fp16 the loss scale (65,536) overflowed and the scaler skipped every step; with the cached
+    gradients rounded to fp16 first, these small ones (FP16) came out 3.6e-3 off instead of 3e-4."""
+    from ranks import run_ranks
+
+    run_ranks(_fp16_main, 1, synth_tiny, str(tmp_path))
+    res = torch.load(tmp_path / "fp16.pt")
+    for precision in FP16:
+        ref, gc, plain = (res[precision, way] for way in ("reference", "grad_cache", "plain"))
+        assert len(ref["grads"]) == len(gc["grads"]) == len(plain["grads"]) == 1, precision  # one optimizer step
+        err = _rel(gc["grads"][0], ref["grads"][0])
+        assert bool(torch.isfinite(gc["grads"][0]).all()), precision
+        assert err < 2e-3, (precision, err)  # 3e-4 to 5e-4 here
+        assert _rel(plain["grads"][0], ref["grads"][0]) > 0.1, precision
+        torch.testing.assert_close(gc["loss"], ref["loss"], rtol=2e-3, atol=1e-6, msg=precision)
+    weights = res["fp16-weights", "dtypes"]
+    assert weights == ("torch.float16", ["torch.float16", "torch.float32"]), weights
+    assert res["fp16-autocast", "dtypes"] == ("torch.float16", ["torch.float32"])

@@ -143,6 +143,61 @@ def test_compiled_grad_cache_replays_dropout_and_drop_path(synth_tiny):
     assert not torch.allclose(loss2, loss0)
 
 
+def _fp16_compiled_main(rank, url, out_dir):
+    """IRRA's shallow model through the worker's step (``train_step``: DeepSpeed's engine, the precision's autocast,
+    fp16-autocast's ZeRO-0 GradScaler) in each fp16 precision: eager, then compiled as the loop compiles under
+    grad_cache; the gradients read by the optimizer as it steps (unscaled), and the features' dtype."""
+    from tbps.config import load_config
+    from tbps.engine.loop import forward_autocast, initialize_engine, train_step
+    from tbps.methods.base import fp16_weights
+
+    # small loss weights: the tiny model's fp16 activation gradients overflow at the scaler's first scale otherwise
+    losses = "[{name: sdm, weight: 1e-3}, {name: mlm, weight: 1e-3}, {name: id, weight: 1e-3}]"
+    results = {}
+    for precision in ("fp16-weights", "fp16-autocast"):
+        for way in ("eager", "compiled"):
+            method, batch = _method("irra", url, 8, SHALLOW + [f"method.losses={losses}"])
+            method.eval()
+            if precision == "fp16-weights":
+                fp16_weights(method)
+            cfg = load_config("irra_tiny", ["data.batch_size=8", "optim.grad_clip=0", f"train.precision={precision}"])
+            seen = []
+            opt = torch.optim.SGD(method.parameters(), lr=0.0)
+            opt.register_step_pre_hook(lambda *_: seen.append(torch.cat([
+                p.grad.float().flatten() for p in method.parameters() if p.grad is not None])))
+            engine = initialize_engine(cfg, method, opt)[0]
+            if way == "compiled":
+                method.compile_step(replay_random=True)
+            autocast = forward_autocast(precision)
+            loss = train_step(engine, [batch], False, autocast=autocast)["loss"]
+            cached = train_step(engine, [batch], True, autocast=autocast)["loss"]  # grad_cache, one micro-batch
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+                dtype = str(engine(batch, stage="features")[0]["v"].dtype)
+            results[precision, way] = {"grads": seen, "loss": loss, "cached": cached, "dtype": dtype}
+    torch.save(results, os.path.join(out_dir, "compiled16.pt"))
+
+
+def test_compiled_step_in_the_fp16_precisions(synth_tiny, tmp_path):
+    """train.compile under the official codes' precisions (the irra/clip and ivt presets' defaults), as the worker
+    runs it: IRRA's fp16 weights and IVT's torch AMP. The compiled step runs in fp16 (features fp16), steps once, and
+    its gradients are the eager step's to fp16's rounding (here 5e-3 and 1.6e-3 apart, where fp16 and fp32 steps are
+    7e-3 and 3.6e-3 apart); grad_cache over the compiled features gives the compiled step's own gradients."""
+    from ranks import run_ranks
+
+    run_ranks(_fp16_compiled_main, 1, synth_tiny, str(tmp_path))
+    res = torch.load(tmp_path / "compiled16.pt")
+    for precision in ("fp16-weights", "fp16-autocast"):
+        eager, compiled = res[precision, "eager"], res[precision, "compiled"]
+        assert len(eager["grads"]) == len(compiled["grads"]) == 2, precision  # no step skipped
+        assert eager["dtype"] == compiled["dtype"] == "torch.float16", precision
+        g0, g1, g2 = eager["grads"][0], compiled["grads"][0], compiled["grads"][1]
+        assert bool(torch.isfinite(g1).all()), precision
+        assert float((g1 - g0).norm() / g0.norm()) < 1e-2, precision
+        assert float((g2 - g1).norm() / g1.norm()) < 1e-5, precision
+        torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=2e-3, atol=1e-6, msg=precision)
+        torch.testing.assert_close(compiled["cached"], compiled["loss"], rtol=1e-5, atol=1e-7, msg=precision)
+
+
 @pytest.mark.parametrize("name", ["clip", "irra", "ivt", "pcc"])
 def test_every_attention_layer_runs_through_sdpa(name, synth_tiny, monkeypatch):
     """Every attention of a training forward goes through torch's scaled_dot_product_attention (timm's fused

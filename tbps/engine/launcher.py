@@ -38,17 +38,17 @@ def preflight(cfg: Config) -> dict:
     if cfg.train.precision == "fp16" and not cfg.train.use_gpu:
         raise ConfigError("train.precision=fp16 is DeepSpeed's fp16 mode, which needs a GPU (train.use_gpu=true); on "
                           "CPUs use fp32, bf16 or bf16-autocast")
-    limited = {"fp16-weights": ("IRRA's fp16 weights trained directly", "ZeRO's optimizers flatten the parameters "
-                                "into one dtype"),
-               "fp16-autocast": ("torch's AMP with loss scaling, IVT's", "not supported with it yet")}
-    if cfg.train.precision in limited:
-        what, zero_why = limited[cfg.train.precision]
-        for key, on, why in (("train.zero_stage", cfg.train.zero_stage > 0, zero_why),
-                             ("train.grad_cache", cfg.train.grad_cache, "not supported with it yet"),
-                             ("train.compile", cfg.train.compile, "not supported with it yet")):
-            if on:
-                raise ConfigError(f"train.precision={cfg.train.precision} ({what}) runs at ZeRO-0 without grad_cache "
-                                  f"and compile; {key} is set ({why}): unset it, or use train.precision=bf16-autocast")
+    zero_refused = {  # train.precision -> why it runs at ZeRO-0 only
+        "fp16-weights": "IRRA's fp16 weights trained directly: ZeRO's optimizers flatten the parameters into one "
+                        "dtype and keep an fp32 master copy",
+        "fp16-autocast": "torch's AMP, IVT's: DeepSpeed's ZeRO 1-3 skip a step whose gradients overflow without "
+                         "telling torch's GradScaler, so its scale never falls and every later step is skipped too",
+    }
+    if cfg.train.precision in zero_refused:
+        if cfg.train.zero_stage > 0:
+            raise ConfigError(f"train.precision={cfg.train.precision} runs at ZeRO-0 only, and train.zero_stage="
+                              f"{cfg.train.zero_stage} is set ({zero_refused[cfg.train.precision]}): use "
+                              "train.zero_stage=0, or train.precision=bf16-autocast for ZeRO")
         tiny = 2.0 ** -14  # fp16's smallest normal number: below it eps is subnormal, and 1e-8 rounds to 0
         if cfg.train.precision == "fp16-weights" and cfg.optim.name in ("adam", "adamw") and cfg.optim.eps < tiny:
             raise ConfigError(f"optim.eps={cfg.optim.eps:g} is below fp16's smallest normal number ({tiny:.2g}): under "

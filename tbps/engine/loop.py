@@ -206,20 +206,22 @@ def train_step(engine, group: list[dict], grad_cache: bool, clip: float = 0.0, d
                autocast: torch.dtype | None = None) -> dict:
     """One call of the training step: the forward, backward and ``optimizer_step`` of one batch (``group[0]``), or
     with ``grad_cache`` of a group of micro-batches (contrastive losses over all of them, tbps/gradcache.py). Returns
-    the detached loss and its parts; reads nothing back to the host. ``autocast``: the forward runs under
-    ``torch.autocast`` in that dtype (``forward_autocast``; not with grad_cache)."""
+    the detached loss and its parts; reads nothing back to the host. ``autocast``: the forwards (both of grad_cache's
+    passes) run under ``torch.autocast`` in that dtype (``forward_autocast``), the backward outside it."""
+    def forward(batch, **kwargs):
+        if autocast is None:
+            return engine(batch, **kwargs)
+        with torch.autocast(next(engine.module.parameters()).device.type, dtype=autocast):
+            return engine(batch, **kwargs)
+
     if grad_cache:
         def step_backward(surrogate, _):
             """each micro-batch's surrogate already carries the whole batch's scale (no 1/accum)"""
             engine.backward(surrogate, scale_wrt_gas=False)
             optimizer_step(engine, clip)
 
-        return grad_cache_step(engine.module, group, forward=engine, backward=step_backward, device=device)
-    if autocast is not None:
-        with torch.autocast(next(engine.module.parameters()).device.type, dtype=autocast):
-            out = engine(group[0])
-    else:
-        out = engine(group[0])
+        return grad_cache_step(engine.module, group, forward=forward, backward=step_backward, device=device)
+    out = forward(group[0])
     engine.backward(out["loss"])
     optimizer_step(engine, clip)
     return {k: v.detach() for k, v in out.items()}
