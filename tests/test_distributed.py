@@ -234,14 +234,18 @@ def test_fp16_autocast_is_torch_amp_as_ivt_runs_it(synth_tiny, tmp_path):
 
 def _local_ivt(url):
     """IVT's tiny model and one batch of 2B, each rank's loss on its own half (IVT's local batches), no random
-    masking."""
+    masking, in IVT's precision."""
+    return _local(url, "ivt", ["method.bmm_max_drop=0.0", "train.precision=fp16-autocast"])
+
+
+def _local(url, name, extra):
+    """A tiny model and one batch of 2B, each rank's loss on its own half (the official codes' local batches)."""
     from tbps.config import load_config
     from tbps.data import build_train_loader, load_tokenizer
     from tbps.methods import TextSpec, build_method
 
-    cfg = load_config("ivt_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
-                                   "method.bmm_max_drop=0.0", "method.gather=false", "optim.grad_clip=0",
-                                   "train.precision=fp16-autocast"])
+    cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", f"data.batch_size={2 * B}",
+                                       "method.gather=false", "optim.grad_clip=0", *extra])
     tok = load_tokenizer(os.path.join(url, "tokenizer"))
     torch.manual_seed(0)
     method = build_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 40)
@@ -289,3 +293,53 @@ def test_fp16_autocast_on_two_ranks_is_ddp_amp(synth_tiny, tmp_path):
     assert any(not torch.equal(got["params"][k], v) for k, v in init.items())
     for k, v in method.state_dict().items():  # the gradients summed in another order: equal to rounding
         torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# IRRA's precision with its Adam eps, and an lr that moves most fp16 weights (at IRRA's 1e-5 most updates vanish)
+FP16_WEIGHTS = ["train.precision=fp16-weights", "optim.eps=1e-3", "optim.lr=1e-3"]
+
+
+def _fp16_weights_two_ranks(rank, url, out_dir):
+    from tbps.engine.loop import forward_autocast, initialize_engine, train_step
+    from tbps.methods.base import fp16_weights
+    from tbps.optim import build_optimizer
+
+    cfg, method, batch = _local(url, "irra", FP16_WEIGHTS)
+    fp16_weights(method)
+    engine = initialize_engine(cfg, method, build_optimizer(method, cfg.optim))[0]
+    for _ in range(3):
+        train_step(engine, [_slice(batch, rank * B, (rank + 1) * B)], grad_cache=False, clip=0.0,
+                   autocast=forward_autocast("fp16-weights"))
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in method.state_dict().items()}, os.path.join(out_dir, "w2.pt"))
+
+
+def test_fp16_weights_on_two_ranks_is_irra_s_ddp(synth_tiny, tmp_path):
+    """fp16-weights on 2 ranks (IRRA's multi-GPU run: DDP over its fp16 model, each GPU's loss on its local batch):
+    the ranks' fp16 gradients are averaged and every rank steps its fp16 weights with them -- the weights of one
+    process that accumulates both halves' fp16 gradients, halves them and steps, to the last bit (DeepSpeed reduces
+    the fp16 gradients in float32: one rounding of the mean, as DDP's sum of two halved fp16 gradients)."""
+    run_ranks(_fp16_weights_two_ranks, 2, synth_tiny, str(tmp_path))
+    got = torch.load(tmp_path / "w2.pt")
+    cfg, method, batch = _local(synth_tiny, "irra", FP16_WEIGHTS)
+    from tbps.methods.base import fp16_weights
+    from tbps.optim import build_optimizer
+
+    init = {k: v.clone() for k, v in method.state_dict().items()}
+    fp16_weights(method)
+    opt = build_optimizer(method, cfg.optim)
+    for _ in range(3):
+        opt.zero_grad()
+        for r in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = method(_slice(batch, r * B, (r + 1) * B))["loss"]
+            loss.backward()
+        for p in method.parameters():
+            if p.grad is not None:
+                p.grad /= 2
+        opt.step()
+    half = [k for k, v in got.items() if v.dtype == torch.float16]
+    assert half and sum(int((got[k].float() != init[k].half().float()).sum()) for k in half) > 0  # trained
+    for k, v in method.state_dict().items():
+        assert got[k].dtype == v.dtype, k
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
