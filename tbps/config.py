@@ -402,9 +402,9 @@ class TrainConfig:
     zero_stage: int = field(default=0, metadata=within("[0, 3]"))  # DeepSpeed ZeRO stage 0-3
     precision: Precision = "auto"  # auto (bf16-autocast on GPU, fp32 on CPU) | bf16-autocast (fp32 weights,
     # torch.autocast forward) | fp16-autocast (the same in fp16 with dynamic loss scaling: torch's AMP, IVT's;
-    # ZeRO-0 without grad_cache and compile) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 | fp32
+    # ZeRO-0) | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 | fp32
     # | fp16-weights (IRRA's own: linear, conv and attention weights stored in fp16 and trained directly -- no fp32
-    # master copy, no loss scaling -- the forward under fp16 autocast; ZeRO-0, without grad_cache and compile)
+    # master copy, no loss scaling -- the forward under fp16 autocast; ZeRO-0)
     grad_accum: int = field(default=1, metadata=within("[1, inf)"))  # micro-batches per optimizer step
     grad_cache: bool = False  # with grad_accum > 1: contrastive losses over the whole accumulated (and, with
     # method.gather, global) batch, one micro-batch's activations held at a time (tbps/gradcache.py); ZeRO 0-2;

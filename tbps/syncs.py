@@ -65,18 +65,21 @@ def _caller(root: str) -> tuple[str, int, str]:
 class HostSyncAudit:
     """Records the host synchronisations of the code in its body (``syncs``, in order). ``device``: the step's
     device (CPU: every tensor counts, see the module's docstring). ``host_side``: locations (``path:function``
-    or a path) of host-side work by design, left out."""
+    or a path) of host-side work by design, left out. ``host_tensors``: tensors a GPU run keeps on the host (e.g.
+    the step counts of torch's non-capturable optimizers), whose reads are no synchronisation there: left out."""
 
-    def __init__(self, device: torch.device | str = "cpu", host_side: tuple[str, ...] = (), root: str | None = None):
+    def __init__(self, device: torch.device | str = "cpu", host_side: tuple[str, ...] = (), root: str | None = None,
+                 host_tensors=()):
         self.device = torch.device(device)
         self.host_side = tuple(host_side)
+        self._host_tensors = {id(t) for t in host_tensors}
         self.root = os.path.abspath(root or os.getcwd())
         self.syncs: list[Sync] = []
         self._modes = ()
 
     # -- what counts
     def _on_device(self, t) -> bool:
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or id(t) in self._host_tensors:
             return False
         return self.device.type == "cpu" or t.device.type == self.device.type
 

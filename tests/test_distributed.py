@@ -186,50 +186,58 @@ def test_fp16_weights_train_as_irra_does(synth_tiny, tmp_path):
 
 def _fp16_autocast_steps(rank, url, out_dir):
     from tbps.config import load_config
-    from tbps.engine.loop import deepspeed_config, initialize_engine, tbps_clips, train_step
+    from tbps.engine.loop import deepspeed_config, initialize_engine, tbps_clip_norm, train_step
     from tbps.optim import build_optimizer
 
-    method, batch = _setup("ivt", url)
-    state = {k: v.clone() for k, v in method.state_dict().items()}
-    cfg = load_config("ivt_tiny", [f"data.url={url}", "optim.grad_clip=0", "train.precision=fp16-autocast"])
-    clipped = load_config("ivt_tiny", [f"data.url={url}", "optim.grad_clip=1.0", "train.precision=fp16-autocast"])
-    results = {"autocast": deepspeed_config(cfg)["torch_autocast"], "tbps_clips": tbps_clips(clipped),
-               "deepspeed_clips": deepspeed_config(clipped)["gradient_clipping"]}
-    for name in ("ours", "amp"):
-        method.load_state_dict(state)
-        opt = build_optimizer(method, cfg.optim)
-        if name == "ours":
-            engine = initialize_engine(cfg, method, opt)[0]
-            for _ in range(3):
-                train_step(engine, [batch], grad_cache=False, clip=0.0)
-            scale = engine.torch_autocast_z0_gradscaler.get_scale()
-        else:  # IVT's loop (processor/processor.py): torch's AMP, autocast + GradScaler
-            scaler = torch.amp.GradScaler("cpu")
-            for _ in range(3):
-                with torch.autocast("cpu", dtype=torch.float16):
-                    loss = method(batch)["loss"]
-                opt.zero_grad()
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            scale = scaler.get_scale()
-        results[name] = {"params": {k: v.detach().clone() for k, v in method.state_dict().items()}, "scale": scale}
+    results = {}
+    for clip in (0.0, 0.05):  # IVT's (none), and a norm that clips every step here
+        cfg = load_config("ivt_tiny", [f"data.url={url}", f"optim.grad_clip={clip}", "train.precision=fp16-autocast"])
+        results[clip] = {"autocast": deepspeed_config(cfg)["torch_autocast"], "tbps_clip": tbps_clip_norm(cfg),
+                         "deepspeed_clips": deepspeed_config(cfg)["gradient_clipping"]}
+        for name in ("ours", "amp"):
+            method, batch = _setup("ivt", url)  # a fresh module: an engine's hooks stay on the one it wraps
+            opt = build_optimizer(method, cfg.optim)
+            if name == "ours":
+                engine = initialize_engine(cfg, method, opt)[0]
+                for _ in range(3):
+                    train_step(engine, [batch], grad_cache=False, clip=tbps_clip_norm(cfg))
+                scale = engine.torch_autocast_z0_gradscaler.get_scale()
+            else:  # IVT's loop (processor/processor.py): torch's AMP, autocast + GradScaler; clipping as torch's AMP
+                scaler = torch.amp.GradScaler("cpu")  # recipe clips: after unscale_
+                for _ in range(3):
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        loss = method(batch)["loss"]
+                    opt.zero_grad()
+                    scaler.scale(loss).backward()
+                    if clip:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
+                    scaler.step(opt)
+                    scaler.update()
+                scale = scaler.get_scale()
+            results[clip][name] = {"params": {k: v.detach().clone() for k, v in method.state_dict().items()},
+                                   "scale": scale}
     torch.save(results, os.path.join(out_dir, "amp.pt"))
 
 
 def test_fp16_autocast_is_torch_amp_as_ivt_runs_it(synth_tiny, tmp_path):
     """train.precision=fp16-autocast (IVT's: torch.cuda.amp autocast + GradScaler over fp32 weights) through tbps's
     engine and step: DeepSpeed's fp16 torch_autocast section with its ZeRO-0 loss scaler, the same weights and scale
-    after 3 steps as IVT's plain AMP loop; clipping, if any, is DeepSpeed's (after it unscales the gradients)."""
+    after 3 steps as IVT's plain AMP loop. With optim.grad_clip, tbps clips (not DeepSpeed: no per-parameter norm
+    kernels and blocking copies) after the scaler unscales the gradients, as torch's AMP recipe does: the same
+    weights, and not the unclipped ones."""
     run_ranks(_fp16_autocast_steps, 1, synth_tiny, str(tmp_path))
     res = torch.load(tmp_path / "amp.pt")
-    assert res["autocast"] == {"enabled": True, "dtype": "float16"}
-    assert res["tbps_clips"] is False and res["deepspeed_clips"] == 1.0  # on unscaled gradients
-    assert res["ours"]["scale"] == res["amp"]["scale"] == 65536.0
     init = _setup("ivt", synth_tiny)[0].state_dict()
-    assert any(not torch.equal(res["ours"]["params"][k], v) for k, v in init.items())  # trained
-    for k, v in res["amp"]["params"].items():
-        torch.testing.assert_close(res["ours"]["params"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    for clip, r in res.items():
+        assert r["autocast"] == {"enabled": True, "dtype": "float16"}
+        assert r["tbps_clip"] == clip and r["deepspeed_clips"] == 0.0
+        assert r["ours"]["scale"] == r["amp"]["scale"] == 65536.0
+        assert any(not torch.equal(r["ours"]["params"][k], v) for k, v in init.items())  # trained
+        for k, v in r["amp"]["params"].items():
+            torch.testing.assert_close(r["ours"]["params"][k], v, rtol=1e-6, atol=1e-7, msg=(clip, k))
+    clipped, unclipped = res[0.05]["ours"]["params"], res[0.0]["ours"]["params"]
+    assert any(not torch.allclose(clipped[k], v, rtol=1e-4, atol=1e-6) for k, v in unclipped.items())
 
 
 def _local_ivt(url):

@@ -72,17 +72,21 @@ def _audit_steps(rank, url, out_path):
     (bf16 autocast), in fp32, with grad_cache, and -- for contrast -- in DeepSpeed's bf16 mode."""
     from tbps.config import load_config
     from tbps.data import build_train_loader, load_tokenizer
-    from tbps.engine.loop import initialize_engine, resolve_precision, tbps_clip_norm, train_step
+    from tbps.engine.loop import forward_autocast, initialize_engine, resolve_precision, tbps_clip_norm, train_step
     from tbps.methods import TextSpec, build_method
+    from tbps.methods.base import fp16_weights
     from tbps.optim import build_optimizer, build_scheduler
 
     tok = load_tokenizer(os.path.join(url, "tokenizer"))
     results = {}
     cases = [(name, precision, 1) for name in ("clip", "irra", "ivt", "pcc") for precision in ("auto", "fp32")]
     cases += [("irra", "auto", 2), ("ivt", "auto", 2), ("irra", "bf16", 1)]
+    # the official codes' precisions, the presets' defaults (IRRA's fp16 weights, IVT's torch AMP)
+    cases += [("irra", "fp16-weights", 1), ("irra", "fp16-weights", 2), ("ivt", "fp16-autocast", 1),
+              ("ivt", "fp16-autocast", 2)]
     for name, precision, accum in cases:
         cfg = load_config(f"{name}_tiny", [f"data.url={url}", "data.loader_workers=0", "data.batch_size=4",
-                                           "optim.grad_clip=1.0", f"train.precision={precision}",
+                                           "optim.grad_clip=1.0", f"train.precision={precision}", "optim.eps=1e-3",
                                            f"train.grad_accum={accum}", f"train.grad_cache={accum > 1}"])
         cfg.train.use_gpu = True  # what auto resolves to on a GPU worker (the step itself runs on this CPU)
         torch.manual_seed(0)
@@ -92,14 +96,20 @@ def _audit_steps(rank, url, out_path):
         if resolve_precision(cfg) == "bf16":  # the worker casts batches to the weights' precision
             group = [{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
                       for k, v in b.items()} for b in group]
-        optimizer = build_optimizer(method, cfg.optim, fused=True)  # as on a GPU: step counts stay on the device
+        if precision == "fp16-weights":  # as the worker builds it: converted, torch's default Adam (IRRA's)
+            fp16_weights(method)
+        # as on a GPU: step counts stay on the device
+        optimizer = build_optimizer(method, cfg.optim, fused=precision != "fp16-weights")
         scheduler = build_scheduler(optimizer, cfg.optim, 100, cfg.train.epochs)
         engine, *_ = initialize_engine(cfg, method, optimizer, scheduler)
-        clip = tbps_clip_norm(cfg)
+        clip, autocast = tbps_clip_norm(cfg), forward_autocast(resolve_precision(cfg))
         for _ in range(2):
-            train_step(engine, group, accum > 1, clip)
-        with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",)) as audit:  # BMM draws on the host
-            train_step(engine, group, accum > 1, clip)
+            train_step(engine, group, accum > 1, clip, autocast=autocast)
+        # torch's non-fused Adam (fp16-weights: IRRA's) keeps its step counts on the host, even on a GPU
+        steps = [] if precision != "fp16-weights" else [s["step"] for s in optimizer.state.values()]
+        with HostSyncAudit(host_side=("tbps/models/shared.py:bmm_keep",),  # BMM draws on the host
+                           host_tensors=steps) as audit:
+            train_step(engine, group, accum > 1, clip, autocast=autocast)
         results[(name, precision, accum)] = {"resolved": resolve_precision(cfg), "clip": clip,
                                              "syncs": [str(s) for s in audit.syncs],
                                              "params": sum(1 for p in method.parameters() if p.requires_grad)}
@@ -116,7 +126,10 @@ def audited_steps(synth_tiny, tmp_path_factory):
 def test_training_step_makes_no_host_synchronisation(audited_steps):
     """Every method, fp32 and GPU's default precision (bf16 autocast), with gradient clipping (tbps's own at ZeRO-0)
     and with grad_cache: the step asks the device for nothing, so the host can queue the next step's kernels while
-    this one runs. (Loss values are read every train.log_every steps, outside the step.)"""
+    this one runs. (Loss values are read every train.log_every steps, outside the step.) So do the official codes'
+    precisions: IRRA's fp16 weights (torch's unfused Adam, its step counts on the host) and IVT's torch AMP, whose
+    loss scaler hands its scale and overflow flag to the fused optimizer's kernel instead of reading the flag back,
+    and whose gradients tbps clips after the scaler unscales them (DeepSpeed's clipping made two blocking copies)."""
     for (name, precision, accum), res in audited_steps.items():
         if precision == "bf16":
             continue

@@ -69,8 +69,9 @@ def resolve_precision(cfg: Config) -> str:
 
 
 # precisions in which DeepSpeed runs tbps's torch optimizer on the parameters as they are (no fp16/bf16 optimizer of
-# its own): fp32, bf16 autocast over fp32 weights, and IRRA's fp16 weights trained directly
-TORCH_OPTIMIZER_PRECISIONS = ("fp32", "bf16-autocast", "fp16-weights")
+# its own): fp32, bf16 autocast over fp32 weights, IRRA's fp16 weights trained directly, and torch's AMP (fp16
+# autocast over fp32 weights, the optimizer stepped through torch's GradScaler at ZeRO-0)
+TORCH_OPTIMIZER_PRECISIONS = ("fp32", "bf16-autocast", "fp16-weights", "fp16-autocast")
 
 
 def forward_autocast(precision: str) -> torch.dtype | None:
@@ -196,8 +197,13 @@ def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
 
 def optimizer_step(engine, clip: float = 0.0) -> None:
     """``engine.step()`` (the optimizer and the lr schedule, at accumulation boundaries), the gradients first clipped
-    to norm ``clip`` at a boundary where tbps clips (``tbps_clip_norm``; 0 = DeepSpeed's clipping or none)."""
+    to norm ``clip`` at a boundary where tbps clips (``tbps_clip_norm``; 0 = DeepSpeed's clipping or none). Under
+    ``fp16-autocast`` the loss scaler unscales the gradients before they are clipped (torch's AMP recipe); its step
+    then takes the unscaled gradients and the overflow it found while unscaling."""
     if clip > 0 and engine.is_gradient_accumulation_boundary():
+        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None:
+            scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip)  # parameters without a gradient skipped
     engine.step()
 
