@@ -440,11 +440,11 @@ def test_a_diverged_run_stops_saves_nothing_of_it_and_is_not_retried(synth_tiny,
                     rf"checkpoint in epoch 2 after batch {EVERY} \(step {STEPS + EVERY}\)\)", poisoned["message"])
 
 
-def _fp16_main(rank, url, out_dir, precision):
+def _fp16_main(rank, url, out_dir, precision, step_options):
     from tbps.engine.loop import TrainRun
 
     extra = [f"train.precision={precision}", "optim.eps=1e-3", "train.checkpoint_every_steps=0",
-             "data.loader_workers=0", "train.eval_every=1"]
+             "data.loader_workers=0", "train.eval_every=1", *step_options]
     results, kept = {}, {}
 
     def keep(metrics, checkpoint_dir):
@@ -457,7 +457,7 @@ def _fp16_main(rank, url, out_dir, precision):
 
     def set_scale(epoch, index, batch):  # a scale the loss scaler would not start from (fp16-autocast)
         scaler = getattr(run.engine, "torch_autocast_z0_gradscaler", None)
-        if scaler is not None and (epoch, index) == (0, 1):
+        if scaler is not None and (epoch, index) == (0, 2):  # after the first step (of 2 micro-batches)
             scaler.update(new_scale=512.0)
 
     run = TrainRun(_config(url, os.path.join(out_dir, "whole"), 2, extra), rank, 1, torch.device("cpu"), keep,
@@ -476,14 +476,17 @@ def _fp16_main(rank, url, out_dir, precision):
         json.dump(results, f, default=str)
 
 
-@pytest.mark.parametrize("precision", ["fp16-weights", "fp16-autocast"])
-def test_fp16_precisions_train_evaluate_and_resume(synth_tiny, tmp_path, precision):
+@pytest.mark.parametrize("precision,step_options", [
+    ("fp16-weights", []), ("fp16-autocast", []),
+    ("fp16-autocast", ["train.grad_accum=2", "train.grad_cache=true", "optim.grad_clip=1.0"])],
+    ids=["fp16-weights", "fp16-autocast", "fp16-autocast-grad-cache-clip"])
+def test_fp16_precisions_train_evaluate_and_resume(synth_tiny, tmp_path, precision, step_options):
     """The official codes' precisions through the worker's loop. fp16-weights (IRRA's): the linear, conv and attention
     weights are fp16 and stay so (their Adam moments too). fp16-autocast (IVT's torch AMP): fp32 weights and a loss
     scaler, whose state -- which DeepSpeed leaves out of its ZeRO-0 checkpoints -- a resumed run takes from tbps's
-    checkpoint. Val and test run (on CPU in fp32), and a run resumed from its epoch-1 checkpoint ends with the
-    uninterrupted run's metrics."""
-    run_ranks(_fp16_main, 1, synth_tiny, str(tmp_path), precision)
+    checkpoint; also with grad_cache over 2 micro-batches and tbps's clipping after the scaler unscales. Val and test
+    run (on CPU in fp32), and a run resumed from its epoch-1 checkpoint ends with the uninterrupted run's metrics."""
+    run_ranks(_fp16_main, 1, synth_tiny, str(tmp_path), precision, step_options)
     res = json.load(open(tmp_path / "fp16.json"))
     whole, resumed = res["whole"], res["resumed"]
     if precision == "fp16-weights":
