@@ -247,7 +247,7 @@ def test_grad_cache_in_the_fp16_precisions(synth_tiny, tmp_path):
     (every micro-batch's backward scaled by DeepSpeed's ZeRO-0 GradScaler, unscaled once before the step). One
     optimizer step whose gradients are the N-times batch's to fp16's rounding; plain accumulation is another
     function. Under AMP grad_cache's second pass multiplies the features by their cached gradients in float32: in
-    the features' fp16 the loss scale (65,536) overflowed and the scaler skipped every step; with the cached
+    the features' fp16 the loss scale (65,536, fp16's own overflow) made the scaler skip this step; with the cached
     gradients rounded to fp16 first, these small ones (FP16) came out 3.6e-3 off instead of 3e-4."""
     from ranks import run_ranks
 
