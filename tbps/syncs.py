@@ -72,7 +72,8 @@ class HostSyncAudit:
                  host_tensors=()):
         self.device = torch.device(device)
         self.host_side = tuple(host_side)
-        self._host_tensors = {id(t) for t in host_tensors}
+        self._host_refs = tuple(host_tensors)  # held, so that their ids stay theirs while the audit runs
+        self._host_tensors = {id(t) for t in self._host_refs}
         self.root = os.path.abspath(root or os.getcwd())
         self.syncs: list[Sync] = []
         self._modes = ()

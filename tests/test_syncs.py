@@ -64,6 +64,12 @@ def test_audit_leaves_out_named_host_side_work_and_host_tensors_of_a_cuda_step()
         x.nonzero()
         torch.tensor([1.0], device="cpu")
     assert audit.syncs == [], audit.report()
+    step, other = torch.tensor(3.0), torch.tensor(4.0)  # named host tensors (a non-capturable optimizer's step count)
+    with HostSyncAudit(host_tensors=[step]) as audit:
+        step.item()
+        float(step)
+        other.item()
+    assert [s.kind for s in audit.syncs] == ["value read"], audit.report()  # other's read alone
 
 
 def _audit_steps(rank, url, out_path):
