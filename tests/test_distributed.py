@@ -351,3 +351,33 @@ def test_fp16_weights_on_two_ranks_is_irra_s_ddp(synth_tiny, tmp_path):
     for k, v in method.state_dict().items():
         assert got[k].dtype == v.dtype, k
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+def _zero2_amp_steps(rank, url, out_dir):
+    """DeepSpeed's ZeRO-2 with the fp16 torch_autocast section (what fp16-autocast at ZeRO>0 would run), the loss
+    scaler started far too high: each step overflows."""
+    from tbps.config import load_config
+    from tbps.engine.loop import initialize_engine, train_step
+    from tbps.optim import build_optimizer
+
+    method, batch = _setup("ivt", url)
+    cfg = load_config("ivt_tiny", [f"data.url={url}", "optim.grad_clip=0", "train.precision=fp16-autocast",
+                                   "train.zero_stage=2"])  # refused by preflight; the engine is built directly
+    engine = initialize_engine(cfg, method, build_optimizer(method, cfg.optim))[0]
+    scaler = engine.optimizer.torch_autocast_gradscaler
+    scaler.scale(torch.ones(()))  # the scale exists from here
+    scaler.update(new_scale=2.0 ** 40)
+    scales = []
+    for _ in range(4):
+        train_step(engine, [batch], grad_cache=False, clip=0.0)
+        scales.append((scaler.get_scale(), bool(engine.optimizer.overflow)))
+    torch.save(scales, os.path.join(out_dir, "zero2.pt"))
+
+
+def test_deepspeed_zero_skips_overflowing_amp_steps_without_lowering_the_scale(synth_tiny, tmp_path):
+    """Why fp16-autocast is refused at ZeRO 1-3 (tbps/engine/launcher.py): DeepSpeed's ZeRO optimizer finds the
+    overflow and skips the step without telling torch's GradScaler, whose scale therefore never falls -- every later
+    step is skipped too (torch's AMP, and fp16-autocast at ZeRO-0, halve the scale on each overflow). If a DeepSpeed
+    release lowers the scale here, the refusal can go."""
+    run_ranks(_zero2_amp_steps, 1, synth_tiny, str(tmp_path))
+    assert torch.load(tmp_path / "zero2.pt") == [(2.0 ** 40, True)] * 4
