@@ -119,11 +119,11 @@ def setup(preset: str, batch_size: int, device: torch.device, overrides=()):
     return cfg, method, batch, opt
 
 
-def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_micro: int = 0, host_batch=None,
+def step_fn(method, batch, opt, device: torch.device, autocast: bool, grad_cache_micro: int = 0, host_batch=None,
             clip: float = 0.0, scheduler=None, dtype: torch.dtype = torch.bfloat16, scaler=None):
     """One training step on ``batch``; with ``host_batch`` (a copy in host memory), each step first copies it to the
     device with ``non_blocking=True``, as the training loop copies every loader batch. ``clip`` > 0: the gradients'
-    norm clipped (as DeepSpeed's ``gradient_clipping``); ``scheduler``: stepped after the optimizer. ``bf16``: the
+    norm clipped (as DeepSpeed's ``gradient_clipping``); ``scheduler``: stepped after the optimizer. ``autocast``: the
     forward under autocast in ``dtype`` (bf16, or fp16 for the fp16 precisions); ``scaler``: a torch GradScaler
     (``fp16-autocast``, torch's AMP)."""
     params = [p for p in method.parameters() if p.requires_grad]
@@ -132,7 +132,7 @@ def step_fn(method, batch, opt, device: torch.device, bf16: bool, grad_cache_mic
         nonlocal batch
         if host_batch is not None:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in host_batch.items()}
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=bf16):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=autocast):
             if grad_cache_micro:
                 from tbps.gradcache import grad_cache_step
 
@@ -189,9 +189,11 @@ def precision_step(method, precision: str, device: torch.device, opt):
 
         fp16_weights(method)
         opt = torch.optim.Adam(method.parameters(), lr=1e-5, eps=1e-3)
+    from tbps.methods.base import compute_dtype
+
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-autocast" else None
-    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float16
-    return precision, precision != "fp32", dtype, scaler, opt
+    dtype = compute_dtype(precision)
+    return precision, dtype is not None, dtype or torch.bfloat16, scaler, opt
 
 
 def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device, compiled: bool,
@@ -200,8 +202,8 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
     without pinning) or ``pinned`` (page-locked, as the DataLoader's pinning thread leaves them; GPU only).
     ``precision``: see ``precision_step``."""
     cfg, method, batch, opt = setup(preset, batch_size, device)
-    precision, bf16, dtype, scaler, opt = precision_step(method, precision, device, opt)
-    flops = count_flops(step_fn(method, batch, opt, device, bf16, dtype=dtype, scaler=scaler))  # the model's FLOPs
+    precision, autocast, dtype, scaler, opt = precision_step(method, precision, device, opt)
+    flops = count_flops(step_fn(method, batch, opt, device, autocast, dtype=dtype, scaler=scaler))  # model FLOPs
     if compiled:
         method.compile_step(**compile_options(mode))
     host = None
@@ -209,7 +211,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
         host = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
         if copy == "pinned":
             host = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host.items()}
-    step = step_fn(method, batch, opt, device, bf16, host_batch=host, dtype=dtype, scaler=scaler)
+    step = step_fn(method, batch, opt, device, autocast, host_batch=host, dtype=dtype, scaler=scaler)
     for _ in range(warmup):
         step()
     if device.type == "cuda":

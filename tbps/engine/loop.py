@@ -34,7 +34,7 @@ from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
 from tbps.methods import TextSpec, build_method, create_method
-from tbps.methods.base import fp16_weights
+from tbps.methods.base import compute_dtype, fp16_weights
 from tbps.optim import build_optimizer, build_scheduler
 
 from .checkpoint import DS_TAG, RunOutputs, full_state_dict
@@ -195,13 +195,18 @@ def initialize_engine(cfg: Config, method, optimizer, scheduler=None):
     return engine, optimizer, scheduler
 
 
+def engine_scaler(engine):
+    """DeepSpeed's ZeRO-0 loss scaler (torch's GradScaler) under ``train.precision: fp16-autocast``, else None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None)
+
+
 def optimizer_step(engine, clip: float = 0.0) -> None:
     """``engine.step()`` (the optimizer and the lr schedule, at accumulation boundaries), the gradients first clipped
     to norm ``clip`` at a boundary where tbps clips (``tbps_clip_norm``; 0 = DeepSpeed's clipping or none). Under
     ``fp16-autocast`` the loss scaler unscales the gradients before they are clipped (torch's AMP recipe); its step
     then takes the unscaled gradients and the overflow it found while unscaling."""
     if clip > 0 and engine.is_gradient_accumulation_boundary():
-        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+        scaler = engine_scaler(engine)
         if scaler is not None:
             scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip)  # parameters without a gradient skipped
@@ -375,9 +380,8 @@ class TrainRun:
 
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights'
         self.train_autocast = forward_autocast(precision)
-        # evaluation: under autocast in the training precision on GPUs (bf16-/fp16-autocast, fp16-weights included)
-        self.autocast = ({"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16,
-                          "fp16-weights": torch.float16}.get(precision, self.dtype) if cfg.train.use_gpu else None)
+        # evaluation: under autocast in the training precision's compute dtype on GPUs
+        self.autocast = compute_dtype(precision) if cfg.train.use_gpu else None
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
         self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step
@@ -445,8 +449,8 @@ class TrainRun:
 
     @property
     def scaler(self):
-        """DeepSpeed's ZeRO-0 loss scaler (torch's GradScaler) under ``train.precision: fp16-autocast``, else None."""
-        return getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        """DeepSpeed's ZeRO-0 loss scaler under ``train.precision: fp16-autocast``, else None (``engine_scaler``)."""
+        return engine_scaler(self.engine)
 
     def scaler_state(self) -> dict:
         """``train.precision: fp16-autocast``: the loss scaler's state (its scale and growth count), for the engine's

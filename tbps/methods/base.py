@@ -256,6 +256,18 @@ FP16_MODULE_PARAMS = {nn.Conv1d: ("weight", "bias"), nn.Conv2d: ("weight", "bias
                                               "in_proj_bias", "bias_k", "bias_v")}
 
 
+# train.precision -> the dtype its matmuls compute in (autocast's, or the weights' in DeepSpeed's bf16/fp16 modes);
+# fp32 and auto (resolved first) have none
+COMPUTE_DTYPES = {"bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16, "fp16-autocast": torch.float16,
+                  "fp16-weights": torch.float16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The low-precision dtype a resolved ``train.precision`` computes in, or None (fp32): what evaluation runs
+    under autocast in on GPUs, and what ``bench/train_step.py`` autocasts its step to."""
+    return COMPUTE_DTYPES.get(precision)
+
+
 def fp16_weights(module: nn.Module) -> list[str]:
     """IRRA's ``convert_weights`` (model/clip_model.py, applied by ``build_model`` to the whole IRRA model), by module
     type: the weights and biases of every Conv1d, Conv2d and Linear (nn.MultiheadAttention's output projection, the
