@@ -42,6 +42,10 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench/overhead
 
 CPU_PRESETS = ("clip_tiny", "irra_tiny", "ivt_tiny", "pcc_tiny")
 PAPER_PRESETS = ("irra", "clip", "pcc", "ivt")
+# Synthetic captions are at most this long: the ivt preset pads to BERT's 512 positions (as IVT's tokenizer call does
+# not truncate) and its forward cuts the padding, so its step costs what its captions' lengths make it; 100 was the
+# preset's data.text_length until 2026-12-07, which keeps earlier measurements comparable
+BENCH_TEXT_LENGTH = 100
 COMPILED = {"off": [False], "on": [True], "both": [False, True]}  # --compile: the rows' eager/compiled steps
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
 # paper configs' tokenizers: size, pad, mask, bos, eos (tbps's CLIP tokenizer with IRRA's mask; BERT-base uncased)
@@ -62,8 +66,9 @@ def device_name(device: torch.device) -> str:
 
 
 def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """A training batch of the shapes ``method`` trains on: normalised images (3 views for IVT), captions of random
-    lengths with their masks, IRR's masked captions, IVT's three text levels, 4 images per identity."""
+    """A training batch of the shapes ``method`` trains on: normalised images (3 views for IVT), captions padded to
+    data.text_length, of random lengths from a quarter of to all of ``BENCH_TEXT_LENGTH`` (or data.text_length, the
+    shorter), with their masks, IRR's masked captions, IVT's three text levels, 4 images per identity."""
     from tbps.data.text import mlm_rows
 
     g = torch.Generator().manual_seed(seed)
@@ -71,9 +76,10 @@ def synthetic_batch(cfg, method, text, batch_size: int, device: torch.device, se
     h, w = cfg.data.image_size
     shape = (batch_size, needs.views, 3, h, w) if needs.views > 1 else (batch_size, 3, h, w)
     L = cfg.data.text_length
+    longest = min(L, BENCH_TEXT_LENGTH)
 
     def texts(n):
-        lengths = torch.randint(L // 4, L + 1, (n,), generator=g)
+        lengths = torch.randint(longest // 4, longest + 1, (n,), generator=g)
         mask = (torch.arange(L)[None] < lengths[:, None]).long()
         low = min(1000, text.vocab_size // 2)  # ordinary words, clear of the special tokens at either end
         ids = torch.randint(low, text.vocab_size - 10, (n, L), generator=g) * mask

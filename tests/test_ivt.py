@@ -306,3 +306,49 @@ def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path):
         assert np.allclose(emb["image_emb"][paths.index(p)], img[i].numpy(), atol=1e-5)
     for j, c in enumerate(batch["captions"]):
         assert np.allclose(emb["text_emb"][captions.index(c)], txt[j].numpy(), atol=1e-5)
+
+
+def test_ivt_preset_keeps_long_captions_whole_as_the_official_tokenizer_call(synth_tiny):
+    """IVT's processor tokenizes with ``padding='longest', max_length=100`` and no ``truncation``: transformers then
+    does not truncate (max_length alone truncates only without padding), so a caption over 100 word pieces is kept
+    whole. The preset's data.text_length (512, BERT's positions) keeps it too: the loader's ids, cut to the batch's
+    longest caption as IVT's forward cuts them, are the official call's."""
+    from tbps.data.text import tokenize, trim_padding
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    captions = [" ".join(["a woman in a red coat and black boots"] * 15), "the person has long hair"]
+    official = tok(captions, padding="longest", max_length=100, return_tensors="pt")
+    assert official["input_ids"].shape[1] > 120  # every token kept
+    cfg = load_config("ivt", [f"data.url={synth_tiny}"])
+    ids, mask = trim_padding(*tokenize(tok, captions, cfg.data.text_length))
+    assert torch.equal(ids, official["input_ids"]) and torch.equal(mask, official["attention_mask"])
+
+
+def test_evaluation_and_search_cut_ivt_s_text_padding(synth_tiny):
+    """With a long data.text_length, IVT's evaluation and search encode each batch of captions cut to its longest
+    (IVT's own evaluation pads to the longest too): the features are those of the padded captions (padding is
+    masked), at a fraction of the cost."""
+    from tbps.data import build_eval_loader
+    from tbps.retrieval import embed, encode_queries
+
+    cfg = load_config("ivt_tiny", _overrides(synth_tiny, "data.text_length=64"))
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    torch.manual_seed(0)
+    method = create_method(cfg, TextSpec.from_tokenizer(tok, 64), 10).eval()
+    encode, seen = method.encode_text, []
+    method.encode_text = lambda ids, mask: (seen.append(ids.shape[1]), encode(ids, mask))[1]
+    batches = list(build_eval_loader(cfg.data, tok, "test", 4))
+    out = embed(method, build_eval_loader(cfg.data, tok, "test", 4))
+    longest = [int(b["text_mask"].sum(dim=1).max()) for b in batches]
+    assert seen == longest and max(longest) < 64
+    with torch.no_grad():
+        padded = torch.cat([encode(b["text_ids"], b["text_mask"]) for b in batches])
+    assert torch.allclose(out["txt"], padded, atol=1e-5)
+    seen.clear()
+    queries = ["a woman in a red coat", "a man"]
+    vectors = encode_queries(method, cfg, tok, queries)
+    assert seen == [len(tok(queries[0])["input_ids"])]
+    with torch.no_grad():
+        ids, mask = (tok(queries, padding="max_length", max_length=64, return_tensors="pt")[k]
+                     for k in ("input_ids", "attention_mask"))
+        assert torch.allclose(vectors, method.search_vectors(encode(ids, mask), "text"), atol=1e-5)

@@ -57,6 +57,10 @@ class Method(nn.Module):
     backbone_prefixes: tuple[str, ...] = ()  # parameters at the base lr; everything else is "new" (lr x mult)
     head_prefixes: tuple[str, ...] = ()  # new modules whose biases also learn at the new-module lr (IRRA's heads)
     default_gather = True  # method.gather: null picks this (global negatives unless the paper used local batches)
+    # "longest": the method's official tokenizer pads each batch of captions to its longest one, and right padding
+    # does not change its text features; evaluation and search then cut the padding (``tbps.retrieval``), so a long
+    # ``data.text_length`` costs nothing there. "fixed": captions are encoded at data.text_length.
+    text_padding = "fixed"
 
     @classmethod
     def hyperparameters(cls, losses) -> set[str]:

@@ -27,6 +27,7 @@ from .base import Method, register
 class IVT(Method):
     backbone_prefixes = ("tower.",)
     default_gather = False  # the official code computes CMPM on each GPU's local batch
+    text_padding = "longest"  # the official tokenizer call pads to the longest caption (training: trim_padding)
 
     def __init__(self, config, model, image_size, text, num_classes):
         super().__init__(config, text, num_classes)
