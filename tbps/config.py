@@ -163,6 +163,9 @@ class DataConfig:
     # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
     text_length: int = field(default=77, metadata=within("[3, inf)", "a start, an end and at least one word token"))
     # tokens per caption, [CLS]/[SEP] included
+    mla_words: Literal["auto", "attributes", "clauses"] = "auto"  # IVT's word-level texts: attributes (CUHK-PEDES's
+    # loader: attribute phrases, else split pieces) | clauses (ICFG-PEDES's and RSTPReid's: one comma clause) | auto =
+    # the rule of IVT's loader for the dataset (its manifest's name): clauses on icfg-pedes and rstpreid
     seed: int = 0  # data order; epochs reshuffle deterministically from it
 
     def __post_init__(self):

@@ -26,7 +26,8 @@ file (``{"state_dict": ...}`` with encoder_vl.* keys, detected; built from the i
 local or on object storage.
 
 --ap trapezoid adds a second row per model computed as IVT's tables are (trapezoid AP over a gallery of every second
-caption row; docs/methods.md "Metric comparability"). Our metrics stay the first row.
+caption row's image, every row's on ICFG-PEDES; docs/methods.md "Metric comparability"). Our metrics stay the first
+row.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ import sys
 
 def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
                    embeddings_path: str | None = None, ap: str = "standard") -> dict:
-    from tbps.data import build_eval_loader
+    from tbps.data import build_eval_loader, load_manifest
     from tbps.eval import evaluate
 
-    loader = build_eval_loader(cfg.data, tok, split, batch_size)
-    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path, ap=ap)
+    manifest = load_manifest(cfg.data.url)
+    loader = build_eval_loader(cfg.data, tok, split, batch_size, manifest=manifest)
+    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path, ap=ap,
+                   dataset=str(manifest.get("dataset", "")))
     out["method"] = cfg.method.name
     return out
 
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the metrics to this JSON file")
     ap.add_argument("--ap", choices=("standard", "trapezoid"), default="standard",
                     help="trapezoid: also report each model by IVT's protocol (trapezoid AP, gallery = every second "
-                         "caption row), as a second row")
+                         "caption row's image, every row's on ICFG-PEDES), as a second row")
     ap.add_argument("--save-embeddings", action="store_true",
                     help="write <out>/embeddings.npz per model (gallery and query embeddings with paths, captions, ids)")
     add_verbose(ap)

@@ -16,7 +16,8 @@ from shards.writer import DatasetWriter
 from tbps.config import DataConfig
 from tbps.data import (DataNeeds, assign_shards, batches_per_epoch, build_eval_loader, build_train_loader,
                        load_manifest, load_tokenizer)
-from tbps.data.text import mla_texts, phrase_pieces, word_fallback_pieces
+from tbps.data.text import (clause_pieces, mla_texts, mla_word_rule, phrase_pieces, tokenize,
+                            word_fallback_pieces)
 
 
 def _train_samples(url: str) -> list[dict]:
@@ -242,6 +243,75 @@ def test_mla_word_level_is_a_random_subset_of_the_attribute_phrases():
         sizes.add(len(parts))
         orders.add(word)
     assert sizes == {1, 2, 3} and len(orders) == 3 + 6 + 6  # every non-empty subset in every order
+
+
+def test_mla_word_level_on_icfg_pedes_and_rstpreid_is_one_comma_clause():
+    """Hand-derived from IVT's ImageDatasetLevelICFG / ImageDatasetLevelRSTP (datasets/bases.py): '.', '[' and ']'
+    stripped from the ends, sentences split on '.', every comma clause over 5 characters before trimming."""
+    caption = "[a person has long black hair, wears a red coat, jeans and carries a bag. they wear white shoes.]"
+    assert clause_pieces(caption) == ["a person has long black hair", "wears a red coat", "jeans and carries a bag",
+                                      "they wear white shoes"]
+    assert word_fallback_pieces(caption) == ["[a person has long black hair", "wears a red coat, jeans and carries "
+                                             "a bag", "they wear white shoes"]  # CUHK-PEDES's rule, for contrast
+    assert clause_pieces("a man, in red, ok") == ["in red"]  # "a man" is 5 characters, " in red" 7, " ok" 3
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        sentence, phrase, word = mla_texts(caption.upper(), rng, ["red coat"], words="clauses")  # attributes unused
+        assert sentence == caption and phrase in phrase_pieces(caption) and word in clause_pieces(caption)
+        seen.add(word)
+    assert len(seen) == 4
+    assert mla_texts("Tiny. ok", rng, words="clauses")[2] == "tiny. ok"  # nothing over 5 characters: the caption
+    assert [mla_word_rule("auto", d) for d in ("icfg-pedes", "rstpreid", "cuhk-pedes", "toypedes", "jsonl:mals")] == \
+        ["clauses", "clauses", "attributes", "attributes", "attributes"]
+    assert mla_word_rule("attributes", "icfg-pedes") == "attributes" and mla_word_rule("clauses", "") == "clauses"
+    with pytest.raises(ValueError, match="data.mla_words must be auto, attributes or clauses, got 'words'"):
+        mla_word_rule("words", "icfg-pedes")
+
+
+def _renamed(url: str, out, dataset: str) -> str:
+    """A copy of a published dataset whose manifest names it ``dataset`` (as shards.build --dataset does)."""
+    import shutil
+
+    shutil.copytree(url, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "dataset": dataset}))
+    return str(out)
+
+
+def test_train_loader_draws_ivt_s_word_level_by_the_dataset_s_rule(synth_tiny, tmp_path):
+    """data.mla_words=auto: the loader uses the rule of IVT's loader for the dataset its manifest names -- one comma
+    clause on ICFG-PEDES and RSTPReid, CUHK-PEDES's pieces elsewhere; in a mixture, each member's own rule (its
+    samples told apart by their relabelled pids); an explicit rule applies everywhere."""
+    from tbps.config import load_config
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    captions = {s["key"]: s["captions"] for s in read_split(synth_tiny, "train")}
+    icfg, rstp, cuhk = (_renamed(synth_tiny, tmp_path / d, d) for d in ("icfg-pedes", "rstpreid", "cuhk-pedes"))
+
+    def words(batch, i, rule):
+        """The word-level texts ``rule`` allows for sample i, tokenized as the loader does."""
+        caption = captions[batch["keys"][i]][batch["caption_index"][i]].lower()
+        return {tuple(tokenize(tok, [p], 48)[0][0].tolist()) for p in rule(caption)}
+
+    def check(url, *more):
+        cfg = load_config("ivt_tiny", [f"data.url={url}", "data.loader_workers=0", "data.batch_size=32", *more])
+        batch = next(iter(build_train_loader(cfg.data, tok, DataNeeds(views=3, mla=True))))
+        return batch, [tuple(batch["mla_ids"][i, 2].tolist()) for i in range(32)]
+
+    for url, rule, other in ((icfg, clause_pieces, word_fallback_pieces), (rstp, clause_pieces, word_fallback_pieces),
+                             (cuhk, word_fallback_pieces, clause_pieces), (synth_tiny, word_fallback_pieces,
+                                                                          clause_pieces)):
+        batch, drawn = check(url)
+        assert all(w in words(batch, i, rule) for i, w in enumerate(drawn)), url
+        assert any(w not in words(batch, i, other) for i, w in enumerate(drawn)), url  # the rules differ here
+    batch, drawn = check(icfg, "data.mla_words=attributes")
+    assert all(w in words(batch, i, word_fallback_pieces) for i, w in enumerate(drawn))
+    batch, drawn = check(f"[{{url: {icfg}, eval: true}}, {{url: {cuhk}}}]")
+    members = (batch["pids"] % 2).tolist()  # pid * 2 + member
+    assert set(members) == {0, 1}
+    for i, w in enumerate(drawn):
+        assert w in words(batch, i, clause_pieces if members[i] == 0 else word_fallback_pieces), i
 
 
 # ------------------------------------------------------------------------------------------------ ToyPEDES

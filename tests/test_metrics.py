@@ -103,3 +103,23 @@ def test_ivt_protocol_gallery_is_every_second_caption_row():
     assert out["gallery"] == 3
     # the pid-7 query has no correct image: a miss in R1, skipped in mAP; pid 5 queries find image 0 (twice)
     assert out["R1"] == pytest.approx(100 * 5 / 6)
+
+
+def test_ivt_protocol_on_icfg_pedes_takes_every_caption_row():
+    """IVT's ICFG-PEDES script evaluates with R1_mAP_ICFG: the image of every caption row (each image once per
+    caption); its CUHK-PEDES and RSTPReid scripts with R1_mAP_CUHK (every second row)."""
+    from tbps.eval.ranking import ivt_gallery_step, ivt_protocol
+
+    class Cosine:
+        def similarity(self, t, v):
+            return t @ v.t()
+
+    local = {"img": torch.eye(3), "img_pid": torch.tensor([5, 6, 7]), "img_idx": torch.tensor([0, 1, 2]),
+             "txt": torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0]]),
+             "txt_pid": torch.tensor([5, 6, 7, 5, 5, 6]),
+             "txt_idx": torch.tensor([0, 1000, 2000, 1, 2, 1001]), "txt_img": torch.tensor([0, 1, 2, 0, 0, 1])}
+    assert [ivt_gallery_step(d) for d in ("icfg-pedes", "cuhk-pedes", "rstpreid", "toypedes")] == [1, 2, 2, 2]
+    # rows in split order: images 0, 0, 0, 1, 1, 2 -- image 2 is in the gallery now, so the pid-7 query finds it
+    out = ivt_protocol(Cosine(), local, step=1)
+    assert out["gallery"] == 6 and out["R1"] == pytest.approx(100) and out["mAP"] == pytest.approx(100)
+    assert ivt_protocol(Cosine(), local, step=2)["R1"] == pytest.approx(100 * 5 / 6)

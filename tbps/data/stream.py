@@ -48,7 +48,7 @@ from .batch import EvalBatch, TrainBatch
 from .needs import DataNeeds
 from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
     identity_sequence, picks_per_step
-from .text import mask_tokens, mla_texts, mlm_rows, tokenize
+from .text import mask_tokens, mla_texts, mla_word_rule, mlm_rows, tokenize
 from .transforms import BatchAugment, batch_tensor, resize_mode, resize_uint8
 
 register_fsspec_gopen()  # s3:// and other fsspec URLs for webdataset, in this process
@@ -367,9 +367,11 @@ class Mixture:
         self.members = list(members)
         self.entries: list[list[dict]] = []
         self.train_id_offsets: list[int] = []
+        self.datasets: list[str] = []  # each member's manifest name (shards.build --dataset)
         offset = 0
         for i, m in enumerate(self.members):
             manifest = load_manifest(m.url)
+            self.datasets.append(str(manifest.get("dataset", "")))
             shards = split_shards(manifest, split, m.url)
             self.entries.append([{**e, "url": join(m.url, e["name"]), "member": i} for e in shards])
             self.train_id_offsets.append(offset)
@@ -423,6 +425,18 @@ class ShardStream(IterableDataset):
         self.augment = BatchAugment(cfg, train=train)
         self.decode_hw = decode_target(cfg)  # what a JPEG may be decoded down towards (data.decode)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
+        # IVT's word-level rule per dataset (data.mla_words): the split's, or per mixture member
+        self.word_rule = mla_word_rule(cfg.mla_words, str(manifest.get("dataset", "")))
+        self.member_word_rules = [mla_word_rule(cfg.mla_words, d) for d in self.mixture.datasets] if self.mixture \
+            else []
+
+    def mla_words(self, url) -> str:
+        """The word-level rule of the dataset a shard (``__url__``) belongs to."""
+        if self.mixture:
+            member = self.mixture.member_of.get(url)
+            if member is not None:
+                return self.member_word_rules[member]
+        return self.word_rule
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -458,7 +472,8 @@ class ShardStream(IterableDataset):
                "key": sample["__key__"], "shard": os.path.basename(str(sample.get("__url__", "")))}
         if self.needs.mla:
             attributes = meta.get("caption_attributes")
-            out["mla"] = mla_texts(caption, rng, attributes[index] if attributes else None)
+            out["mla"] = mla_texts(caption, rng, attributes[index] if attributes else None,
+                                   self.mla_words(sample.get("__url__")))
         return out
 
     # -- per batch (runs in the loader worker)

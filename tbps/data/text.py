@@ -144,18 +144,48 @@ def word_fallback_pieces(caption: str) -> list[str]:
     return _longest_and_rest(caption.strip(".").split("."))
 
 
-def mla_texts(caption: str, rng: random.Random, attributes: list[str] | None = None) -> tuple[str, str, str]:
+def clause_pieces(caption: str) -> list[str]:
+    """IVT's word-level candidates on ICFG-PEDES and RSTPReid (datasets/bases.py ``ImageDatasetLevelICFG`` and
+    ``ImageDatasetLevelRSTP``): the caption split into sentences on '.' (after stripping '.', '[' and ']' from its
+    ends), each sentence into its comma clauses, each clause kept if longer than 5 characters before trimming
+    spaces."""
+    sentences = caption.strip(".").strip("[").strip("]").split(".")
+    clauses = [c for sentence in sentences for c in sentence.split(",") if len(c) > 5]
+    return [c.strip(" ") for c in clauses if c.strip(" ")]
+
+
+MLA_WORD_RULES = ("attributes", "clauses")
+CLAUSE_DATASETS = ("icfg-pedes", "rstpreid")  # shards.build's names of the datasets IVT's clause rule is for
+
+
+def mla_word_rule(setting: str, dataset: str) -> str:
+    """``data.mla_words`` for a dataset (its manifest's ``dataset``): ``auto`` is the rule IVT's own loader for that
+    dataset uses -- ``clauses`` on ICFG-PEDES and RSTPReid, ``attributes`` (CUHK-PEDES's) everywhere else."""
+    if setting == "auto":
+        return "clauses" if dataset in CLAUSE_DATASETS else "attributes"
+    if setting not in MLA_WORD_RULES:
+        raise ValueError(f"data.mla_words must be auto, attributes or clauses, got {setting!r}")
+    return setting
+
+
+def mla_texts(caption: str, rng: random.Random, attributes: list[str] | None = None,
+              words: str = "attributes") -> tuple[str, str, str]:
     """IVT multi-level alignment texts (sentence, phrase, word) as the official training builds them.
 
-    sentence: the caption, lower-cased. phrase: one of ``phrase_pieces``. word: a random non-empty subset of the
-    caption's attribute phrases (uniform size, then a uniform subset, in drawn order) joined by ','; without
-    attribute phrases, one of ``word_fallback_pieces``. Where the official code would sample from an empty list (a
-    caption with no piece over 5 characters) the level is the caption itself.
+    sentence: the caption, lower-cased. phrase: one of ``phrase_pieces``. word, by ``words`` (``mla_word_rule``):
+    ``attributes`` (CUHK-PEDES's loader) -- a random non-empty subset of the caption's attribute phrases (uniform
+    size, then a uniform subset, in drawn order) joined by ','; without attribute phrases, one of
+    ``word_fallback_pieces``; ``clauses`` (ICFG-PEDES's and RSTPReid's loaders) -- one of ``clause_pieces``,
+    attribute phrases unused. Where the official code would sample from an empty list (a caption with no piece over
+    5 characters) the level is the caption itself.
     """
     caption = caption.lower()
     phrases = phrase_pieces(caption)
     phrase = rng.choice(phrases) if phrases else caption
-    if attributes:
+    if words == "clauses":
+        pieces = clause_pieces(caption)
+        word = rng.choice(pieces) if pieces else caption
+    elif attributes:
         word = ",".join(rng.sample(attributes, rng.randint(1, len(attributes))))
     else:
         pieces = word_fallback_pieces(caption)

@@ -42,14 +42,23 @@ def _gather_gallery(local: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return emb[order], pid[order].to(emb.device)
 
 
-def ivt_protocol(model, local: dict, chunk: int = 1024) -> dict[str, float]:
-    """R1/R5/R10/mAP as IVT's tables compute them (utils/metrics.py ``R1_mAP_CUHK``): the gallery is the image of
-    every second caption row in split order (rows 0, 2, 4, ...: each image once when every image has two captions,
-    some twice or not at all otherwise) and AP is the trapezoid variant (``chunk_stats(ap="trapezoid")``). Ties are
-    ordered by gallery row (IVT's reversed argsort orders them the other way). Single process."""
+def ivt_gallery_step(dataset: str) -> int:
+    """Which caption rows' images IVT's evaluation takes as its gallery on a dataset (its manifest's name): every
+    row on ICFG-PEDES (``R1_mAP_ICFG``, which its ICFG script uses), every second row elsewhere (``R1_mAP_CUHK``,
+    which its CUHK-PEDES and RSTPReid scripts use)."""
+    return 1 if dataset == "icfg-pedes" else 2
+
+
+def ivt_protocol(model, local: dict, chunk: int = 1024, step: int = 2) -> dict[str, float]:
+    """R1/R5/R10/mAP as IVT's tables compute them (utils/metrics.py ``R1_mAP_CUHK``; ``R1_mAP_ICFG`` with
+    ``step=1``, ``ivt_gallery_step``): the gallery is the image of every ``step``-th caption row in split order
+    (step 2, rows 0, 2, 4, ...: each image once when every image has two captions, some twice or not at all
+    otherwise; step 1: each image once per caption) and AP is the trapezoid variant
+    (``chunk_stats(ap="trapezoid")``). Ties are ordered by gallery row (IVT's reversed argsort orders them the
+    other way). Single process."""
     if world()[1] > 1:
         raise RuntimeError("the IVT protocol is computed in a single process (tbps.evaluate)")
-    gallery_images = local["txt_img"][local["txt_idx"].argsort()][::2].tolist()
+    gallery_images = local["txt_img"][local["txt_idx"].argsort()][::step].tolist()
     position = {i: p for p, i in enumerate(local["img_idx"].tolist())}
     take = torch.tensor([position[i] for i in gallery_images], dtype=torch.long, device=local["img"].device)
     gallery, gallery_pids = local["img"][take], local["img_pid"].to(take.device)[take]
@@ -79,11 +88,11 @@ def check_embeddings_finite(gallery: torch.Tensor, queries: torch.Tensor) -> Non
 
 @torch.no_grad()
 def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None, cmc: int = 0,
-             embeddings_path: str | None = None, ap: str = "standard") -> dict[str, float]:
+             embeddings_path: str | None = None, ap: str = "standard", dataset: str = "") -> dict[str, float]:
     """R1/R5/R10/mAP/mINP (+ chance R1 and timing) of ``model`` on the split behind ``loader`` (this rank's part).
     Every rank must call it; with one process it is the plain single-process evaluation. ``embeddings_path``
     (single process) also writes the embeddings (``save_embeddings``). ``ap="trapezoid"`` (single process) adds
-    ``ivt``: the metrics by IVT's protocol (``ivt_protocol``), beside ours."""
+    ``ivt``: the metrics by IVT's protocol for ``dataset`` (the manifest's name; ``ivt_protocol``), beside ours."""
     if ap not in ("standard", "trapezoid"):
         raise ValueError(f"ap must be standard or trapezoid, got {ap!r}")
     start = time.time()
@@ -113,7 +122,7 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
     if skipped:  # data.on_bad_shard=skip, all ranks
         out["skipped_shards"] = skipped
     if ap == "trapezoid":
-        out["ivt"] = ivt_protocol(model, local, chunk)
+        out["ivt"] = ivt_protocol(model, local, chunk, ivt_gallery_step(dataset))
     out["eval_seconds"] = time.time() - start
     return out
 
