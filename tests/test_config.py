@@ -13,7 +13,7 @@ from tbps.train import main as train_main
 
 
 def test_presets_load_and_overrides_apply():
-    for name in ("clip", "clip_tiny", "irra", "irra_tiny", "ivt", "ivt_tiny", "pcc", "pcc_tiny"):
+    for name in ("clip", "clip_tiny", "irra", "irra_tiny", "ivt", "ivt_rstpreid", "ivt_tiny", "pcc", "pcc_tiny"):
         cfg = load_config(name)
         assert cfg.method.name == name.split("_")[0]
     cfg = load_config("irra_tiny", ["method.temperature=0.05", "optim.lr=1e-3", "method.losses=[{name: sdm}]"])
@@ -109,7 +109,7 @@ def test_every_numeric_field_with_valid_values_refuses_the_values_beyond_them(sy
     from tbps.config import METHOD_CONFIGS, Config, check_values
     from tbps.engine.launcher import preflight
 
-    for preset in ("irra", "ivt", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
+    for preset in ("irra", "ivt", "ivt_rstpreid", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
         check_values(load_config(preset))
     sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
     checked = []
@@ -182,7 +182,7 @@ def test_enum_fields_accept_what_the_code_implements():
     from tbps.losses import CMPM_NORMS
 
     assert typing.get_args(CmpmNorm) == CMPM_NORMS and typing.get_args(OnBadShard) == ON_BAD_SHARD
-    for preset in ("irra", "ivt", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
+    for preset in ("irra", "ivt", "ivt_rstpreid", "pcc", "clip", "irra_tiny", "ivt_tiny", "pcc_tiny", "clip_tiny"):
         load_config(preset)  # every preset's values are valid
 
 

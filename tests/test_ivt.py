@@ -363,3 +363,17 @@ def test_evaluation_and_search_cut_ivt_s_text_padding(synth_tiny):
         ids, mask = (tok(queries, padding="max_length", max_length=64, return_tensors="pt")[k]
                      for k in ("input_ids", "attention_mask"))
         assert torch.allclose(vectors, method.search_vectors(encode(ids, mask), "text"), atol=1e-5)
+
+
+def test_rstpreid_preset_is_train_rstp_s_recipe():
+    """train_rstp.py runs configs/RSTPReID/vit_base_uvt_bert.yml (the CUHK-PEDES config but for the dataset's name)
+    and, unlike the CUHK-PEDES and ICFG-PEDES scripts, leaves its STRIDE_SIZE [16, 16]; its --batch_size is 48.
+    Everything else is the ivt preset's."""
+    from tbps.config import flatten, to_dict
+
+    ivt, rstp = (flatten(to_dict(load_config(p)), ("image_overrides",)) for p in ("ivt", "ivt_rstpreid"))
+    assert {k for k in ivt.keys() | rstp.keys() if ivt.get(k) != rstp.get(k)} == {
+        "model.patch_stride", "data.batch_size", "train.run_name"}
+    cfg = load_config("ivt_rstpreid")
+    assert (cfg.model.patch_stride, cfg.data.batch_size, cfg.data.identity_blocks) == (16, 48, 4)
+    assert cfg.data.batch_size % (cfg.data.identity_blocks * cfg.data.instances_per_id) == 0  # blocks of 3 ids x 4
