@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue #15's GPU measurement for the device tool (one H100; 10 minutes a command, 30 device minutes a session):
+# Issue #15's GPU measurement for the device tool (one H100; 10 minutes a command; a session's device time, 15 minutes
+# in December 2026 with the machine's start counted, is what `status` says):
 #   bash bench/gpu_15.sh [irra] [ivt] [pcc] [clip] [max] [profile] [modes] [engine] [data] [precision]
 #                        (default: irra ivt pcc clip max, in that order)
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
