@@ -458,6 +458,10 @@ class EvalConfig:
     query_chunk: int = field(default=1024, metadata=within("[1, inf)"))  # queries ranked at a time (bounds memory)
     test_every_epoch: bool = False  # also evaluate test whenever val is: metrics.json and the final table add the
     # best *test* epoch, labelled "test-selected (the papers' protocol)", beside ours (test at the best val epoch)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # what evaluation computes in on a GPU (on CPU: fp32),
+    # under autocast | auto = as the official code evaluates a model trained in train.precision: fp16 for fp16-weights
+    # (IRRA evaluates its fp16 model) and fp16, fp32 for fp16-autocast (IVT's inference runs outside its autocast) and
+    # fp32, bf16 for bf16-autocast and bf16
 
 
 @dataclass

@@ -37,26 +37,43 @@ import json
 import sys
 
 
+def evaluation_autocast(cfg, device: str):
+    """The dtype a model of ``cfg`` is evaluated under autocast to on ``device``: on a GPU ``eval.precision`` (auto:
+    as the official code evaluates the model's ``train.precision``, and as its own run evaluated it), else fp32."""
+    import torch
+
+    from tbps.engine.loop import resolve_precision
+    from tbps.methods.base import eval_dtype
+
+    if torch.device(device).type != "cuda":
+        return None
+    return eval_dtype(resolve_precision(cfg), cfg.eval.precision)
+
+
 def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
-                   embeddings_path: str | None = None, ap: str = "standard") -> dict:
+                   embeddings_path: str | None = None, ap: str = "standard", precision: str | None = None) -> dict:
+    """``precision`` (``--precision``): eval.precision for this evaluation (None: the model's config's)."""
     from tbps.data import build_eval_loader, load_manifest
     from tbps.eval import evaluate
 
+    if precision:
+        cfg.eval.precision = precision
+
     manifest = load_manifest(cfg.data.url)
     loader = build_eval_loader(cfg.data, tok, split, batch_size, manifest=manifest)
-    out = evaluate(method, loader, device, cfg.eval.query_chunk, cmc=cmc, embeddings_path=embeddings_path, ap=ap,
-                   dataset=str(manifest.get("dataset", "")))
+    out = evaluate(method, loader, device, cfg.eval.query_chunk, autocast_dtype=evaluation_autocast(cfg, device),
+                   cmc=cmc, embeddings_path=embeddings_path, ap=ap, dataset=str(manifest.get("dataset", "")))
     out["method"] = cfg.method.name
     return out
 
 
 def evaluate_checkpoint(checkpoint: str, data_url: str | None = None, split: str = "test", batch_size: int = 256,
                         device: str = "cpu", cmc: int = 0, embeddings_path: str | None = None,
-                        overrides: list[str] | None = None, ap: str = "standard") -> dict:
+                        overrides: list[str] | None = None, ap: str = "standard", precision: str | None = None) -> dict:
     from tbps.checkpoint import load_method
 
     method, cfg, tok = load_method(checkpoint, data_url=data_url, device=device, overrides=overrides)
-    return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path, ap)
+    return evaluate_model(method, cfg, tok, split, batch_size, device, cmc, embeddings_path, ap, precision)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -143,6 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch-size", type=at_least(1), default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="what a GPU evaluates in (eval.precision; default: the model's config's, auto: as the official "
+                         "code evaluates the model's train.precision -- IRRA's fp16 model in fp16, IVT in fp32 -- "
+                         "and as its own run evaluated it); CPUs evaluate in fp32")
     ap.add_argument("--cmc", type=at_least(0), default=20, help="CMC curve up to this rank (default 20)")
     ap.add_argument("--out", help="write metrics.md, metrics.json and cmc.png here")
     ap.add_argument("--json", help="also write the metrics to this JSON file")
@@ -204,12 +225,13 @@ def main(argv=None) -> int:
     def evaluate_all() -> int:
         for i, (name, ckpt) in enumerate(zip(names, args.checkpoint)):
             rows[name] = evaluate_checkpoint(ckpt, args.data, args.split, args.batch_size, args.device, args.cmc,
-                                             embeddings_path(i), None if args.config else args.overrides, args.ap)
+                                             embeddings_path(i), None if args.config else args.overrides, args.ap,
+                                             args.precision)
         if args.config:
             method, cfg, tok = load_method(config=args.config, overrides=args.overrides, data_url=args.data,
                                            device=args.device)
             rows[names[-1]] = evaluate_model(method, cfg, tok, args.split, args.batch_size, args.device, args.cmc,
-                                             embeddings_path(len(names) - 1), args.ap)
+                                             embeddings_path(len(names) - 1), args.ap, args.precision)
         return 0
     code = run_command("python -m tbps.evaluate", evaluate_all, args.verbose)
     if code:
@@ -254,7 +276,8 @@ def parse_datasets(values: list[str]) -> dict[str, str]:
 
 
 def evaluate_matrix(models: dict[str, tuple], datasets: dict[str, str], split: str = "test", batch_size: int = 256,
-                    device: str = "cpu", cmc: int = 0, log=None) -> dict[str, dict[str, dict]]:
+                    device: str = "cpu", cmc: int = 0, log=None, precision: str | None = None
+                    ) -> dict[str, dict[str, dict]]:
     """``{model: {dataset: metrics}}``: each model (``(method, cfg, tokenizer)``, its own tokenizer and
     preprocessing) on each dataset's ``split``."""
     out: dict[str, dict[str, dict]] = {}
@@ -262,7 +285,7 @@ def evaluate_matrix(models: dict[str, tuple], datasets: dict[str, str], split: s
         out[name] = {}
         for label, url in datasets.items():
             cfg.data.url = url
-            out[name][label] = evaluate_model(method, cfg, tok, split, batch_size, device, cmc)
+            out[name][label] = evaluate_model(method, cfg, tok, split, batch_size, device, cmc, precision=precision)
             if log:
                 m = out[name][label]
                 log(f"[evaluate] {name} on {label}: R1 {m['R1']:.2f} mAP {m['mAP']:.2f}")
@@ -328,7 +351,7 @@ def _matrix_main(args, names: list[str], datasets: dict[str, str]) -> int:
             models[names[-1]] = load_method(config=args.config, overrides=args.overrides, data_url=first,
                                             device=args.device)
         matrix.update(evaluate_matrix(models, datasets, args.split, args.batch_size, args.device, args.cmc,
-                                      log=lambda m: print(m, file=sys.stderr)))
+                                      log=lambda m: print(m, file=sys.stderr), precision=args.precision))
         return 0
     code = run_command("python -m tbps.evaluate", evaluate_all, args.verbose)
     if code:

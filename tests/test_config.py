@@ -249,7 +249,8 @@ def test_a_resumed_run_refuses_a_changed_training_config(synth_tiny, tmp_path, c
     def check(name, overrides):
         check_resumed_config(load_config("clip_tiny", [*base, f"train.run_name={name}", *overrides]))
 
-    check("r", ["train.num_workers=1", "train.compile=true", "train.log_every=5", "eval.batch_size=16"])
+    check("r", ["train.num_workers=1", "train.compile=true", "train.log_every=5", "eval.batch_size=16",
+               "eval.precision=fp32"])
     moved = tmp_path / "moved"
     moved.symlink_to(synth_tiny)
     check("r", [f"data.url={moved}", "train.epochs=30"])
@@ -322,3 +323,26 @@ def test_the_fp16_precisions_take_grad_cache_and_compile_at_zero_0(synth_tiny, p
 
     preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", f"train.precision={precision}", "optim.eps=1e-3",
                                         "train.grad_accum=2", "train.grad_cache=true", "train.compile=true"]))
+
+
+def test_evaluation_precision_follows_the_official_codes():
+    """eval.precision auto, on a GPU: as the official code evaluates a model trained in train.precision -- IRRA its
+    fp16 weights (fp16), IVT outside the autocast of its AMP training (its do_inference_* run no autocast: fp32);
+    tbps's own precisions in their compute dtype. A set eval.precision (or tbps.evaluate --precision) wins; a CPU
+    evaluates in fp32."""
+    import torch
+
+    from tbps.evaluate import evaluation_autocast
+    from tbps.methods.base import eval_dtype
+
+    assert evaluation_autocast(load_config("irra"), "cuda") is torch.float16
+    assert evaluation_autocast(load_config("clip"), "cuda:1") is torch.float16
+    assert evaluation_autocast(load_config("ivt"), "cuda") is None
+    assert evaluation_autocast(load_config("pcc"), "cuda") is torch.bfloat16  # auto: bf16 autocast on GPUs
+    assert evaluation_autocast(load_config("irra"), "cpu") is None
+    assert evaluation_autocast(load_config("ivt", ["eval.precision=bf16"]), "cuda") is torch.bfloat16
+    assert evaluation_autocast(load_config("irra", ["eval.precision=fp32"]), "cuda") is None
+    assert [eval_dtype(p) for p in ("fp32", "bf16-autocast", "bf16", "fp16", "fp16-weights", "fp16-autocast")] == \
+        [None, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16, None]
+    with pytest.raises(ConfigError, match="eval.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        load_config("ivt", ["eval.precision=fp8"])

@@ -34,7 +34,7 @@ from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
 from tbps.methods import TextSpec, build_method, create_method
-from tbps.methods.base import compute_dtype, fp16_weights
+from tbps.methods.base import eval_dtype, fp16_weights
 from tbps.optim import build_optimizer, build_scheduler
 
 from .checkpoint import DS_TAG, RunOutputs, full_state_dict
@@ -380,8 +380,8 @@ class TrainRun:
 
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # batches cast to the weights'
         self.train_autocast = forward_autocast(precision)
-        # evaluation: under autocast in the training precision's compute dtype on GPUs
-        self.autocast = compute_dtype(precision) if cfg.train.use_gpu else None
+        # evaluation on GPUs: under autocast to eval.precision (auto: as the official code evaluates this precision)
+        self.autocast = eval_dtype(precision, cfg.eval.precision) if cfg.train.use_gpu else None
         # plain copy for evaluation (no ZeRO collectives); its weights come from the training copy, not from storage
         self.eval_model = build_method(cfg, text, self.num_classes).to(device)
         if cfg.train.compile:  # after DeepSpeed has placed the parameters; graphs are built on the first step

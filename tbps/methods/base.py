@@ -267,9 +267,21 @@ COMPUTE_DTYPES = {"bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16, "fp16
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:
-    """The low-precision dtype a resolved ``train.precision`` computes in, or None (fp32): what evaluation runs
-    under autocast in on GPUs, and what ``bench/train_step.py`` autocasts its step to."""
+    """The low-precision dtype a resolved ``train.precision`` computes in, or None (fp32): what
+    ``bench/train_step.py`` autocasts its step to."""
     return COMPUTE_DTYPES.get(precision)
+
+
+EVAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eval_dtype(precision: str, setting: str = "auto") -> torch.dtype | None:
+    """What evaluation autocasts to on a GPU (None: fp32) for a resolved ``train.precision`` and ``eval.precision``.
+    ``auto``: as the official code evaluates such a model -- IRRA its fp16 weights (fp16), IVT outside the autocast of
+    its AMP training (fp32: ``fp16-autocast``); the other precisions their own compute dtype."""
+    if setting != "auto":
+        return EVAL_DTYPES[setting]
+    return None if precision == "fp16-autocast" else compute_dtype(precision)
 
 
 def fp16_weights(module: nn.Module) -> list[str]:
