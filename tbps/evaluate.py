@@ -58,7 +58,6 @@ def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256,
 
     if precision:
         cfg.eval.precision = precision
-
     manifest = load_manifest(cfg.data.url)
     loader = build_eval_loader(cfg.data, tok, split, batch_size, manifest=manifest)
     out = evaluate(method, loader, device, cfg.eval.query_chunk, autocast_dtype=evaluation_autocast(cfg, device),
