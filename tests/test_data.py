@@ -307,7 +307,13 @@ def test_train_loader_draws_ivt_s_word_level_by_the_dataset_s_rule(synth_tiny, t
         assert any(w not in words(batch, i, other) for i, w in enumerate(drawn)), url  # the rules differ here
     batch, drawn = check(icfg, "data.mla_words=attributes")
     assert all(w in words(batch, i, word_fallback_pieces) for i, w in enumerate(drawn))
-    batch, drawn = check(f"[{{url: {icfg}, eval: true}}, {{url: {cuhk}}}]")
+    loader = build_train_loader(load_config("ivt_tiny", [f"data.url={icfg}"]).data, tok, DataNeeds(views=3, mla=True))
+    assert loader.stream.mla_words_summary() == "clauses (icfg-pedes, data.mla_words=auto)"
+    mixture = f"[{{url: {icfg}, eval: true}}, {{url: {cuhk}}}]"
+    loader = build_train_loader(load_config("ivt_tiny", [f"data.url={mixture}"]).data, tok, DataNeeds(views=3, mla=True))
+    assert loader.stream.mla_words_summary() == \
+        "clauses (icfg-pedes); attributes (cuhk-pedes) (data.mla_words=auto)"
+    batch, drawn = check(mixture)
     members = (batch["pids"] % 2).tolist()  # pid * 2 + member
     assert set(members) == {0, 1}
     for i, w in enumerate(drawn):

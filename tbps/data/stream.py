@@ -426,7 +426,8 @@ class ShardStream(IterableDataset):
         self.decode_hw = decode_target(cfg)  # what a JPEG may be decoded down towards (data.decode)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
         # IVT's word-level rule per dataset (data.mla_words): the split's, or per mixture member
-        self.word_rule = mla_word_rule(cfg.mla_words, str(manifest.get("dataset", "")))
+        self.dataset = str(manifest.get("dataset", ""))  # shards.build --dataset (cuhk-pedes, icfg-pedes, ...)
+        self.word_rule = mla_word_rule(cfg.mla_words, self.dataset)
         self.member_word_rules = [mla_word_rule(cfg.mla_words, d) for d in self.mixture.datasets] if self.mixture \
             else []
 
@@ -437,6 +438,14 @@ class ShardStream(IterableDataset):
             if member is not None:
                 return self.member_word_rules[member]
         return self.word_rule
+
+    def mla_words_summary(self) -> str:
+        """The word-level rule per dataset, for the run's log: e.g. ``clauses (icfg-pedes, data.mla_words=auto)``."""
+        if self.mixture:
+            rules = [f"{rule} ({name or m.url})" for m, name, rule in
+                     zip(self.mixture.members, self.mixture.datasets, self.member_word_rules)]
+            return "; ".join(rules) + f" (data.mla_words={self.cfg.mla_words})"
+        return f"{self.word_rule} ({self.dataset or self.url}, data.mla_words={self.cfg.mla_words})"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -361,6 +361,8 @@ class TrainRun:
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
         self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest,
                                                mixture=self.mixture, pin_memory=device.type == "cuda")
+        if method.data_needs().mla:  # which of IVT's loaders the word level follows (data.mla_words)
+            self.log(f"[tbps] MLA word level: {self.train_loader.stream.mla_words_summary()}")
         accum = cfg.train.grad_accum
         batches = len(self.train_loader)
         if cfg.train.max_steps_per_epoch:
