@@ -416,7 +416,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (Method.features) and the eval encoders; ZeRO 0-2
     eval_every: int = field(default=1, metadata=within("[0, inf)", "0 = only at the end"))
     # epochs between val evaluations (0 = only at the end)
-    select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP
+    select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP | R1_mAP
+    # ((R1 + mAP) / 2, IVT's)
     num_to_keep: int = field(default=2, metadata=within("[1, inf)"))  # checkpoints kept (mid-epoch ones included)
     checkpoint_every_steps: int = field(default=0, metadata=within("[0, inf)", "0 = at epoch ends only"))
     # also checkpoint every N optimizer steps within an epoch (0 = at epoch ends

@@ -89,6 +89,7 @@ def test_bad_overrides_name_the_key(override, message):
                                "width must divide by its head count"),
     (["model.image_overrides={qkv_bias_x: true}"], "got an unexpected keyword argument 'qkv_bias_x'"),
     (["model.text_dropout=0.1"], "model.text_dropout=0.1: the CLIP text transformer has no dropout"),
+    (["train.select_metric=R2"], "train.select_metric must be one of R1, R5, R10, mAP, mINP, R1_mAP, got 'R2'"),
 ])
 def test_bad_config_fails_before_any_worker_starts(args, message, synth_tiny, capsys):
     import ray

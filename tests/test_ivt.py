@@ -291,6 +291,8 @@ def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path):
                  "--batch-size", "16", "--ap", "trapezoid", *_overrides(synth_tiny)]) == 0
     (row,) = json.loads((out / "metrics.json").read_text()).values()
     assert row["method"] == "ivt" and row["queries"] > 0 and 0 <= row["R1"] <= 100
+    assert row["R1_mAP"] == pytest.approx((row["R1"] + row["mAP"]) / 2)  # IVT's selection criterion
+    assert load_config("ivt").train.select_metric == "R1_mAP"  # the ivt preset selects by it, as IVT's loop
     assert 0 <= row["ivt"]["mAP"] <= 100 and row["ivt"]["gallery"] == (row["queries"] + 1) // 2
     assert "(IVT protocol)" in (out / "metrics.md").read_text()
     # on ICFG-PEDES (the manifest's name), IVT's R1_mAP_ICFG takes every caption row's image

@@ -8,7 +8,7 @@ import sys
 
 from tbps.config import Config, ConfigError, check_values, to_dict
 
-from tbps.eval.metrics import METRICS
+from tbps.eval.metrics import SELECT_METRICS
 FORWARDED_ENV = ("AWS_", "TBPS_", "GOOGLE_", "AZURE_", "HF_", "RAY_AUTH_MODE")
 # never put into a runtime env: Ray writes runtime envs into its logs (runtime_env_agent.log) and job tables
 SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|ACCOUNT_KEY|_SAS|_KEY$", re.IGNORECASE)
@@ -56,8 +56,9 @@ def preflight(cfg: Config) -> dict:
                               "computed in fp16, and where v underflows to 0 the step divides by ~0; IRRA uses "
                               "optim.eps=1e-3")
     check_local_resources(cfg)
-    if cfg.train.select_metric not in METRICS:
-        raise ConfigError(f"train.select_metric must be one of {', '.join(METRICS)}, got {cfg.train.select_metric!r}")
+    if cfg.train.select_metric not in SELECT_METRICS:
+        raise ConfigError(f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got "
+                          f"{cfg.train.select_metric!r}")
     if cfg.train.grad_cache and cfg.train.zero_stage == 3:
         raise ConfigError("train.grad_cache supports ZeRO stages 0-2 (its second pass reads the batch-level losses' "
                           "parameters outside the engine's forward, which ZeRO-3 partitions): use train.zero_stage=2")

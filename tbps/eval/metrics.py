@@ -13,6 +13,9 @@ import torch
 
 KS = (1, 5, 10)
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")  # what every report, table and selection uses, in this order
+# what train.select_metric may name: a metric, or R1_mAP = (R1 + mAP) / 2, by which IVT's loop keeps its best epoch
+# (processor.py: acc_test = 0.5 * (R1 + mAP)); every evaluation reports it
+SELECT_METRICS = (*METRICS, "R1_mAP")
 
 
 def positive_ranks(sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor,

@@ -116,6 +116,7 @@ def evaluate(model, loader, device="cpu", chunk: int = 1024, autocast_dtype=None
         dist.all_gather_object(objs, (all_qpids, skipped))
         all_qpids, skipped = torch.cat([o[0] for o in objs]), sum(o[1] for o in objs)
     out = finish(stats)
+    out["R1_mAP"] = (out["R1"] + out["mAP"]) / 2  # IVT's selection criterion (train.select_metric)
     out["chance_R1"] = chance_level(all_qpids, gallery_pids.cpu(), 1)
     out["queries"] = int(stats[len(KS) + 3])
     out["gallery"] = len(gallery)
