@@ -481,6 +481,25 @@ def test_irra_resize_and_erasing_fill(synth_tiny):
     assert (filled.flatten(1).sum(1) >= 0.02 * 96 * 32 * 0.9).all()  # every image got a mean-filled box
 
 
+def test_erased_box_shapes_follow_each_mode_s_library():
+    """data.erasing_mode constant is torchvision's RandomErasing (IRRA's), pixel timm's (IVT's): their box aspect
+    ranges differ, (0.3, 3.3) against (0.3, 1 / 0.3); the batch and the per-image paths draw from each's."""
+    import math
+
+    import torchvision.transforms as T
+    from timm.data.random_erasing import RandomErasing
+
+    from tbps.data.transforms import BatchAugment, build_transform
+
+    constant = DataConfig(random_erasing=0.5)
+    pixel = DataConfig(random_erasing=0.5, erasing_mode="pixel", erasing_scale=[0.02, 1 / 3])
+    assert BatchAugment(constant, train=True).ratio == T.RandomErasing().ratio
+    timm_pixel = RandomErasing(probability=0.5, mode="pixel", max_count=1, device="cpu")  # IVT's call
+    assert [math.log(r) for r in BatchAugment(pixel, train=True).ratio] == pytest.approx(timm_pixel.log_aspect_ratio)
+    for cfg in (constant, pixel):
+        assert build_transform(cfg, train=True).transforms[-1].ratio == BatchAugment(cfg, train=True).ratio
+
+
 def test_mla_batches_come_padded_to_their_longest_text(synth_tiny):
     """IVT's one tokenizer call pads the 3B texts to the longest: BMM counts those positions (done in the loader)."""
     from tbps.config import load_config

@@ -35,6 +35,13 @@ def resize_mode(cfg, train: bool) -> str:
     return cfg.interpolation if train or cfg.eval_interpolation is None else cfg.eval_interpolation
 
 
+def erasing_ratio(mode: str) -> tuple[float, float]:
+    """The aspect ratios (h / w) an erased box is drawn from, log-uniformly, by the library each ``data.erasing_mode``
+    follows: ``constant``, torchvision's ``RandomErasing`` default (0.3, 3.3), IRRA's; ``pixel``, timm's
+    ``RandomErasing(min_aspect=0.3)``, (0.3, 1 / 0.3), IVT's."""
+    return (0.3, 1 / 0.3) if mode == "pixel" else (0.3, 3.3)
+
+
 def build_transform(cfg, train: bool):
     size = _size(cfg)
     steps = [T.Resize(size, interpolation=T.InterpolationMode(resize_mode(cfg, train)))]
@@ -46,6 +53,7 @@ def build_transform(cfg, train: bool):
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if train and cfg.random_erasing > 0:
         steps.append(T.RandomErasing(cfg.random_erasing, scale=tuple(cfg.erasing_scale),
+                                     ratio=erasing_ratio(cfg.erasing_mode),
                                      value="random" if cfg.erasing_mode == "pixel" else list(cfg.erasing_value)))
     return T.Compose(steps)
 
@@ -87,6 +95,7 @@ class BatchAugment:
         if cfg.erasing_mode not in ("constant", "pixel"):
             raise ValueError(f"data.erasing_mode must be constant or pixel, got {cfg.erasing_mode!r}")
         self.pixel = cfg.erasing_mode == "pixel"
+        self.ratio = erasing_ratio(cfg.erasing_mode)
         self.fill = torch.tensor(cfg.erasing_value, dtype=torch.float32).view(3, 1, 1)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1) * 255.0  # per image, on uint8 values
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1) * 255.0
@@ -139,11 +148,12 @@ class BatchAugment:
         return out
 
     def _erase(self, img: torch.Tensor, gen) -> None:
-        """torchvision RandomErasing: a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries, filled with
-        ``data.erasing_value`` or, ``erasing_mode: pixel``, per-pixel N(0, 1) noise (timm's mode 'pixel', IVT)."""
+        """torchvision's RandomErasing (IRRA): a box of area ~ U(scale) and aspect ~ logU(0.3, 3.3), 10 tries, filled
+        with ``data.erasing_value``; or, ``erasing_mode: pixel``, timm's (IVT): aspect ~ logU(0.3, 1 / 0.3), filled
+        with per-pixel N(0, 1) noise."""
         _, H, W = img.shape
         area = H * W
-        lo, hi = math.log(0.3), math.log(1 / 0.3)
+        lo, hi = (math.log(r) for r in self.ratio)
         for _ in range(10):
             u = torch.rand(2, generator=gen).tolist()
             erase = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
