@@ -501,3 +501,8 @@ def test_a_tbps_checkpoint_starts_a_fine_tuning_run(tmp_path, synth_tiny):
     with pytest.raises(ConfigError, match=r"trained at data.image_size \[96, 32\]"):
         create_method(load_config("irra_tiny", [f"model.pretrained={tmp_path / 'best'}", "data.image_size=[64, 32]"]),
                       text, 7, log=None)
+    # a run of another caption length (e.g. an ivt run started before the preset's 512): its position table's size
+    with pytest.raises(ConfigError, match=r"trained with data.text_length 48, which sizes its text position table; "
+                                          r"this run has 64: set data.text_length=48"):
+        create_method(load_config("irra_tiny", [f"model.pretrained={tmp_path / 'best'}", "data.text_length=64"]),
+                      TextSpec.from_tokenizer(load_tokenizer(tok_dir), 64), 7, log=None)

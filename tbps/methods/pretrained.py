@@ -280,6 +280,12 @@ def fit_tbps_config(cfg, ckpt: TbpsCheckpoint, text: TextSpec) -> str:
         raise ConfigError(f"model.pretrained: {ckpt.source} has a vocabulary of {embeddings[0].shape[0]} tokens, this "
                           f"run's tokenizer {text.vocab_size}: set data.tokenizer={saved.data.tokenizer} (the "
                           "checkpoint's)")
+    tables = [len(v) for k, v in ckpt.state.items() if k.endswith(("position_embedding.weight",
+                                                                      "position_embeddings.weight"))]
+    if text.length != saved.data.text_length and saved.data.text_length in tables:  # a table sized by text_length
+        raise ConfigError(f"model.pretrained: {ckpt.source} was trained with data.text_length "
+                          f"{saved.data.text_length}, which sizes its text position table; this run has "
+                          f"{text.length}: set data.text_length={saved.data.text_length} (the checkpoint's)")
     for key in MODEL_ARCH:
         setattr(cfg.model, key, getattr(saved.model, key))
     for key in METHOD_ARCH.get(cfg.method.name, ()):
