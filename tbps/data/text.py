@@ -150,8 +150,7 @@ def clause_pieces(caption: str) -> list[str]:
     ends), each sentence into its comma clauses, each clause kept if longer than 5 characters before trimming
     spaces."""
     sentences = caption.strip(".").strip("[").strip("]").split(".")
-    clauses = [c for sentence in sentences for c in sentence.split(",") if len(c) > 5]
-    return [c.strip(" ") for c in clauses if c.strip(" ")]
+    return [c.strip(" ") for sentence in sentences for c in sentence.split(",") if len(c) > 5]
 
 
 MLA_WORD_RULES = ("attributes", "clauses")
