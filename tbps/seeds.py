@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from tbps.eval.metrics import METRICS
+from tbps.eval.metrics import SELECT_METRICS
 
 # two-sided 95 % quantiles of Student's t, by degrees of freedom (1..30); beyond, the Cornish-Fisher expansion
 # around the normal's quantile (equal to the tables to 3 decimals from 10 degrees of freedom on). The normal's 1.96
@@ -48,7 +48,7 @@ def aggregate(runs: dict[str, dict], failed: dict | None = None) -> dict:
     if failed:
         out["failed"] = dict(failed)
     for part in ("test", "val"):
-        for metric in METRICS:
+        for metric in SELECT_METRICS:  # R1_mAP too: what a sweep or the ivt preset may select on
             values = [float(r[part][metric]) for r in runs.values() if metric in (r.get(part) or {})]
             if values:
                 out[part][metric] = summarize(values)

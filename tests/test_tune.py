@@ -111,6 +111,17 @@ def test_a_shared_parameter_no_method_has_is_an_error_not_a_sweep_that_varies_no
     assert "no search space, so its 3 trials train the same 1 configuration(s) again" in capsys.readouterr().err
 
 
+def test_a_sweep_can_select_by_ivt_s_criterion(tmp_path):
+    """metric: R1_mAP, (R1 + mAP) / 2 (IVT's acc_test, which every evaluation reports): trials select their best epoch
+    by it, and a seeds summary has it."""
+    from tbps.seeds import aggregate
+
+    spec = load_sweep(_write(tmp_path, {"name": "t", "metric": "R1_mAP", "methods": {"ivt": {"config": "ivt_tiny"}}}))
+    assert spec.base_config("ivt").train.select_metric == "R1_mAP"
+    summary = aggregate({s: {"val": {"R1": 10.0 + s, "mAP": 20.0, "R1_mAP": 15.0 + s / 2}, "test": {}} for s in (0, 1)})
+    assert summary["val"]["R1_mAP"]["mean"] == pytest.approx(15.25)
+
+
 def test_bad_sweep_fields(tmp_path):
     for tree, message in [({"methods": {}}, "methods is empty"),
                           ({"metric": "top1", "methods": {"clip": {"config": "clip_tiny"}}}, "metric must be one of"),

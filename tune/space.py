@@ -37,14 +37,14 @@ from typing import Any, Literal
 
 from tbps.config import (METHOD_CONFIGS, Config, ConfigError, check_values, from_dict, load_config, parse_override,
                          preset_path, read_yaml_mapping)
-from tbps.eval.metrics import METRICS  # the metrics a sweep can select on
+from tbps.eval.metrics import SELECT_METRICS  # the metrics a sweep can select on (R1_mAP: IVT's (R1 + mAP) / 2)
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SECTIONS = typing.get_type_hints(Config)
 
 
-Metric = Literal[METRICS]  # type: ignore[valid-type]
+Metric = Literal[SELECT_METRICS]  # type: ignore[valid-type]
 
 
 # The sweep file's layout, read by tbps.config's typed machinery (unknown keys and wrong types are errors naming
@@ -290,8 +290,8 @@ def _build(tree: dict, source: str) -> SweepSpec:
                 "driver_cpus", "seeds"):
         if getattr(spec, key) < 0:
             raise ConfigError(f"{source}: {key} must be non-negative, got {getattr(spec, key)!r}")
-    if spec.metric not in METRICS:
-        raise ConfigError(f"{source}: metric must be one of {', '.join(METRICS)}, got {spec.metric!r}")
+    if spec.metric not in SELECT_METRICS:
+        raise ConfigError(f"{source}: metric must be one of {', '.join(SELECT_METRICS)}, got {spec.metric!r}")
     if spec.num_samples < 1:
         raise ConfigError(f"{source}: num_samples must be at least 1")
     if spec.seeds < 1:
