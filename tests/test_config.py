@@ -304,6 +304,18 @@ def test_a_run_that_is_all_warm_up_is_warned_about(synth_tiny, capsys):
     assert "warm-up" not in capsys.readouterr().err
 
 
+def test_an_mla_rule_for_a_method_without_mla_is_warned_about(synth_tiny, capsys):
+    """data.mla_words picks IVT's word-level rule; set for another method it would silently change nothing."""
+    from tbps.engine.launcher import preflight
+
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}", "data.mla_words=clauses"]))
+    assert ("[tbps] warning: data.mla_words=clauses sets IVT's word-level texts; irra has no multi-level alignment, "
+            "so it changes nothing") in capsys.readouterr().err
+    preflight(load_config("ivt_tiny", [f"data.url={synth_tiny}", "data.mla_words=clauses"]))
+    preflight(load_config("irra_tiny", [f"data.url={synth_tiny}"]))
+    assert "mla_words" not in capsys.readouterr().err
+
+
 def test_a_small_adam_eps_is_refused_only_where_adam_s_moments_are_fp16(synth_tiny):
     """fp16-weights keeps the converted weights' Adam moments in fp16, where an eps of 1e-8 rounds to 0 (refused,
     above); fp16-autocast keeps fp32 weights and moments, so the same eps is fine there."""

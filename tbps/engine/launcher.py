@@ -74,6 +74,9 @@ def preflight(cfg: Config) -> dict:
         print("[tbps] warning: train.grad_cache with train.grad_accum=1 computes every step twice for nothing; set "
               "train.grad_accum to the number of micro-batches per step", file=sys.stderr)
     check_text_dropout(cfg)
+    if cfg.data.mla_words != "auto" and cfg.method.name != "ivt":
+        print(f"[tbps] warning: data.mla_words={cfg.data.mla_words} sets IVT's word-level texts; {cfg.method.name} has "
+              "no multi-level alignment, so it changes nothing", file=sys.stderr)
     low, high = cfg.train.worker_range()
     if low < high and cfg.train.zero_stage == 3:
         raise ConfigError("elastic workers (train.num_workers=[min, max]) support ZeRO stages 0-2 (a ZeRO-1/2 "
