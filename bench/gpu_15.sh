@@ -5,11 +5,13 @@
 #                        (default: irra ivt pcc clip max, in that order)
 # Results under $OUT: train_step_<preset>.json (rows written as they are measured, so a run cut off by the time
 # limit keeps what it has), train_step.md (the tables), max_batch.json, profile.json/.md, train_step_modes.json,
-# train_step_copy.json, engine.json/.md, data.md, train_step_precision_{irra,ivt}.json, env.txt, steps.txt (each step's exit status and wall time: a step
-# that fails does not stop the next). At most 8 files come back from one call; none of the calls below writes more. Split the steps
-# over calls where one call cannot hold them all (10 minutes each); the next session's plan: `engine data irra` in
-# one call (carrying .whl; irra last: the re-measure since IRRA's MLM head scores masked positions only, whatever
-# fits), then at once `profile modes` (a machine still warm keeps the inductor cache in /tmp), then `precision`.
+# train_step_copy.json, engine.json/.md, data.md, train_step_precision_{irra,ivt}.json, env.txt, steps.txt (each
+# step's exit status and wall time: a step that fails does not stop the next). At most 8 files come back from one
+# call; none of the calls below writes more. Split the steps over calls where one call cannot hold them all (10
+# minutes each). The next session's plan, for 15 device minutes: `precision engine data` in one call (8 files,
+# carrying .whl; precision first: the presets' own precisions, IRRA's fp16 weights and IVT's torch AMP, have never
+# run on a GPU), then at once `irra profile` (the re-measure since IRRA's MLM head scores masked positions only; a
+# machine still warm keeps the inductor cache in /tmp), then `modes` if time is left.
 # The device image has torch, timm and transformers but no Ray, DeepSpeed or webdataset: bench/train_step.py needs
 # none of them (synthetic batches; tbps.methods imports without them). `engine` (the step through DeepSpeed's engine
 # against the plain step) and `data` (the loader on the machine's 16 cores) need DeepSpeed and webdataset: run
