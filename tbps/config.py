@@ -418,6 +418,8 @@ class TrainConfig:
     # epochs between val evaluations (0 = only at the end)
     select_metric: str = "R1"  # val metric that picks the best checkpoint: R1 | R5 | R10 | mAP | mINP | R1_mAP
     # ((R1 + mAP) / 2, IVT's)
+    select_ties: Literal["first", "last"] = "first"  # of epochs with equal best values, the one kept: first (IRRA's
+    # `best < value`) | last (IVT's `value >= best`)
     num_to_keep: int = field(default=2, metadata=within("[1, inf)"))  # checkpoints kept (mid-epoch ones included)
     checkpoint_every_steps: int = field(default=0, metadata=within("[0, inf)", "0 = at epoch ends only"))
     # also checkpoint every N optimizer steps within an epoch (0 = at epoch ends

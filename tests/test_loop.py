@@ -501,3 +501,17 @@ def test_fp16_precisions_train_evaluate_and_resume(synth_tiny, tmp_path, precisi
     metrics = {k: v for k, v in whole["final"].items() if isinstance(v, float) and "seconds" not in k}
     assert metrics and all(v == v for v in metrics.values())  # finite, not NaN
     assert {k: resumed["final"][k] for k in metrics} == metrics
+
+
+def test_ties_keep_the_first_or_the_last_epoch_as_the_official_loops():
+    """IRRA's loop keeps the first of equal best values (``best_top1 < top1``), IVT's the last (``acc_test >=
+    last_acc_val``): train.select_ties, for val selection and the test-selected row alike."""
+    from tbps.config import load_config
+    from tbps.engine.loop import improves, test_selected
+
+    assert improves(5.0, 4.0) and not improves(5.0, 5.0) and not improves(4.0, 5.0)
+    assert improves(5.0, 5.0, "last") and not improves(4.0, 5.0, "last")
+    history = [{"epoch": e, "test_R1": r} for e, r in ((1, 3.0), (2, 5.0), (3, 5.0), (4, 4.0))]
+    assert test_selected(history, "R1")["epoch"] == 2
+    assert test_selected(history, "R1", "last")["epoch"] == 3
+    assert load_config("irra").train.select_ties == "first" and load_config("ivt").train.select_ties == "last"

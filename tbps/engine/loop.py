@@ -315,13 +315,23 @@ def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def test_selected(history: list[dict], metric: str) -> dict | None:
+def improves(value: float, best: float, ties: str = "first") -> bool:
+    """Whether an epoch's ``value`` replaces the ``best`` so far: above it, or equal to it with ``train.select_ties:
+    last`` (IVT's loop keeps ``acc_test >= last_acc_val``; IRRA's ``best_top1 < top1`` keeps the first)."""
+    return value > best or (ties == "last" and value == best)
+
+
+def test_selected(history: list[dict], metric: str, ties: str = "first") -> dict | None:
     """The papers' protocol (``eval.test_every_epoch``): the epoch with the best *test* ``metric`` and its test
-    metrics, labelled as such. Ours stays the test of the best val epoch; this one has seen the test split."""
+    metrics, labelled as such. Ours stays the test of the best val epoch; this one has seen the test split. Ties
+    are kept as val selection keeps them (``train.select_ties``)."""
     epochs = [h for h in history if f"test_{metric}" in h]
     if not epochs:
         return None
-    best = max(epochs, key=lambda h: h[f"test_{metric}"])  # the first of equal ones, as val selection does
+    best = epochs[0]
+    for h in epochs[1:]:
+        if improves(h[f"test_{metric}"], best[f"test_{metric}"], ties):
+            best = h
     return {"label": TEST_SELECTED, "epoch": best["epoch"],
             "metrics": {k[5:]: v for k, v in best.items() if k.startswith("test_")}}
 
@@ -665,7 +675,7 @@ class TrainRun:
             self.log(f"[tbps] epoch {epoch + 1} val ({cfg.data.val_split}): R1 {val['R1']:.2f} R5 {val['R5']:.2f} "
                      f"R10 {val['R10']:.2f} mAP {val['mAP']:.2f} mINP {val['mINP']:.2f} (chance R1 "
                      f"{val['chance_R1']:.2f})")
-            if val[metric] > self.best:
+            if improves(val[metric], self.best, cfg.train.select_ties):
                 self.best, self.best_epoch, is_best = val[metric], epoch + 1, True
             if cfg.eval.test_every_epoch:  # the papers' protocol needs test every epoch; never used to select ours
                 test = self.run_eval(cfg.data.test_split, state)
@@ -703,7 +713,7 @@ class TrainRun:
             best_val = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
             doc["val"] = {k[4:]: v for k, v in best_val.items() if k.startswith("val_")}
             doc["test"] = test
-            selected = test_selected(self.history, metric)
+            selected = test_selected(self.history, metric, self.cfg.train.select_ties)
             if selected is not None:
                 doc["test_selected"] = selected
         doc["workers"] = self.placement
