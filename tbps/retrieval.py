@@ -74,7 +74,7 @@ def embed(model, loader, device="cpu", autocast_dtype=None, keep_strings: bool =
         if "images" not in batch:  # a shard skipped with data.on_bad_shard=skip (its images are missing)
             skipped += batch.get("skipped_shards", [])
             continue
-        if texts and getattr(model, "text_padding", "fixed") == "longest":  # cut on the host: no device sync
+        if texts and model.text_padding == "longest":  # cut on the host: no device sync
             batch["text_ids"], batch["text_mask"] = trim_padding(batch["text_ids"], batch["text_mask"])
         batch = _to(batch, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
@@ -341,7 +341,7 @@ def encode_queries(method, cfg, tok, queries: list[str], device: str = "cpu") ->
     from tbps.data.text import tokenize
 
     ids, mask = tokenize(tok, queries, cfg.data.text_length)
-    if getattr(method, "text_padding", "fixed") == "longest":
+    if method.text_padding == "longest":
         ids, mask = trim_padding(ids, mask)
     emb = method.encode_text(ids.to(device), mask.to(device)).float()
     return method.search_vectors(emb, "text").cpu()

@@ -126,6 +126,17 @@ def assert_plain_tar_members(directory) -> int:
     return count
 
 
+def renamed_dataset(url: str, out, dataset: str) -> str:
+    """A copy of a published dataset whose manifest names it ``dataset`` (as shards.build --dataset does), e.g.
+    ``icfg-pedes``: what tbps picks per dataset (IVT's word-level rule, its evaluation protocol) reads that name."""
+    import shutil
+
+    shutil.copytree(url, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "dataset": dataset}))
+    return str(out)
+
+
 def read_split(url: str, split: str) -> list[dict]:
     """Every sample of a published split, decoded metadata plus raw image bytes."""
     import webdataset as wds

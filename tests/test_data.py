@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import read_split
+from conftest import read_split, renamed_dataset
 from shards.synth import SLOT_NAMES, generate
 from shards.writer import DatasetWriter
 from tbps.config import DataConfig
@@ -269,16 +269,6 @@ def test_mla_word_level_on_icfg_pedes_and_rstpreid_is_one_comma_clause():
         mla_word_rule("words", "icfg-pedes")
 
 
-def _renamed(url: str, out, dataset: str) -> str:
-    """A copy of a published dataset whose manifest names it ``dataset`` (as shards.build --dataset does)."""
-    import shutil
-
-    shutil.copytree(url, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "dataset": dataset}))
-    return str(out)
-
-
 def test_train_loader_draws_ivt_s_word_level_by_the_dataset_s_rule(synth_tiny, tmp_path):
     """data.mla_words=auto: the loader uses the rule of IVT's loader for the dataset its manifest names -- one comma
     clause on ICFG-PEDES and RSTPReid, CUHK-PEDES's pieces elsewhere; in a mixture, each member's own rule (its
@@ -287,7 +277,7 @@ def test_train_loader_draws_ivt_s_word_level_by_the_dataset_s_rule(synth_tiny, t
 
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
     captions = {s["key"]: s["captions"] for s in read_split(synth_tiny, "train")}
-    icfg, rstp, cuhk = (_renamed(synth_tiny, tmp_path / d, d) for d in ("icfg-pedes", "rstpreid", "cuhk-pedes"))
+    icfg, rstp, cuhk = (renamed_dataset(synth_tiny, tmp_path / d, d) for d in ("icfg-pedes", "rstpreid", "cuhk-pedes"))
 
     def words(batch, i, rule):
         """The word-level texts ``rule`` allows for sample i, tokenized as the loader does."""

@@ -296,14 +296,11 @@ def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path):
     assert 0 <= row["ivt"]["mAP"] <= 100 and row["ivt"]["gallery"] == (row["queries"] + 1) // 2
     assert "(IVT protocol)" in (out / "metrics.md").read_text()
     # on ICFG-PEDES (the manifest's name), IVT's R1_mAP_ICFG takes every caption row's image
-    import shutil
+    from conftest import renamed_dataset
 
-    icfg = tmp_path / "icfg"
-    shutil.copytree(synth_tiny, icfg)
-    manifest = json.loads((icfg / "manifest.json").read_text())
-    (icfg / "manifest.json").write_text(json.dumps({**manifest, "dataset": "icfg-pedes"}))
-    assert main(["--checkpoint", path, "--data", str(icfg), "--out", str(tmp_path / "icfg-eval"), "--batch-size",
-                 "16", "--ap", "trapezoid", *_overrides(str(icfg))]) == 0
+    icfg = renamed_dataset(synth_tiny, tmp_path / "icfg", "icfg-pedes")
+    assert main(["--checkpoint", path, "--data", icfg, "--out", str(tmp_path / "icfg-eval"), "--batch-size",
+                 "16", "--ap", "trapezoid", *_overrides(icfg)]) == 0
     (icfg_row,) = json.loads((tmp_path / "icfg-eval" / "metrics.json").read_text()).values()
     assert icfg_row["ivt"]["gallery"] == icfg_row["queries"] == row["queries"]
     emb = np.load(out / "embeddings.npz")
