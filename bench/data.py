@@ -138,6 +138,24 @@ def time_loader_workers(url: str, cfg, workers: int, epochs: int, tokenizer) -> 
     return count / elapsed
 
 
+def time_tokenize(tokenizer, captions: list[str], length: int, padded_by_tokenizer: bool, rounds: int) -> float:
+    """Milliseconds per IVT batch of captions (4 tokenize calls: the caption and MLA's three levels) at
+    data.text_length ``length``: tbps's ``tokenize`` (the tokenizer pads to the longest, torch to ``length``) or the
+    tokenizer padding to ``length`` itself (before 2026-12-07)."""
+    from tbps.data.text import tokenize
+
+    def padded(texts):
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    run = padded if padded_by_tokenizer else (lambda texts: tokenize(tokenizer, texts, length))
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for _ in range(4):
+            run(captions)
+    return (time.perf_counter() - start) / rounds * 1e3
+
+
 def start_moto():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -239,6 +257,20 @@ def main(argv=None) -> int:
         print(f"S3 vs local disk: {best['shards_s3'] / best['shards_local']:.2f}x")
     cost = 1 - best["shards_local"] / best["unverified_local"]
     print(f"sha256 check of every shard read: {100 * cost:.1f} % of local decode throughput (goal <= 3 %)")
+    # tokenisation at IVT's batch (28 captions) and the presets' caption lengths: tbps's tokenize against the
+    # tokenizer padding to data.text_length itself; the same tensors (checked), other costs
+    from tbps.data.text import tokenize
+
+    captions = split_captions(shards, "train")[:28]
+    print(f"\n{'tokenise 28 captions x 4':<26}{'text_length':>12}{'tbps (ms)':>11}{'padded by tokenizer (ms)':>26}")
+    for length in (48, 100, 512):
+        ids, mask = tokenize(tokenizer, captions, length)
+        ref = tokenizer(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"]), length
+        rounds = 10 if args.quick else 200
+        ours, theirs = (min(time_tokenize(tokenizer, captions, length, by, rounds) for _ in range(args.repeats))
+                        for by in (False, True))
+        print(f"{'tokenize':<26}{length:>12}{ours:>11.2f}{theirs:>26.2f}")
     if args.loader_workers:
         print(f"\n{'loader':<20}{'processes':>10}{'samples/s':>11}{'per process':>13}{'vs in-process':>14}")
         for n in args.loader_workers:

@@ -256,7 +256,7 @@ def test_cross_domain_matrix_cells_equal_single_evaluations(tiny_checkpoint, syn
 
 @pytest.mark.parametrize("script,rows", [("eval.py", ["| quick-a |", "| quick-b |"]),
                                          ("data.py", ["shards_local", "shards_s3", "folder", "trainloader",
-                                                      "trainloader_w2"]),
+                                                      "trainloader_w2", "tokenize"]),
                                          ("overhead.py", ["plain PyTorch", "plain PyTorch beside Ray",
                                                          "Ray Train + DeepSpeed ZeRO-0"]),
                                          ("train_step.py", ["| clip_tiny |", "| irra_tiny |", "| ivt_tiny |",
