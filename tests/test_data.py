@@ -80,7 +80,8 @@ def test_assignment_is_balanced_deterministic_and_epoch_dependent():
     assert names == sorted(s["name"] for s in shards)
     per_rank = [sum(s["samples"] for w in r for s in w) for r in a]
     assert abs(per_rank[0] - per_rank[1]) <= 33
-    assert batches_per_epoch(a, 4) == min(sum(sum(s["samples"] for s in w) // 4 for w in r) for r in a)
+    # each rank's loader workers' remainders are joined into full batches: only the rank's last one is left out
+    assert batches_per_epoch(a, 4) == min(sum(s["samples"] for w in r for s in w) // 4 for r in a)
     even = [{"name": f"e{i}", "samples": 10} for i in range(16)]
     orders = {tuple(s["name"] for s in assign_shards(even, 2, 2, epoch=e, seed=0)[0][0]) for e in range(6)}
     assert len(orders) > 1  # each epoch reshuffles
@@ -435,6 +436,65 @@ def test_pair_epochs_see_every_pair_once_across_ranks(even_pairs, synth_tiny):
     assert len(build_train_loader(images, tok, rank=0, world_size=2)) == 120 // (5 * 2)
 
 
+def test_loader_workers_remainders_are_joined_into_full_batches(even_pairs, synth_tiny):
+    """Each loader worker streams its own shards and ends with a partial batch. The loader joins those remainders,
+    in worker order, into full batches after the workers' full ones: an epoch of 3 loader workers over 90, 90 and 60
+    pairs at batch 7 is 240 // 7 = 34 steps, where dropping each worker's remainder gave 12 + 12 + 8 = 32 (IRRA's one
+    shuffled loader: 35, its last batch partial). A joined batch is a batch like any other -- its tensors and lists
+    cut at the same samples, its counts (mlm_rows, mla_length) derived again -- and a resumed epoch yields the
+    same joined batches."""
+    from tbps.data.stream import merge_partials
+    from tbps.data.text import mlm_rows, tokenize
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=even_pairs, image_size=[48, 16], batch_size=7, loader_workers=3, text_length=24,
+                     shuffle_buffer=8, sampling="pairs")
+    needs = DataNeeds(views=3, mlm_ratio=0.15, mla=True)
+    truth = {s["__key__"]: json.loads(s["json"]) for s in _train_samples(even_pairs)}
+    loader = build_train_loader(cfg, tok, needs)
+    per_worker = [sum(s["captions"] for s in w) for w in loader.stream.assignment()[0]]
+    assert sorted(per_worker) == [60, 90, 90] and len(loader) == 34
+    assert sum(n // 7 for n in per_worker) == 32  # what dropping each worker's remainder gave
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == 34 and all(len(b["keys"]) == 7 for b in batches)
+    pairs = [(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])]
+    assert len(set(pairs)) == 238  # 2 of the 240 pairs left out: the rank's last remainder
+    for b in batches:
+        assert b["pids"].tolist() == [truth[k]["pid"] for k in b["keys"]]
+        assert b["images"].shape == (7, 3, 3, 48, 16) and b["mla_ids"].shape[:2] == (7, 3)
+        own = tokenize(tok, [truth[k]["captions"][c] for k, c in zip(b["keys"], b["caption_index"])], 24)[0]
+        assert torch.equal(b["text_ids"], own)  # each row is the caption its key and caption_index name
+        masked = b["mlm_labels"] != -100
+        assert torch.equal(b["mlm_labels"][masked], b["text_ids"][masked])  # masks belong to their captions
+        assert b["mlm_rows"] == mlm_rows(b["mlm_labels"])
+        assert b["mla_length"] == int(b["mla_mask"].sum(-1).max())
+    joined = batches[32:]
+    assert all(len(set(b["shards"])) > 1 for b in joined)  # made of several workers' remainders
+    # merge_partials on its own: cuts 6 + 6 + 4 samples into 7 + 7, the 2 left over dropped
+    parts = [{"keys": [f"{w}{i}" for i in range(n)], "x": torch.arange(n) + 10 * w, "worker": w, "partial": True,
+              "mla_mask": (torch.arange(5) < 2 + w).long().expand(n, 3, 5)} for w, n in enumerate([6, 6, 4])]
+    out = merge_partials(parts, 7)
+    assert [b["keys"] for b in out] == [["00", "01", "02", "03", "04", "05", "10"],
+                                        ["11", "12", "13", "14", "15", "20", "21"]]
+    assert out[1]["x"].tolist() == [11, 12, 13, 14, 15, 20, 21] and [b["mla_length"] for b in out] == [3, 4]
+    assert all("worker" not in b and "partial" not in b for b in out)
+    # a resumed epoch: from a position after the first joined batch, the same last batch
+    again = build_train_loader(cfg, tok, needs)
+    again.set_epoch(1)
+    it = iter(again)
+    for _ in range(33):
+        next(it)
+    position = again.position()
+    assert position["merged"] == 1 and position["count"] == 33
+    resumed = build_train_loader(cfg, tok, needs)
+    resumed.set_epoch(1, position)
+    (last,) = list(resumed)
+    assert last["keys"] == batches[33]["keys"] and last["caption_index"] == batches[33]["caption_index"]
+    for key in ("images", "text_ids", "mlm_ids", "mla_ids"):
+        assert torch.equal(last[key], batches[33][key]), key
+
+
 def test_pair_epochs_need_caption_counts(even_pairs, tmp_path, synth_tiny):
     import shutil
 
@@ -635,9 +695,9 @@ def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_t
 
 
 def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_tiny, capsys):
-    """Shards go whole to ranks, every rank stops at the smallest rank's share, and each loader worker yields only
-    full batches: with few shards per rank an epoch trains on a part of the split (RSTPReid's 19 default shards on
-    4 GPUs x 7 loader workers: 86 %), which nothing said. Pre-flight gives the count -- the real loaders' batches --,
+    """Shards go whole to ranks, every rank stops at the smallest rank's share, and each rank yields only full
+    batches: with few shards per rank an epoch trains on a part of the split (RSTPReid's 19 default shards on
+    4 GPUs at batch 64: 84 %), which nothing said. Pre-flight gives the count -- the real loaders' batches --,
     what the rest is, and the fix."""
     from tbps.config import load_config
     from tbps.engine.launcher import preflight
@@ -658,14 +718,14 @@ def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_
     assert used(5, 8) == 80
     assert ("[tbps] warning: an epoch trains on 80 of the 120 images of the train split (66.7 %; another part is left "
             "out each epoch): 35 as the ranks' shares of its 8 shards differ (each rank stops at the smallest; a "
-            "multiple of 5 equal shards evens them: shards.build --min-shards 10); 5 as the loader workers' "
-            "remainders below a full batch of 8") in err
+            "multiple of 5 equal shards evens them: shards.build --min-shards 10); 5 as the ranks' remainders "
+            "below a full batch of 8") in err
     # 3 ranks: equal shares of 40, but 16-image batches leave 8 on each
     preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=16"]))
     err = capsys.readouterr().err
     assert used(3, 16) == 96
     assert ("an epoch trains on 96 of the 120 images of the train split (80.0 %; another part is left out each epoch): "
-            "24 as the loader workers' remainders below a full batch of 16") in err and "shares" not in err
+            "24 as the ranks' remainders below a full batch of 16") in err and "shares" not in err
     preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=8"]))  # all 120
     assert used(3, 8) == 120 and "an epoch trains on" not in capsys.readouterr().err
 
@@ -689,6 +749,10 @@ def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):
     cfg.data.url, cfg.data.sampler = grouped, "random"
     preflight(cfg)
     assert "written by identity (shards.build --group-ids) and data.sampler=random" in capsys.readouterr().err
+    cfg.data.sampler, cfg.data.loader_workers = "identity", 2  # K * floor(10 / K) = 8 of each identity's 10 pairs
+    preflight(cfg)
+    assert ("as the identity sampler's remainders, per loader worker, below a full batch of 8 or "
+            "data.instances_per_id (fewer data.loader_workers") in capsys.readouterr().err
     # one loader worker (the whole rank's shards in one pool)
     assert len(build_train_loader(DataConfig(url=grouped, sampler="identity", batch_size=8, loader_workers=1,
                                              image_size=[48, 16], text_length=24), tok)) > 0

@@ -115,8 +115,10 @@ def assign_shards(shards: list[dict], world_size: int, num_workers: int, epoch: 
 
 
 def batches_per_epoch(assignment: list[list[list[dict]]], batch_size: int, weight: str = "samples") -> int:
-    """Full batches every rank can produce: min over ranks of sum over its workers of floor(units / batch)."""
-    return min(sum(sum(s[weight] for s in worker) // batch_size for worker in rank) for rank in assignment)
+    """Full batches every rank can produce: min over ranks of floor(its units / batch). Each loader worker yields its
+    full batches and then its remainder, and the rank's loader joins the remainders into full batches
+    (:func:`merge_partials`), so only the rank's last remainder, below one batch, is left out."""
+    return min(sum(s[weight] for worker in rank for s in worker) // batch_size for rank in assignment)
 
 
 def resolve_loader_workers(n: int, cpus: int | None = None) -> int:
@@ -145,7 +147,8 @@ def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, e
     """How much of the train split an epoch trains on, in pairs (``data.sampling=pairs``) or images (``images``):
     ``used``, ``total``, and what the rest is: ``shares`` -- whole shards go to ranks and every rank stops at the
     smallest rank's share, so a shard count that does not divide evenly leaves part out (another part each epoch) --
-    and ``remainders``, the parts of each loader worker's share below a full batch (and the identity sampler's)."""
+    and ``remainders``, the part of each rank's share below a full batch (the identity sampler's: each loader
+    worker's, and the chunks it cannot fill)."""
     weight = sampling_weight(cfg.sampling)
     batches = train_batches(shards, cfg, world_size, num_workers, epoch)
     assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
@@ -187,6 +190,46 @@ def pair_stream(urls: list[str], passes: int, seed: int, epoch: int, rank: int, 
 def _seed_int(*parts) -> int:
     """A stable 63-bit seed from parts (Python's hash() of strings changes per process)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def batch_counts(batch: dict) -> dict:
+    """Set the per-batch counts the loader derives from a training batch's tensors (on the CPU, where counting the
+    GPU copy would cost a device sync every step): ``mlm_rows`` (IRRA's masked tokens, rounded up) and ``mla_length``
+    (the longest text of IVT's three levels: its one tokenizer call pads the 3B texts to it, and the model cuts the
+    padding to it)."""
+    if "mlm_labels" in batch:
+        batch["mlm_rows"] = mlm_rows(batch["mlm_labels"])
+    if "mla_mask" in batch:
+        batch["mla_length"] = max(1, int(batch["mla_mask"].sum(dim=-1).max()))
+    return batch
+
+
+BOOKKEEPING = ("worker", "skipped_shards", "partial", "mlm_rows", "mla_length")  # not cut along the batch
+
+
+def merge_partials(parts: list[dict], size: int) -> list[dict]:
+    """Full batches of ``size`` made of partial training batches (each loader worker's last), taken in the order
+    given; the rest, below ``size``, is left out. Every tensor and list of a batch runs along its samples: they are
+    cut and joined, and :func:`batch_counts` derived again. Each sample keeps the augmentation and masking it was
+    drawn with."""
+    out, pieces, filled = [], [], 0
+    for part in parts:
+        n, start = len(part["keys"]), 0
+        while start < n:
+            take = min(size - filled, n - start)
+            pieces.append((part, start, start + take))
+            filled, start = filled + take, start + take
+            if filled == size:
+                batch = {}
+                for key, value in pieces[0][0].items():
+                    if key in BOOKKEEPING:
+                        continue
+                    cut = [p[key][a:b] for p, a, b in pieces]
+                    batch[key] = torch.cat(cut) if isinstance(value, torch.Tensor) else \
+                        [x for piece in cut for x in piece]
+                out.append(batch_counts(batch))
+                pieces, filled = [], 0
+    return out
 
 
 ON_BAD_SHARD = typing.get_args(OnBadShard)  # ("error", "skip"), the values tbps.config accepts
@@ -509,17 +552,13 @@ class ShardStream(IterableDataset):
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(
                 ids, mask, self.special_ids, self.needs.mlm_ratio, self.tokenizer.mask_token_id,
                 len(self.tokenizer), gen)
-            batch["mlm_rows"] = mlm_rows(batch["mlm_labels"])
         if self.needs.mla:
             # levels stacked [B, 3, L]: sentence, phrase, word
             level_ids, level_mask = zip(*(tokenize(self.tokenizer, [s["mla"][k] for s in samples], length)
                                           for k in range(3)))
             batch["mla_ids"] = torch.stack(level_ids, dim=1)
             batch["mla_mask"] = torch.stack(level_mask, dim=1)
-            # the longest text of all levels: IVT's one tokenizer call pads the 3B texts to it (an int, so the
-            # model can cut the padding without a device sync)
-            batch["mla_length"] = max(1, int(batch["mla_mask"].sum(dim=-1).max()))
-        return batch
+        return batch_counts(batch)
 
     def _batch_generator(self, worker: int, index: int) -> torch.Generator:
         """The random numbers of one batch (augmentation, MLM masking) depend on its position alone, so a resumed
@@ -572,8 +611,12 @@ class ShardStream(IterableDataset):
             made[0] += 1
             return None if index < skip else self._collate(samples, self._batch_generator(worker, index))
 
-        stages += [wds.map(sample), wds.batched(size, collation_fn=collate, partial=not self.train)]
-        yield from wds.DataPipeline(*stages)
+        # the last batch may be partial: TrainLoader joins the loader workers' remainders into full batches
+        stages += [wds.map(sample), wds.batched(size, collation_fn=collate, partial=True)]
+        for batch in wds.DataPipeline(*stages):
+            if batch is not None and len(batch["keys"]) < size:
+                batch["partial"] = True
+            yield batch
 
     def _identity_batches(self, urls: list[str], worker: int, rng: random.Random, check: ShardCheck,
                           skip: int = 0) -> Iterator[dict | None]:
@@ -598,7 +641,8 @@ class ShardStream(IterableDataset):
 
 class TrainLoader:
     """An epoch of exactly ``len(self)`` batches on this rank (the same on every rank), in a fixed order: round-robin
-    over the loader workers (as torch's DataLoader yields them), each worker's batches in its own fixed order. Where
+    over the loader workers (as torch's DataLoader yields them), each worker's full batches in its own fixed order,
+    then the workers' last, partial batches joined into full ones (:func:`merge_partials`, in worker order). Where
     an epoch stands is thus a small record, :meth:`position`, and ``set_epoch(epoch, position)`` continues an epoch
     from there: no batch repeated, none left out, the same batches as an uninterrupted epoch (mid-epoch
     checkpoints, ``train.checkpoint_every_steps``)."""
@@ -615,6 +659,7 @@ class TrainLoader:
         # the host from running ahead of the GPU
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                                  worker_init_fn=_worker_init if workers > 0 else None, pin_memory=pin_memory)
+        self.pin = pin_memory and torch.cuda.is_available()
         if len(self) == 0:
             total = sum(s["samples"] for s in stream.shards)
             raise ValueError(
@@ -654,15 +699,17 @@ class TrainLoader:
         workers = self.stream.num_workers
         start, self._resume = self._resume, None
         pos = {"epoch": self.stream.epoch, "rank": self.stream.rank, "world_size": self.stream.world_size,
-               "loader_workers": workers, "count": 0, "refill": 0, "taken": [0] * workers, "next": 0}
+               "loader_workers": workers, "count": 0, "refill": 0, "taken": [0] * workers, "next": 0, "merged": 0}
         if start is not None:
-            pos.update(count=start["count"], refill=start["refill"], taken=list(start["taken"]), next=start["next"])
+            pos.update(count=start["count"], refill=start["refill"], taken=list(start["taken"]), next=start["next"],
+                       merged=start.get("merged", 0))
         self._position = pos
         self.skipped = set()
         while pos["count"] < n:
             produced = 0
             self.stream.skip = list(pos["taken"])  # read by each worker as the DataLoader starts it
             queues, ended = [deque() for _ in range(workers)], [False] * workers
+            partials: list[dict | None] = [None] * workers  # each worker's last, partial batch
             source = iter(self.loader)
             while pos["count"] < n:
                 w = next((k % workers for k in range(pos["next"], pos["next"] + workers)
@@ -674,6 +721,8 @@ class TrainLoader:
                     self.skipped.update(item.get("skipped_shards", ()))
                     if item.get("end"):
                         ended[item["worker"]] = True
+                    elif item.get("partial"):
+                        partials[item["worker"]] = item
                     else:
                         queues[item["worker"]].append(item)
                 if not queues[w]:
@@ -685,13 +734,26 @@ class TrainLoader:
                 produced += 1
                 yield batch
             del source  # stops the loader workers of this pass
+            # then the workers' remainders joined into full batches, in worker order (the same on a resumed epoch:
+            # its workers skip their full batches already taken, and their remainders are drawn as before)
+            merged = merge_partials([p for p in partials if p is not None], self.stream.cfg.batch_size) \
+                if pos["count"] < n else []
+            for batch in merged[pos["merged"]:]:
+                if pos["count"] >= n:
+                    break
+                if self.pin:  # as the DataLoader's pinning thread does for the workers' batches
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                pos["merged"] += 1
+                pos["count"] += 1
+                produced += 1
+                yield batch
             if pos["count"] < n and (not self.skipped or produced == 0):
                 # cannot happen with an intact dataset; fail loudly instead of hanging other ranks
                 raise RuntimeError(f"rank {self.stream.rank} produced {pos['count']} of {n} batches in epoch "
                                    f"{self.stream.epoch}; are the shards at {self.stream.url} intact? (python -m "
                                    f"shards.verify {self.stream.url})")
             if pos["count"] < n:
-                pos.update(refill=pos["refill"] + 1, taken=[0] * workers, next=0)
+                pos.update(refill=pos["refill"] + 1, taken=[0] * workers, next=0, merged=0)
         self.stream.skip = None
 
 

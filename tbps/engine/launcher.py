@@ -145,8 +145,13 @@ def preflight(cfg: Config) -> dict:
                        f"the smallest; a multiple of {slots} equal shards evens them: shards.build --min-shards "
                        f"{-(-len(shards) // slots) * slots})")
         if cover["remainders"]:
-            why.append(f"{cover['remainders']} as the loader workers' remainders below a full batch of "
-                       f"{cfg.data.batch_size} (fewer data.loader_workers or a smaller data.batch_size leave less)")
+            if cfg.data.sampler == "identity":
+                why.append(f"{cover['remainders']} as the identity sampler's remainders, per loader worker, below a "
+                           f"full batch of {cfg.data.batch_size} or data.instances_per_id (fewer data.loader_workers "
+                           "or a smaller data.batch_size leave less)")
+            else:
+                why.append(f"{cover['remainders']} as the ranks' remainders below a full batch of "
+                           f"{cfg.data.batch_size}")
         print(f"[tbps] warning: an epoch trains on {used} of the {total} {units} of the train split "
               f"({100 * used / total:.1f} %; another part is left out each epoch): {'; '.join(why)}", file=sys.stderr)
     for key, url in (("data.tokenizer", tokenizer_path(cfg)), ("model.pretrained", cfg.model.pretrained),
