@@ -159,6 +159,9 @@ class DataConfig:
     identity_blocks: int = field(default=1, metadata=within("[1, inf)"))
     # identity sampler: a batch = this many blocks of batch_size / blocks samples dealt
     # like ranks (IVT's 4-GPU run: 4 blocks of 7, identity groups split across blocks); 1 = whole groups of K
+    last_batch: Literal["drop", "keep"] = "drop"  # the epoch's last batch, below batch_size (the rank's last
+    # remainder once the loader workers' are joined): drop | keep (IRRA: its DataLoader's drop_last=False) -- kept on
+    # one rank with train.grad_accum=1 and data.sampler=random; several ranks or micro-batches drop it
     on_bad_shard: OnBadShard = "error"  # a shard missing or differing from its manifest entry (size, sha256), or not a
     # readable tar: error (stop, naming it) | skip (log, count in metrics.json, go on; every rank keeps its batches)
     text_length: int = field(default=77, metadata=within("[3, inf)", "a start, an end and at least one word token"))

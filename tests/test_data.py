@@ -493,6 +493,16 @@ def test_loader_workers_remainders_are_joined_into_full_batches(even_pairs, synt
     assert last["keys"] == batches[33]["keys"] and last["caption_index"] == batches[33]["caption_index"]
     for key in ("images", "text_ids", "mlm_ids", "mla_ids"):
         assert torch.equal(last[key], batches[33][key]), key
+    # data.last_batch=keep (IRRA's drop_last=False) on one rank: the last 2 pairs as a 35th batch, every pair once
+    kept = build_train_loader(cfg, tok, needs, keep_last=True)
+    kept.set_epoch(1)
+    batches = list(kept)
+    assert len(kept) == len(batches) == 35 and [len(b["keys"]) for b in batches] == [7] * 34 + [2]
+    assert len({(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])}) == 240
+    assert batches[-1]["mla_length"] == int(batches[-1]["mla_mask"].sum(-1).max())
+    with pytest.raises(ValueError, match="last, partial batch can be kept on one rank with data.sampler=random only "
+                                         r"\(this loader: 2 ranks"):
+        build_train_loader(cfg, tok, needs, world_size=2, keep_last=True)
 
 
 def test_pair_epochs_need_caption_counts(even_pairs, tmp_path, synth_tiny):
@@ -728,6 +738,11 @@ def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_
             "24 as the ranks' remainders below a full batch of 16") in err and "shares" not in err
     preflight(load_config("clip_tiny", base + ["train.num_workers=3", "data.batch_size=8"]))  # all 120
     assert used(3, 8) == 120 and "an epoch trains on" not in capsys.readouterr().err
+    # one rank at 16: 7 batches, 8 images out -- unless the last, partial batch is kept (data.last_batch=keep)
+    preflight(load_config("clip_tiny", base + ["train.num_workers=1", "data.batch_size=16"]))
+    assert "an epoch trains on 112 of the 120 images" in capsys.readouterr().err
+    preflight(load_config("clip_tiny", base + ["train.num_workers=1", "data.batch_size=16", "data.last_batch=keep"]))
+    assert "an epoch trains on" not in capsys.readouterr().err
 
 
 def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):

@@ -503,6 +503,56 @@ def test_fp16_precisions_train_evaluate_and_resume(synth_tiny, tmp_path, precisi
     assert {k: resumed["final"][k] for k in metrics} == metrics
 
 
+def _last_batch_main(rank, url, out_dir):
+    import multiprocessing
+
+    from torch._dynamo.utils import counters
+
+    from tbps.config import load_config
+    from tbps.engine.loop import TrainRun
+
+    multiprocessing.set_start_method("fork", force=True)
+    compile_ = torch.compile  # dynamo's graphs without inductor's code generation (what is counted here, in seconds)
+    torch.compile = lambda fn, **kwargs: compile_(fn, **{**kwargs, "backend": "eager"})
+    cfg = load_config("clip_tiny", [f"data.url={url}", "data.last_batch=keep", "data.batch_size=16",  # small graphs
+                                    "data.loader_workers=2", "train.epochs=1", "train.compile=true",
+                                    f"train.storage_path={out_dir}", "train.run_name=last", "train.log_every=100"])
+    seen = []
+
+    def on_batch(epoch, index, batch):  # before each step: the batch's size and the graphs compiled so far
+        seen.append([len(batch["pids"]), counters["stats"]["unique_graphs"]])
+
+    run = TrainRun(cfg, rank, 1, torch.device("cpu"), lambda metrics, checkpoint_dir: None, on_batch=on_batch)
+    metrics = run.train_one_epoch(0)
+    graphs = counters["stats"]["unique_graphs"]
+    with open(os.path.join(out_dir, "last_batch.json"), "w") as f:
+        json.dump({"seen": seen, "graphs": graphs, "steps": run.steps_per_epoch, "loss": metrics["train_loss"]}, f)
+
+
+def test_the_last_partial_batch_is_kept_on_one_rank_as_irra_keeps_it(synth_tiny, tmp_path):
+    """data.last_batch=keep (the irra preset's: IRRA's DataLoader has drop_last=False): on one rank an epoch of 120
+    images at batch 16 is 7 full steps and one of 8; compiled, the short step runs eagerly (no graph for its size,
+    which would make the batch dimension dynamic in every later step's). Several ranks, micro-batches or the
+    identity sampler drop it (keeps_last_batch says why, and the run logs it)."""
+    from tbps.config import load_config
+    from tbps.data.stream import keeps_last_batch
+
+    run_ranks(_last_batch_main, 1, synth_tiny, str(tmp_path))
+    res = json.load(open(tmp_path / "last_batch.json"))
+    assert res["steps"] == 8 and [size for size, _ in res["seen"]] == [16] * 7 + [8]
+    assert res["seen"][1][1] == res["seen"][-1][1] == res["graphs"] >= 1  # graphs of the first step only
+    assert res["loss"] == res["loss"]  # finite
+    assert load_config("irra").data.last_batch == "keep" and load_config("irra_tiny").data.last_batch == "drop"
+    cfg = load_config("irra")
+    assert keeps_last_batch(cfg, 1) == (True, "")
+    cfg.train.grad_accum = 2
+    assert keeps_last_batch(cfg, 4) == (False, "4 ranks, train.grad_accum=2")
+    cfg.train.grad_accum, cfg.data.sampler = 1, "identity"
+    assert keeps_last_batch(cfg, 1) == (False, "data.sampler=identity")
+    cfg.data.last_batch = "drop"
+    assert keeps_last_batch(cfg, 1) == (False, "")
+
+
 def test_ties_keep_the_first_or_the_last_epoch_as_the_official_loops():
     """IRRA's loop keeps the first of equal best values (``best_top1 < top1``), IVT's the last (``acc_test >=
     last_acc_val``): train.select_ties, for val selection and the test-selected row alike."""

@@ -143,17 +143,21 @@ def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, ep
                                         weight == "captions") for worker in rank) for rank in assignment)
 
 
-def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int = 0) -> dict[str, int]:
+def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int = 0,
+                   keep_last: bool = False) -> dict[str, int]:
     """How much of the train split an epoch trains on, in pairs (``data.sampling=pairs``) or images (``images``):
     ``used``, ``total``, and what the rest is: ``shares`` -- whole shards go to ranks and every rank stops at the
     smallest rank's share, so a shard count that does not divide evenly leaves part out (another part each epoch) --
     and ``remainders``, the part of each rank's share below a full batch (the identity sampler's: each loader
-    worker's, and the chunks it cannot fill)."""
+    worker's, and the chunks it cannot fill), none where the last, partial batch is kept (``keep_last``: one rank,
+    :func:`keeps_last_batch`)."""
     weight = sampling_weight(cfg.sampling)
     batches = train_batches(shards, cfg, world_size, num_workers, epoch)
     assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
     smallest = min(sum(s[weight] for worker in rank for s in worker) for rank in assignment)
     used, total = batches * cfg.batch_size * world_size, sum(s[weight] for s in shards)
+    if keep_last and world_size == 1:
+        used = total
     return {"used": used, "total": total, "shares": total - smallest * world_size,
             "remainders": smallest * world_size - used}
 
@@ -207,11 +211,20 @@ def batch_counts(batch: dict) -> dict:
 BOOKKEEPING = ("worker", "skipped_shards", "partial", "mlm_rows", "mla_length")  # not cut along the batch
 
 
-def merge_partials(parts: list[dict], size: int) -> list[dict]:
+def merge_partials(parts: list[dict], size: int, keep_rest: bool = False) -> list[dict]:
     """Full batches of ``size`` made of partial training batches (each loader worker's last), taken in the order
-    given; the rest, below ``size``, is left out. Every tensor and list of a batch runs along its samples: they are
-    cut and joined, and :func:`batch_counts` derived again. Each sample keeps the augmentation and masking it was
-    drawn with."""
+    given; the rest, below ``size``, is left out, or with ``keep_rest`` a last, smaller batch. Every tensor and list
+    of a batch runs along its samples: they are cut and joined, and :func:`batch_counts` derived again. Each sample
+    keeps the augmentation and masking it was drawn with."""
+    def join(pieces):
+        batch = {}
+        for key, value in pieces[0][0].items():
+            if key in BOOKKEEPING:
+                continue
+            cut = [p[key][a:b] for p, a, b in pieces]
+            batch[key] = torch.cat(cut) if isinstance(value, torch.Tensor) else [x for piece in cut for x in piece]
+        return batch_counts(batch)
+
     out, pieces, filled = [], [], 0
     for part in parts:
         n, start = len(part["keys"]), 0
@@ -220,15 +233,10 @@ def merge_partials(parts: list[dict], size: int) -> list[dict]:
             pieces.append((part, start, start + take))
             filled, start = filled + take, start + take
             if filled == size:
-                batch = {}
-                for key, value in pieces[0][0].items():
-                    if key in BOOKKEEPING:
-                        continue
-                    cut = [p[key][a:b] for p, a, b in pieces]
-                    batch[key] = torch.cat(cut) if isinstance(value, torch.Tensor) else \
-                        [x for piece in cut for x in piece]
-                out.append(batch_counts(batch))
+                out.append(join(pieces))
                 pieces, filled = [], 0
+    if keep_rest and pieces:
+        out.append(join(pieces))
     return out
 
 
@@ -465,6 +473,7 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, self.loader_workers)
         self.epoch = 0
         self.skip: list[int] | None = None  # per loader worker: batches a resumed epoch does not yield again
+        self.keep_last = False  # the epoch's last, partial batch yielded too (TrainLoader's keep_last)
         self.augment = BatchAugment(cfg, train=train)
         self.decode_hw = decode_target(cfg)  # what a JPEG may be decoded down towards (data.decode)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
@@ -505,7 +514,10 @@ class ShardStream(IterableDataset):
 
     def num_batches(self) -> int:
         if self.train:
-            return train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch)
+            n = train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch)
+            if self.keep_last:  # one rank: the remainder of all its units
+                n += sum(s[self.weight] for s in self.epoch_shards()) % self.cfg.batch_size > 0
+            return n
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
@@ -647,7 +659,11 @@ class TrainLoader:
     from there: no batch repeated, none left out, the same batches as an uninterrupted epoch (mid-epoch
     checkpoints, ``train.checkpoint_every_steps``)."""
 
-    def __init__(self, stream: ShardStream, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, pin_memory: bool = False, keep_last: bool = False):
+        if keep_last and (stream.world_size > 1 or stream.identity):
+            raise ValueError("the epoch's last, partial batch can be kept on one rank with data.sampler=random only "
+                             f"(this loader: {stream.world_size} ranks, data.sampler={stream.cfg.sampler})")
+        stream.keep_last = keep_last
         self.stream = stream
         self.skipped: set[str] = set()  # bad shards skipped in the current epoch (data.on_bad_shard=skip)
         self._resume: dict | None = None
@@ -736,8 +752,8 @@ class TrainLoader:
             del source  # stops the loader workers of this pass
             # then the workers' remainders joined into full batches, in worker order (the same on a resumed epoch:
             # its workers skip their full batches already taken, and their remainders are drawn as before)
-            merged = merge_partials([p for p in partials if p is not None], self.stream.cfg.batch_size) \
-                if pos["count"] < n else []
+            merged = merge_partials([p for p in partials if p is not None], self.stream.cfg.batch_size,
+                                    self.stream.keep_last) if pos["count"] < n else []
             for batch in merged[pos["merged"]:]:
                 if pos["count"] >= n:
                     break
@@ -763,13 +779,30 @@ def _worker_init(_):
 
 def build_train_loader(cfg, tokenizer, needs: DataNeeds | None = None, rank: int = 0, world_size: int = 1,
                        manifest: dict | None = None, url: str | None = None,
-                       mixture: Mixture | None = None, pin_memory: bool = False) -> TrainLoader:
+                       mixture: Mixture | None = None, pin_memory: bool = False,
+                       keep_last: bool = False) -> TrainLoader:
     """``manifest`` and ``mixture`` (``data.mix``'s members, read once by the caller) are read here if not given;
-    ``pin_memory``: batches in page-locked memory (training on a GPU)."""
+    ``pin_memory``: batches in page-locked memory (training on a GPU); ``keep_last``: the epoch's last batch, below
+    ``data.batch_size``, yielded too (one rank, random sampler: :func:`keeps_last_batch`)."""
     url = url or cfg.url
     manifest = manifest or load_manifest(url)
     return TrainLoader(ShardStream(url, manifest, cfg.train_split, cfg, tokenizer, needs, rank, world_size, True,
-                                   mixture), pin_memory=pin_memory)
+                                   mixture), pin_memory=pin_memory, keep_last=keep_last)
+
+
+def keeps_last_batch(cfg, world_size: int) -> tuple[bool, str]:
+    """``data.last_batch`` for a run on ``world_size`` ranks (``cfg``: the whole Config): whether the epoch's last,
+    partial batch is kept, and why not where ``keep`` cannot be. IRRA's one loader keeps it (``drop_last=False``);
+    several ranks drop it, so that every rank makes the same steps over equal batches (a gathered loss needs them),
+    and so do micro-batches (train.grad_accum > 1: a step's micro-batches weigh alike) and the identity sampler (its
+    batches are groups of K)."""
+    if cfg.data.last_batch != "keep":
+        return False, ""
+    why = [f"{world_size} ranks" if world_size > 1 else "",
+           f"train.grad_accum={cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else "",
+           "data.sampler=identity" if cfg.data.sampler == "identity" else ""]
+    why = [w for w in why if w]
+    return not why, ", ".join(why)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -30,7 +30,8 @@ def preflight(cfg: Config) -> dict:
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
-    from tbps.data.stream import Mixture, check_pair_counts, epoch_coverage, sampling_weight, split_shards
+    from tbps.data.stream import Mixture, check_pair_counts, epoch_coverage, keeps_last_batch, sampling_weight, \
+        split_shards
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.checkpoint import run_directory_hint
     from tbps.engine.loop import tokenizer_path
@@ -130,7 +131,7 @@ def preflight(cfg: Config) -> dict:
               "and data.sampler=random: batches will hold more same-identity pairs than a global shuffle; use "
               "data.sampler=identity, or a conversion without --group-ids", file=sys.stderr)
     ranks = cfg.train.worker_range()[1]
-    cover = epoch_coverage(shards, cfg.data, ranks, workers)
+    cover = epoch_coverage(shards, cfg.data, ranks, workers, keep_last=keeps_last_batch(cfg, ranks)[0])
     used, total = cover["used"], cover["total"]
     units = {"captions": "pairs", "samples": "images"}[weight]
     if used == 0:

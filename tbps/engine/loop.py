@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tbps.checkpoint import load_model_state, write_model_dir
 from tbps.config import Config, dump_yaml
 from tbps.data import build_eval_loader, build_train_loader, load_manifest, load_tokenizer
-from tbps.data.stream import Mixture
+from tbps.data.stream import Mixture, keeps_last_batch
 from tbps.distributed import world
 from tbps.eval import evaluate
 from tbps.gradcache import grad_cache_step
@@ -369,8 +369,14 @@ class TrainRun:
         if cfg.train.activation_checkpointing:
             switched = method.set_activation_checkpointing(True)
             self.log(f"[tbps] activation checkpointing: {', '.join(switched)}")
+        keep_last, why_not = keeps_last_batch(cfg, world_size)
+        if cfg.data.last_batch == "keep":
+            self.log("[tbps] the epoch's last, partial batch: " +
+                     ("kept (data.last_batch=keep)" if keep_last else f"dropped: data.last_batch=keep applies to one "
+                      f"rank with train.grad_accum=1 and data.sampler=random, not {why_not}"))
         self.train_loader = build_train_loader(cfg.data, self.tok, method.data_needs(), rank, world_size, manifest,
-                                               mixture=self.mixture, pin_memory=device.type == "cuda")
+                                               mixture=self.mixture, pin_memory=device.type == "cuda",
+                                               keep_last=keep_last)
         if method.data_needs().mla:  # which of IVT's loaders the word level follows (data.mla_words)
             self.log(f"[tbps] MLA word level: {self.train_loader.stream.mla_words_summary()}")
         accum = cfg.train.grad_accum
@@ -544,7 +550,13 @@ class TrainRun:
             group.append(_to_device(batch, self.device, self.dtype))
             if len(group) < self.group_size:
                 continue
-            out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
+            if cfg.train.compile and len(batch["pids"]) != cfg.data.batch_size:
+                # the epoch's last, partial batch (data.last_batch=keep) runs eagerly: a graph for its size would
+                # make the batch dimension dynamic in the graphs of every later step
+                with torch.compiler.set_stance("force_eager"):
+                    out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
+            else:
+                out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
             self.global_step = engine.global_steps
             for k, v in out.items():
                 sums[k] = sums[k].to(v.dtype) + v if k in sums else v
