@@ -12,6 +12,7 @@ data position and the epoch's running loss sums.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -550,12 +551,10 @@ class TrainRun:
             group.append(_to_device(batch, self.device, self.dtype))
             if len(group) < self.group_size:
                 continue
-            if cfg.train.compile and len(batch["pids"]) != cfg.data.batch_size:
-                # the epoch's last, partial batch (data.last_batch=keep) runs eagerly: a graph for its size would
-                # make the batch dimension dynamic in the graphs of every later step
-                with torch.compiler.set_stance("force_eager"):
-                    out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
-            else:
+            # the epoch's last, partial batch (data.last_batch=keep) runs eagerly: a graph for its size would make
+            # the batch dimension dynamic in the graphs of every later step
+            short = cfg.train.compile and len(batch["pids"]) != cfg.data.batch_size
+            with torch.compiler.set_stance("force_eager") if short else contextlib.nullcontext():
                 out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
             self.global_step = engine.global_steps
             for k, v in out.items():
