@@ -3,6 +3,7 @@
     python -m tbps.train                                   # the embedded demo (ToyPEDES, local Ray, CPU)
     python -m tbps.train --config irra data.url=s3://bucket/cuhk-pedes train.num_workers=8 train.use_gpu=true
     ray job submit --working-dir . -- python -m tbps.train --config irra_tiny data.url=...
+    python -m tbps.train --config irra data.url=... --check   # check the config, print the plan; start nothing
 
 Overrides are dotted ``key=value`` pairs (YAML values). Re-running with the same train.run_name and
 train.storage_path resumes from the run's latest checkpoint.
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="preset name (tbps/configs) or YAML file; default: the demo (irra_tiny)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.temperature=0.03")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config as a run would (data, tokenizer, weights, model, resume), print the plan "
+                         "(steps per epoch, global batch, outputs) and the resolved config, and start nothing")
     add_verbose(ap)
     args = ap.parse_args(argv)
     return run_command("python -m tbps.train", lambda: _train(args), args.verbose)
@@ -72,6 +76,8 @@ def _train(args) -> int:
                 print("[tbps] no --config and no data.url: running the embedded demo", file=sys.stderr)
                 overrides = demo_overrides() + overrides
         cfg = load_config(config, overrides)
+        if args.check:
+            return _check(cfg)
         if cfg.train.seeds:
             return _train_seeds(cfg, args.verbose)
         from tbps.engine.launcher import fit
@@ -89,6 +95,24 @@ def _train(args) -> int:
         return 1
     print("\n" + final_table(read_run_metrics(cfg)))
     print(f"\nrun outputs: {cfg.train.storage_path}/{cfg.train.run_name} (metrics.json, best/, tensorboard/)")
+    return 0
+
+
+def _check(cfg) -> int:
+    """--check: pre-flight, then the plan and the resolved config on stdout; no Ray, no lease, nothing written."""
+    from tbps.config import dump_yaml
+    from tbps.engine.launcher import preflight, run_plan, seed_configs, storage_path
+
+    cfg.train.storage_path = storage_path(cfg)
+    runs = seed_configs(cfg) if cfg.train.seeds else {None: cfg}
+    for seed, c in runs.items():
+        manifest = preflight(c)
+        print(f"plan{'' if seed is None else f' (seed {seed})'}:")
+        for line in run_plan(c, manifest):
+            print(f"  {line}")
+    print("\nconfig (as resolved; model.pretrained's architecture keys are read when a worker loads it):\n")
+    print(dump_yaml(cfg), end="")
+    print("\n[tbps] --check: the config is valid; nothing was started", file=sys.stderr)
     return 0
 
 

@@ -359,3 +359,35 @@ def test_evaluation_precision_follows_the_official_codes():
         [None, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16, None]
     with pytest.raises(ConfigError, match="eval.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         load_config("ivt", ["eval.precision=fp8"])
+
+
+def test_check_prints_the_plan_and_the_config_and_starts_nothing(synth_tiny, tmp_path, capsys):
+    """python -m tbps.train --check: pre-flight as a run does it, then the plan -- steps per epoch as the workers'
+    loaders count them, for each world size of an elastic range, the last batch kept on one worker and dropped on
+    two -- and the resolved config; no Ray, no run directory. A bad config gives a run's one message and exit 2."""
+    import ray
+
+    from tbps.data import build_train_loader, load_tokenizer
+
+    overrides = ["--config", "clip_tiny", f"data.url={synth_tiny}", f"train.storage_path={tmp_path}",
+                 "train.run_name=chk", "train.num_workers=[1,2]", "data.batch_size=16", "data.last_batch=keep",
+                 "data.loader_workers=2", "train.epochs=3"]
+    assert train_main(overrides + ["--check"]) == 0
+    out, err = capsys.readouterr()
+    plan, config = out.split("\nconfig (as resolved")
+    assert ("1 worker(s) x batch 16 = global batch 16, 2 loader worker(s) each: 8 steps an epoch, 24 in 3 epochs; an "
+            "epoch trains on 120 of 120 images; the last, partial batch kept") in plan
+    assert ("2 worker(s) x batch 16 = global batch 32, 2 loader worker(s) each: 3 steps an epoch, 9 in 3 epochs; an "
+            "epoch trains on 96 of 120 images; the last, partial batch dropped (2 ranks)") in plan
+    assert f"outputs: {tmp_path}/chk (a new run)" in plan and "method clip (itc x1), precision fp32" in plan
+    cfg = load_config("clip_tiny", overrides[2:])
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    assert len(build_train_loader(cfg.data, tok, keep_last=True)) == 8  # what the workers' loaders yield
+    assert len(build_train_loader(cfg.data, tok, rank=1, world_size=2)) == 3
+    saved = yaml.safe_load(config.split("\n", 2)[2])
+    assert saved["data"]["last_batch"] == "keep" and saved["train"]["num_workers"] == [1, 2]
+    assert "the config is valid; nothing was started" in err
+    assert not ray.is_initialized() and not os.path.exists(tmp_path / "chk")
+    assert train_main(overrides + ["data.batch_size=500", "--check"]) == 2
+    assert "config error: data.batch_size 500 x 2 workers x 2 loader workers leaves no full batch" in \
+        capsys.readouterr().err

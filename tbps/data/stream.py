@@ -133,12 +133,15 @@ def resolve_loader_workers(n: int, cpus: int | None = None) -> int:
     return max(1, cpus - 1)
 
 
-def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int) -> int:
-    """Batches every rank yields in ``epoch`` of the train split (``cfg``: the DataConfig)."""
+def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int,
+                  keep_last: bool = False) -> int:
+    """Batches every rank yields in ``epoch`` of the train split (``cfg``: the DataConfig); ``keep_last`` (one rank,
+    random sampler): the last, partial batch counted too."""
     weight = sampling_weight(cfg.sampling)
     assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
     if cfg.sampler != "identity":
-        return batches_per_epoch(assignment, cfg.batch_size, weight)
+        full = batches_per_epoch(assignment, cfg.batch_size, weight)
+        return full + (keep_last and world_size == 1 and sum(s[weight] for s in shards) % cfg.batch_size > 0)
     return min(sum(identity_batch_bound(worker, cfg.batch_size, cfg.instances_per_id, cfg.identity_blocks,
                                         weight == "captions") for worker in rank) for rank in assignment)
 
@@ -514,10 +517,8 @@ class ShardStream(IterableDataset):
 
     def num_batches(self) -> int:
         if self.train:
-            n = train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch)
-            if self.keep_last:  # one rank: the remainder of all its units
-                n += sum(s[self.weight] for s in self.epoch_shards()) % self.cfg.batch_size > 0
-            return n
+            return train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch,
+                                 self.keep_last)
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)

@@ -174,6 +174,56 @@ def preflight(cfg: Config) -> dict:
     return manifest
 
 
+def run_plan(cfg: Config, manifest: dict) -> list[str]:
+    """What a run of ``cfg`` would do, in lines (``python -m tbps.train --check``, after :func:`preflight`): the
+    method and precision, the train split, steps per epoch and the global batch for each world size the run may have,
+    evaluation, and where its outputs go (a new run, or one it resumes)."""
+    from shards.storage import filesystem, join
+    from tbps.data.stream import Mixture, epoch_coverage, keeps_last_batch, sampling_weight, split_shards, \
+        train_batches
+    from tbps.engine.loop import epoch_steps, resolve_precision
+
+    data, train = cfg.data, cfg.train
+    weight = sampling_weight(data.sampling)
+    units = {"captions": "pairs", "samples": "images"}[weight]
+    shards = Mixture(data.mix, data.train_split).epoch_shards(0, data.seed, weight) if data.mix else \
+        split_shards(manifest, data.train_split)
+    total = sum(s[weight] for s in shards)
+    losses = ", ".join(f"{loss.name} x{loss.weight:g}" for loss in getattr(cfg.method, "losses", []) or [])
+    lines = [f"method {cfg.method.name}" + (f" ({losses})" if losses else "") + f", precision "
+             f"{resolve_precision(cfg)}, ZeRO-{train.zero_stage}, compile {'on' if train.compile else 'off'}",
+             f"train split {data.train_split!r} of {data.url}" + (f" ({manifest['dataset']})" if manifest.get("dataset")
+                                                                else "") +
+             f": {total:,} {units} in {len(shards)} shards" + (" (the mixture's first epoch)" if data.mix else "") +
+             f", data.sampling={data.sampling}, data.sampler={data.sampler}"]
+    loaders = max(1, data.loader_workers)
+    low, high = train.worker_range()
+    for ranks in dict.fromkeys((low, high)):
+        keep, why_not = keeps_last_batch(cfg, ranks)
+        batches = train_batches(shards, data, ranks, loaders, 0, keep)
+        try:
+            steps = epoch_steps(batches, train)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        cover = epoch_coverage(shards, data, ranks, loaders, keep_last=keep)
+        accum = f" x {train.grad_accum} micro-batches" if train.grad_accum > 1 else ""
+        last = "" if data.last_batch == "drop" else \
+            ("; the last, partial batch kept" if keep else f"; the last, partial batch dropped ({why_not})")
+        lines.append(f"{ranks} worker(s) x batch {data.batch_size}{accum} = global batch "
+                     f"{ranks * data.batch_size * train.grad_accum}, {loaders} loader worker(s) each: {steps:,} "
+                     f"steps an epoch, {steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on "
+                     f"{min(cover['used'], total):,} of {total:,} {units}{last}")
+    lines.append(f"evaluation: {data.val_split!r} " +
+                 (f"every {train.eval_every} epoch(s)" if train.eval_every else "at the end") +
+                 f", the best by {train.select_metric} kept; {data.test_split!r} with it at the end" +
+                 (", and every epoch (eval.test_every_epoch)" if cfg.eval.test_every_epoch else ""))
+    run_dir = join(train.storage_path, train.run_name)
+    fs, path = filesystem(run_dir)
+    resumes = fs.exists(join(path, "config.yaml")) and bool(fs.glob(join(path, "checkpoint_*")))
+    lines.append(f"outputs: {run_dir} ({'resumes its latest checkpoint' if resumes else 'a new run'})")
+    return lines
+
+
 def check_weight_file(key: str, url: str, head: bytes) -> None:
     """A weights file's first bytes must be a torch checkpoint's (a zip archive: torch.save, TorchScript; a pickle:
     torch.save's legacy format) or a .safetensors header (8-byte length, then JSON): another file (a config, an

@@ -59,6 +59,17 @@ def as_saved(cfg: Config) -> Config:
     return cfg
 
 
+def epoch_steps(batches: int, train) -> int:
+    """Optimizer steps an epoch of ``batches`` loader batches makes (``train``: the TrainConfig): whole steps of
+    ``train.grad_accum`` micro-batches (none carries over an epoch), at most ``train.max_steps_per_epoch``."""
+    accum = train.grad_accum
+    if train.max_steps_per_epoch:
+        batches = min(batches, train.max_steps_per_epoch * accum)
+    if batches < accum:
+        raise ValueError(f"train.grad_accum {accum} needs at least {accum} batches per epoch; this rank has {batches}")
+    return batches // accum
+
+
 def resolve_precision(cfg: Config) -> str:
     """``train.precision: auto``: bf16 autocast over fp32 weights on GPUs, fp32 on CPU. (Not DeepSpeed's bf16 mode:
     at ZeRO-0 with tbps's torch optimizer DeepSpeed wraps it in its unfused fp16 optimizer, which reads every
@@ -381,13 +392,7 @@ class TrainRun:
         if method.data_needs().mla:  # which of IVT's loaders the word level follows (data.mla_words)
             self.log(f"[tbps] MLA word level: {self.train_loader.stream.mla_words_summary()}")
         accum = cfg.train.grad_accum
-        batches = len(self.train_loader)
-        if cfg.train.max_steps_per_epoch:
-            batches = min(batches, cfg.train.max_steps_per_epoch * accum)
-        if batches < accum:
-            raise ValueError(f"train.grad_accum {accum} needs at least {accum} batches per epoch; this rank has "
-                             f"{batches}")
-        self.steps_per_epoch = batches // accum
+        self.steps_per_epoch = epoch_steps(len(self.train_loader), cfg.train)
         self.batches = self.steps_per_epoch * accum  # whole optimizer steps: no micro-batch carries over an epoch
         self.group_size = accum if cfg.train.grad_cache else 1  # micro-batches per call of the step
         # fp16-weights: torch's default (foreach) Adam, IRRA's, keeps its moments in the parameters' fp16
