@@ -101,14 +101,14 @@ def _train(args) -> int:
 def _check(cfg) -> int:
     """--check: pre-flight, then the plan and the resolved config on stdout; no Ray, no lease, nothing written."""
     from tbps.config import dump_yaml
-    from tbps.engine.launcher import preflight, run_plan, seed_configs, storage_path
+    from tbps.engine.launcher import preflight, run_outputs, run_plan, seed_configs, storage_path
 
     cfg.train.storage_path = storage_path(cfg)
     runs = seed_configs(cfg) if cfg.train.seeds else {None: cfg}
     for seed, c in runs.items():
         manifest = preflight(c)
         print(f"plan{'' if seed is None else f' (seed {seed})'}:")
-        for line in run_plan(c, manifest):
+        for line in run_plan(c, manifest) + [run_outputs(c)]:
             print(f"  {line}")
     print("\nconfig (as resolved; model.pretrained's architecture keys are read when a worker loads it):\n")
     print(dump_yaml(cfg), end="")

@@ -155,6 +155,32 @@ def test_max_concurrent_follows_the_budget():
         max_concurrent(spec, {"CPU": 64, "GPU": 2})
 
 
+def test_check_prints_the_sweep_s_plan_and_starts_nothing(synth_tiny, tmp_path, capsys):
+    """python -m tune.sweep --check: the sweep validated as a sweep start validates it (every method's config through
+    pre-flight), then its plan -- trials, search, what one trial holds and how many run at once, each method's space
+    and run plan (steps per epoch as for tbps.train --check) and the outputs; no Ray, nothing written."""
+    import ray
+
+    from tune.sweep import describe_distribution, main
+
+    args = ["--config", "smoke", f"data_url={synth_tiny}", f"storage_path={tmp_path / 'sweeps'}", "resources.cpus=9",
+            "--check"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "sweep smoke: 4 trials over irra, pcc, Optuna + ASHA on val mAP (grace period 1, reduction factor 2)" in out
+    assert "one trial holds 3 CPUs and 0 GPUs (its driver and workers): 3 at a time within resources" in out
+    assert "irra (irra_tiny): searches method.mask_ratio uniform(0.1, 0.3); loss.mlm uniform(0.25, 2.0); " in out
+    assert "pcc (pcc_tiny): searches method.margin uniform(0.1, 0.4)" in out
+    assert out.count("2 worker(s) x batch 32 = global batch 64, 1 loader worker(s) each: 1 steps an epoch, 3 in 3 "
+                     "epochs") == 2
+    assert f"outputs: {tmp_path / 'sweeps' / 'smoke'} (a new sweep)" in out
+    assert "the sweep is valid; nothing was started" in err
+    assert not ray.is_initialized() and not os.path.exists(tmp_path / "sweeps")
+    assert describe_distribution({"choice": [16, 32]}) == "choice(16, 32)"
+    assert main(["--config", "smoke", f"data_url={synth_tiny}", "data.batch_size=0", "--check"]) == 2
+    assert "config error: data.batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_a_completed_best_trial_stands_for_its_own_seed(synth_tiny, tmp_path):
     """seeds=N after a search: the best trial's own run is that seed's run when it completed with the same
     configuration and seed (no retraining); a stopped trial, another seed, a changed key or a missing config.yaml

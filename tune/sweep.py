@@ -4,6 +4,7 @@ full multi-worker Ray Train (DeepSpeed) run of tbps.
     python -m tune.sweep --config smoke                               # 2 CPU cores, a few minutes, synthetic data
     python -m tune.sweep --config cuhk-pedes data_url=s3://bucket/cuhk-pedes num_samples=32
     ray job submit --working-dir . -- python -m tune.sweep --config rstpreid data_url=s3://...
+    python -m tune.sweep --config cuhk-pedes data_url=s3://... --check  # validate, print the plan, start nothing
 
 ``key=value`` overrides set sweep fields (num_samples, data_url, metric, storage_path, name, seed, max_concurrent,
 resources.cpus, resources.gpus, scheduler.grace_period, ...) or, for any tbps config key, that key in every trial
@@ -303,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="sweep preset (tune/configs: smoke, cuhk-pedes, icfg-pedes, "
                                                      "rstpreid) or a sweep YAML file")
     ap.add_argument("overrides", nargs="*", help="key=value: sweep fields or tbps config keys for every trial")
+    ap.add_argument("--check", action="store_true",
+                    help="check the sweep (its spec, every method's config, a resumed sweep's spec), print its plan "
+                         "and start nothing")
     add_verbose(ap)
     args = ap.parse_args(argv)
     return run_command("python -m tune.sweep", lambda: _sweep(args), args.verbose)
@@ -317,6 +321,8 @@ def _sweep(args) -> int:
         spec = prepare(load_sweep(args.config, args.overrides))
         if resumable(spec):
             check_resumed_spec(spec)
+        if args.check:
+            return _check(spec)
         from tbps.engine.launcher import ensure_ray
 
         ensure_ray(spec.base_config(next(iter(spec.methods))), console=None if args.verbose else "none")
@@ -344,6 +350,40 @@ def _sweep(args) -> int:
     print("\n" + report.table)
     print(f"\nbest: {report.best_line}\nresults: {report.outputs}\nrun the best config: "
           f"python -m tbps.train --config {report.best_yaml}")
+    return 0
+
+
+def describe_distribution(dist) -> str:
+    """A search distribution as the sweep YAML gives it, ``{loguniform: [0.01, 0.1]}``, as ``loguniform(0.01, 0.1)``."""
+    if isinstance(dist, dict) and len(dist) == 1:
+        ((kind, args),) = dist.items()
+        return f"{kind}({', '.join(map(str, args)) if isinstance(args, (list, tuple)) else args})"
+    return str(dist)
+
+
+def _check(spec: SweepSpec) -> int:
+    """--check: the sweep's plan on stdout -- trials, search, what one trial holds and how many run at once, each
+    method's space and run plan, outputs; no Ray started, nothing written."""
+    from tbps.data import load_manifest
+    from tbps.engine.launcher import run_plan
+
+    need_cpu, need_gpu = trial_resources(spec)
+    at_once = f"{max_concurrent(spec, {})} at a time within resources" if spec.max_concurrent or spec.cpus else \
+        "as many at a time as the cluster holds"
+    print(f"sweep {spec.name}: {spec.num_samples} trials over {', '.join(spec.methods)}, Optuna + ASHA on val "
+          f"{spec.metric} (grace period {spec.grace_period}, reduction factor {spec.reduction_factor})" +
+          (f", then {spec.seeds} seeds of each method's best" if spec.seeds > 1 else ""))
+    print(f"one trial holds {need_cpu:g} CPUs and {need_gpu:g} GPUs (its driver and workers): {at_once}")
+    for method, m in spec.methods.items():
+        cfg = spec.base_config(method)
+        space = "; ".join(f"{k} {describe_distribution(v)}" for k, v in spec.params_for(method).items()) or \
+            "nothing (fixed)"
+        print(f"{method} ({m.config}): searches {space}")
+        for line in run_plan(cfg, load_manifest(cfg.data.url)):
+            print(f"  {line}")
+    path = experiment_path(spec)
+    print(f"outputs: {path} ({'resumes the interrupted sweep' if resumable(spec) else 'a new sweep'})")
+    print("[sweep] --check: the sweep is valid; nothing was started", file=sys.stderr)
     return 0
 
 

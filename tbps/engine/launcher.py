@@ -175,10 +175,9 @@ def preflight(cfg: Config) -> dict:
 
 
 def run_plan(cfg: Config, manifest: dict) -> list[str]:
-    """What a run of ``cfg`` would do, in lines (``python -m tbps.train --check``, after :func:`preflight`): the
-    method and precision, the train split, steps per epoch and the global batch for each world size the run may have,
-    evaluation, and where its outputs go (a new run, or one it resumes)."""
-    from shards.storage import filesystem, join
+    """What a run of ``cfg`` would do, in lines (``--check`` of ``tbps.train`` and ``tune.sweep``, after
+    :func:`preflight`): the method and precision, the train split, steps per epoch and the global batch for each world
+    size the run may have, and evaluation."""
     from tbps.data.stream import Mixture, epoch_coverage, keeps_last_batch, sampling_weight, split_shards, \
         train_batches
     from tbps.engine.loop import epoch_steps, resolve_precision
@@ -217,11 +216,17 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
                  (f"every {train.eval_every} epoch(s)" if train.eval_every else "at the end") +
                  f", the best by {train.select_metric} kept; {data.test_split!r} with it at the end" +
                  (", and every epoch (eval.test_every_epoch)" if cfg.eval.test_every_epoch else ""))
-    run_dir = join(train.storage_path, train.run_name)
+    return lines
+
+
+def run_outputs(cfg: Config) -> str:
+    """Where a run's outputs go, and whether the run starts there or resumes the checkpoint it finds."""
+    from shards.storage import filesystem, join
+
+    run_dir = join(cfg.train.storage_path, cfg.train.run_name)
     fs, path = filesystem(run_dir)
     resumes = fs.exists(join(path, "config.yaml")) and bool(fs.glob(join(path, "checkpoint_*")))
-    lines.append(f"outputs: {run_dir} ({'resumes its latest checkpoint' if resumes else 'a new run'})")
-    return lines
+    return f"outputs: {run_dir} ({'resumes its latest checkpoint' if resumes else 'a new run'})"
 
 
 def check_weight_file(key: str, url: str, head: bytes) -> None:
