@@ -171,7 +171,7 @@ def test_check_prints_the_sweep_s_plan_and_starts_nothing(synth_tiny, tmp_path, 
     assert "one trial holds 3 CPUs and 0 GPUs (its driver and workers): 3 at a time within resources" in out
     assert "irra (irra_tiny): searches method.mask_ratio uniform(0.1, 0.3); loss.mlm uniform(0.25, 2.0); " in out
     assert "pcc (pcc_tiny): searches method.margin uniform(0.1, 0.4)" in out
-    assert out.count("2 worker(s) x batch 32 = global batch 64, 1 loader worker(s) each: 1 steps an epoch, 3 in 3 "
+    assert out.count("2 worker(s) x batch 32 = global batch 64, 1 loader worker(s) each: 1 step an epoch, 3 in 3 "
                      "epochs") == 2
     assert f"outputs: {tmp_path / 'sweeps' / 'smoke'} (a new sweep)" in out
     assert "the sweep is valid; nothing was started" in err

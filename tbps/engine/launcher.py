@@ -210,7 +210,7 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
             ("; the last, partial batch kept" if keep else f"; the last, partial batch dropped ({why_not})")
         lines.append(f"{ranks} worker(s) x batch {data.batch_size}{accum} = global batch "
                      f"{ranks * data.batch_size * train.grad_accum}, {loaders} loader worker(s) each: {steps:,} "
-                     f"steps an epoch, {steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on "
+                     f"step{'s' if steps != 1 else ''} an epoch, {steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on "
                      f"{min(cover['used'], total):,} of {total:,} {units}{last}")
     lines.append(f"evaluation: {data.val_split!r} " +
                  (f"every {train.eval_every} epoch(s)" if train.eval_every else "at the end") +
