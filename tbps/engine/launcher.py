@@ -208,10 +208,11 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
         accum = f" x {train.grad_accum} micro-batches" if train.grad_accum > 1 else ""
         last = "" if data.last_batch == "drop" else \
             ("; the last, partial batch kept" if keep else f"; the last, partial batch dropped ({why_not})")
+        per_epoch = f"{steps:,} step{'s' if steps != 1 else ''} an epoch"
         lines.append(f"{ranks} worker(s) x batch {data.batch_size}{accum} = global batch "
-                     f"{ranks * data.batch_size * train.grad_accum}, {loaders} loader worker(s) each: {steps:,} "
-                     f"step{'s' if steps != 1 else ''} an epoch, {steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on "
-                     f"{min(cover['used'], total):,} of {total:,} {units}{last}")
+                     f"{ranks * data.batch_size * train.grad_accum}, {loaders} loader worker(s) each: {per_epoch}, "
+                     f"{steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on {cover['used']:,} of "
+                     f"{total:,} {units}{last}")
     lines.append(f"evaluation: {data.val_split!r} " +
                  (f"every {train.eval_every} epoch(s)" if train.eval_every else "at the end") +
                  f", the best by {train.select_metric} kept; {data.test_split!r} with it at the end" +
