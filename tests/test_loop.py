@@ -526,7 +526,8 @@ def _last_batch_main(rank, url, out_dir):
     metrics = run.train_one_epoch(0)
     graphs = counters["stats"]["unique_graphs"]
     with open(os.path.join(out_dir, "last_batch.json"), "w") as f:
-        json.dump({"seen": seen, "graphs": graphs, "steps": run.steps_per_epoch, "loss": metrics["train_loss"]}, f)
+        json.dump({"seen": seen, "graphs": graphs, "steps": run.steps_per_epoch, "loss": metrics["train_loss"],
+                   "compiled_after": "features" in run.method.__dict__}, f)  # the graphs kept for the next epoch
 
 
 def test_the_last_partial_batch_is_kept_on_one_rank_as_irra_keeps_it(synth_tiny, tmp_path):
@@ -541,7 +542,7 @@ def test_the_last_partial_batch_is_kept_on_one_rank_as_irra_keeps_it(synth_tiny,
     res = json.load(open(tmp_path / "last_batch.json"))
     assert res["steps"] == 8 and [size for size, _ in res["seen"]] == [16] * 7 + [8]
     assert res["seen"][1][1] == res["seen"][-1][1] == res["graphs"] >= 1  # graphs of the first step only
-    assert res["loss"] == res["loss"]  # finite
+    assert res["loss"] == res["loss"] and res["compiled_after"]  # finite; the next epoch compiled again
     assert load_config("irra").data.last_batch == "keep" and load_config("irra_tiny").data.last_batch == "drop"
     cfg = load_config("irra")
     assert keeps_last_batch(cfg, 1) == (True, "")

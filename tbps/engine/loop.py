@@ -559,7 +559,7 @@ class TrainRun:
             # the epoch's last, partial batch (data.last_batch=keep) runs eagerly: a graph for its size would make
             # the batch dimension dynamic in the graphs of every later step
             short = cfg.train.compile and len(batch["pids"]) != cfg.data.batch_size
-            with torch.compiler.set_stance("force_eager") if short else contextlib.nullcontext():
+            with self.method.eager() if short else contextlib.nullcontext():
                 out = train_step(engine, group, cfg.train.grad_cache, self.clip, self.device, self.train_autocast)
             self.global_step = engine.global_steps
             for k, v in out.items():

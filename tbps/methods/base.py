@@ -3,6 +3,7 @@ parameter groups for the optimizer. A method = one file that subclasses ``Method
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -196,6 +197,21 @@ class Method(nn.Module):
             kwargs["options"] = {**kwargs.get("options", {}), "fallback_random": True}
         self.features = torch.compile(self.features, **kwargs)
         self.compiled_draws_replayed = replay_random  # grad_cache_step refuses compiled draws it cannot replay
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The training forward uncompiled inside the block (``compile_step``'s graphs kept for afterwards): the
+        epoch's last, short batch (``data.last_batch=keep``), for which a graph would make the batch dimension dynamic
+        in the graphs of every later step."""
+        compiled = self.__dict__.get("features")  # compile_step's instance attribute over the class's method
+        if compiled is None:
+            yield
+            return
+        del self.features
+        try:
+            yield
+        finally:
+            self.features = compiled
 
     def compile_encoders(self, **kwargs) -> None:
         """torch.compile the retrieval encoders (evaluation)."""
