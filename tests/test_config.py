@@ -380,6 +380,8 @@ def test_check_prints_the_plan_and_the_config_and_starts_nothing(synth_tiny, tmp
     assert ("2 worker(s) x batch 16 = global batch 32, 2 loader worker(s) each: 3 steps an epoch, 9 in 3 epochs; an "
             "epoch trains on 96 of 120 images; the last, partial batch dropped (2 ranks)") in plan
     assert f"outputs: {tmp_path}/chk (a new run)" in plan and "method clip (itc x1), precision fp32" in plan
+    assert ("optimizer adam lr 0.0005, weight decay 0.0001; cosine schedule per iteration, warm-up 1 epoch from 0.1 x "
+            "lr, floor 0, gradients clipped at norm 5") in plan
     cfg = load_config("clip_tiny", overrides[2:])
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
     assert len(build_train_loader(cfg.data, tok, keep_last=True)) == 8  # what the workers' loaders yield

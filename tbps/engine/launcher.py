@@ -213,6 +213,14 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
                      f"{ranks * data.batch_size * train.grad_accum}, {loaders} loader worker(s) each: {per_epoch}, "
                      f"{steps * train.epochs:,} in {train.epochs} epochs; an epoch trains on {cover['used']:,} of "
                      f"{total:,} {units}{last}")
+    o = cfg.optim
+    mults = [f"new modules x{o.new_module_lr_mult:g}" if o.new_module_lr_mult != 1 else "",
+             f"biases x{o.bias_lr_mult:g}" if o.bias_lr_mult != 1 else ""]
+    lines.append(f"optimizer {o.name} lr {o.lr:g}" + (f" ({', '.join(m for m in mults if m)})" if any(mults) else "") +
+                 f", weight decay {o.weight_decay:g}; {o.scheduler} schedule per {o.schedule_per}" +
+                 (f", warm-up {o.warmup_epochs:g} epoch{'s' if o.warmup_epochs != 1 else ''} from "
+                    f"{o.warmup_start_factor:g} x lr" if o.warmup_epochs else "")
+                 + f", floor {o.min_lr:g}" + (f", gradients clipped at norm {o.grad_clip:g}" if o.grad_clip else ""))
     lines.append(f"evaluation: {data.val_split!r} " +
                  (f"every {train.eval_every} epoch(s)" if train.eval_every else "at the end") +
                  f", the best by {train.select_metric} kept; {data.test_split!r} with it at the end" +
