@@ -393,3 +393,28 @@ def test_check_prints_the_plan_and_the_config_and_starts_nothing(synth_tiny, tmp
     assert train_main(overrides + ["data.batch_size=500", "--check"]) == 2
     assert "config error: data.batch_size 500 x 2 workers x 2 loader workers leaves no full batch" in \
         capsys.readouterr().err
+
+
+def test_the_irra_preset_plans_irra_s_epoch_on_cuhk_pedes():
+    """On a CUHK-PEDES-sized train split (68,126 pairs of 34,054 images, in 35 shards of a shards.build conversion),
+    the irra preset's plan on one GPU is IRRA's epoch: 1,065 steps at 64, the last of 30 pairs, whatever its 7 loader
+    workers' shares; on 4 GPUs (IRRA's random sampler has no distributed mode) the last batch is dropped."""
+    from tbps.engine.launcher import resolve_worker_settings, run_plan
+
+    images = [973] * 34 + [34054 - 973 * 34]
+    captions = [1946] * 34 + [68126 - 1946 * 34]
+    shards = [{"name": f"train-{i:05d}.tar", "samples": n, "captions": c} for i, (n, c) in
+              enumerate(zip(images, captions))]
+    manifest = {"dataset": "cuhk-pedes", "splits": {"train": {"shards": shards}}}
+    cfg = load_config("irra", ["data.url=s3://bucket/cuhk-pedes"])
+    resolve_worker_settings(cfg)  # data.loader_workers -1 -> 7 (8 CPUs per GPU worker)
+    plan = "\n".join(run_plan(cfg, manifest))
+    assert ("1 worker(s) x batch 64 = global batch 64, 7 loader worker(s) each: 1,065 steps an epoch, 63,900 in 60 "
+            "epochs; an epoch trains on 68,126 of 68,126 pairs; the last, partial batch kept") in plan
+    assert "optimizer adam lr 1e-05 (new modules x5, biases x2), weight decay 4e-05; cosine schedule per epoch" in plan
+    cfg.train.num_workers = 4
+    plan = "\n".join(run_plan(cfg, manifest))
+    # 35 shards on 4 ranks: 9, 9, 9 and 8, each rank stopped at the smallest share (pre-flight warns, naming
+    # shards.build --min-shards): 8 x 1,946 pairs = 243 batches of 64
+    assert ("4 worker(s) x batch 64 = global batch 256, 7 loader worker(s) each: 243 steps an epoch, 14,580 in 60 "
+            "epochs; an epoch trains on 62,208 of 68,126 pairs; the last, partial batch dropped (4 ranks)") in plan
