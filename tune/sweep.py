@@ -319,10 +319,11 @@ def _sweep(args) -> int:
     require("matplotlib", "tune.sweep (its metric-against-parameter plot)")
     try:
         spec = prepare(load_sweep(args.config, args.overrides))
-        if resumable(spec):
+        resumes = resumable(spec)
+        if resumes:
             check_resumed_spec(spec)
         if args.check:
-            return _check(spec)
+            return _check(spec, resumes)
         from tbps.engine.launcher import ensure_ray
 
         ensure_ray(spec.base_config(next(iter(spec.methods))), console=None if args.verbose else "none")
@@ -361,7 +362,7 @@ def describe_distribution(dist) -> str:
     return str(dist)
 
 
-def _check(spec: SweepSpec) -> int:
+def _check(spec: SweepSpec, resumes: bool) -> int:
     """--check: the sweep's plan on stdout -- trials, search, what one trial holds and how many run at once, each
     method's space and run plan, outputs; no Ray started, nothing written."""
     from tbps.data import load_manifest
@@ -382,7 +383,7 @@ def _check(spec: SweepSpec) -> int:
         for line in run_plan(cfg, load_manifest(cfg.data.url)):
             print(f"  {line}")
     path = experiment_path(spec)
-    print(f"outputs: {path} ({'resumes the interrupted sweep' if resumable(spec) else 'a new sweep'})")
+    print(f"outputs: {path} ({'resumes the interrupted sweep' if resumes else 'a new sweep'})")
     print("[sweep] --check: the sweep is valid; nothing was started", file=sys.stderr)
     return 0
 

@@ -146,6 +146,14 @@ def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, ep
                                         weight == "captions") for worker in rank) for rank in assignment)
 
 
+def first_epoch_shards(cfg, manifest: dict) -> list[dict]:
+    """The train shards epoch 0 deals out (``cfg``: the DataConfig): the split's, or a mixture's draw for it -- what
+    pre-flight and the ``--check`` plans count."""
+    if cfg.mix:
+        return Mixture(cfg.mix, cfg.train_split).epoch_shards(0, cfg.seed, sampling_weight(cfg.sampling))
+    return split_shards(manifest, cfg.train_split)
+
+
 def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, epoch: int = 0,
                    keep_last: bool = False) -> dict[str, int]:
     """How much of the train split an epoch trains on, in pairs (``data.sampling=pairs``) or images (``images``):
@@ -476,7 +484,6 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, self.loader_workers)
         self.epoch = 0
         self.skip: list[int] | None = None  # per loader worker: batches a resumed epoch does not yield again
-        self.keep_last = False  # the epoch's last, partial batch yielded too (TrainLoader's keep_last)
         self.augment = BatchAugment(cfg, train=train)
         self.decode_hw = decode_target(cfg)  # what a JPEG may be decoded down towards (data.decode)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
@@ -515,10 +522,11 @@ class ShardStream(IterableDataset):
         return assign_shards(self.epoch_shards(), self.world_size, self.num_workers, self.epoch, self.cfg.seed,
                              self.weight)
 
-    def num_batches(self) -> int:
+    def num_batches(self, keep_last: bool = False) -> int:
+        """Batches of this epoch on this rank (``keep_last``: with the last, partial one, TrainLoader's)."""
         if self.train:
             return train_batches(self.epoch_shards(), self.cfg, self.world_size, self.num_workers, self.epoch,
-                                 self.keep_last)
+                                 keep_last)
         return batches_per_epoch(self.assignment(), self.cfg.batch_size, self.weight)
 
     # -- per sample (runs in the loader worker)
@@ -664,7 +672,7 @@ class TrainLoader:
         if keep_last and (stream.world_size > 1 or stream.identity):
             raise ValueError("the epoch's last, partial batch can be kept on one rank with data.sampler=random only "
                              f"(this loader: {stream.world_size} ranks, data.sampler={stream.cfg.sampler})")
-        stream.keep_last = keep_last
+        self.keep_last = keep_last
         self.stream = stream
         self.skipped: set[str] = set()  # bad shards skipped in the current epoch (data.on_bad_shard=skip)
         self._resume: dict | None = None
@@ -700,7 +708,7 @@ class TrainLoader:
         self._resume = position
 
     def __len__(self) -> int:
-        return self.stream.num_batches()
+        return self.stream.num_batches(self.keep_last)
 
     def position(self) -> dict:
         """Where the epoch being iterated stands after the last batch yielded (JSON-serialisable)."""
@@ -754,7 +762,7 @@ class TrainLoader:
             # then the workers' remainders joined into full batches, in worker order (the same on a resumed epoch:
             # its workers skip their full batches already taken, and their remainders are drawn as before)
             merged = merge_partials([p for p in partials if p is not None], self.stream.cfg.batch_size,
-                                    self.stream.keep_last) if pos["count"] < n else []
+                                    self.keep_last) if pos["count"] < n else []
             for batch in merged[pos["merged"]:]:
                 if pos["count"] >= n:
                     break

@@ -30,8 +30,8 @@ def preflight(cfg: Config) -> dict:
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
-    from tbps.data.stream import Mixture, check_pair_counts, epoch_coverage, keeps_last_batch, sampling_weight, \
-        split_shards
+    from tbps.data.stream import check_pair_counts, epoch_coverage, first_epoch_shards, keeps_last_batch, \
+        sampling_weight
     from tbps.data.clip_tokenizer import NAME as CLIP_TOKENIZER
     from tbps.checkpoint import run_directory_hint
     from tbps.engine.loop import tokenizer_path
@@ -106,15 +106,14 @@ def preflight(cfg: Config) -> dict:
             print(f"[tbps] warning: {shared_ids_note(split, info)}", file=sys.stderr)
     workers = max(1, cfg.data.loader_workers)
     weight = sampling_weight(cfg.data.sampling)
-    shards = split_shards(manifest, cfg.data.train_split)
-    if cfg.data.mix:  # every member's train split; the batch check below on the mixture's first epoch
-        for i, member in enumerate(cfg.data.mix):
-            try:
-                if cfg.data.train_split not in load_manifest(member.url)["splits"]:
-                    raise ValueError(f"split {cfg.data.train_split!r} not in {member.url}")
-            except (FileNotFoundError, OSError, ValueError) as e:
-                raise ConfigError(f"data.url[{i}]: {e}") from None
-        shards = Mixture(cfg.data.mix, cfg.data.train_split).epoch_shards(0, cfg.data.seed, weight)
+    # every mixture member's train split; the batch check below on the mixture's first epoch
+    for i, member in enumerate(cfg.data.mix or []):
+        try:
+            if cfg.data.train_split not in load_manifest(member.url)["splits"]:
+                raise ValueError(f"split {cfg.data.train_split!r} not in {member.url}")
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise ConfigError(f"data.url[{i}]: {e}") from None
+    shards = first_epoch_shards(cfg.data, manifest)
     if weight == "captions":
         try:
             check_pair_counts(shards, cfg.data.url)
@@ -178,15 +177,14 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
     """What a run of ``cfg`` would do, in lines (``--check`` of ``tbps.train`` and ``tune.sweep``, after
     :func:`preflight`): the method and precision, the train split, steps per epoch and the global batch for each world
     size the run may have, and evaluation."""
-    from tbps.data.stream import Mixture, epoch_coverage, keeps_last_batch, sampling_weight, split_shards, \
+    from tbps.data.stream import epoch_coverage, first_epoch_shards, keeps_last_batch, sampling_weight, \
         train_batches
     from tbps.engine.loop import epoch_steps, resolve_precision
 
     data, train = cfg.data, cfg.train
     weight = sampling_weight(data.sampling)
     units = {"captions": "pairs", "samples": "images"}[weight]
-    shards = Mixture(data.mix, data.train_split).epoch_shards(0, data.seed, weight) if data.mix else \
-        split_shards(manifest, data.train_split)
+    shards = first_epoch_shards(data, manifest)
     total = sum(s[weight] for s in shards)
     losses = ", ".join(f"{loss.name} x{loss.weight:g}" for loss in getattr(cfg.method, "losses", []) or [])
     lines = [f"method {cfg.method.name}" + (f" ({losses})" if losses else "") + f", precision "
