@@ -12,6 +12,9 @@ its attribute phrases (IVT's word-level texts). Train records
 are written in a seeded shuffled order (``--seed``), so no shard holds one identity's images (annotation files are
 often grouped by identity); val and test keep annotation order (the gallery order breaks ties).
 
+``--caption-rule ivt`` treats long captions as IVT's ICFG-PEDES and RSTPReid loaders do (shards/readers.py), for
+reproducing IVT; the default keeps every caption as written.
+
 ``--group-ids`` writes the train split by identity instead (what ``data.sampler=identity``, IVT's identity-sampled
 batches, needs): identities in a seeded random order, each identity's images together and never split between
 shards, and each shard's per-identity image and caption counts (``id_counts``) in the manifest.
@@ -28,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .cli import add_verbose, at_least, run_command
 from .corpus import KINDS, convert_corpus, shared_ids_note
-from .readers import FORMATS, BadRecord, RawRecord, load_image, read_annotations
+from .readers import CAPTION_RULES, FORMATS, IVT_RULE_DATASETS, BadRecord, RawRecord, load_image, read_annotations
 from .writer import DatasetWriter, group_shard_counts
 
 
@@ -92,17 +95,34 @@ def group_by_identity(records: list, pid_of, caption_count, seed: int, shard_siz
 
 def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shards: int = 8,
             skip_bad: bool = False, workers: int = 8, log=None, seed: int = 0, attributes: str | None = None,
-            group_ids: bool = False, val_from_train: float = 0.0) -> dict:
+            group_ids: bool = False, val_from_train: float = 0.0, caption_rule: str = "as-is") -> dict:
     """Validate everything, then write and publish. Raises ``BadRecord`` (nothing published) on bad input.
     ``val_from_train``: the fraction of train identities (at least one, never all) moved, with all their images,
-    into a val split, for datasets published without one (ICFG-PEDES); chosen by ``seed``."""
+    into a val split, for datasets published without one (ICFG-PEDES); chosen by ``seed``. ``caption_rule="ivt"``:
+    IVT's loader's treatment of long captions (``shards.readers.IVT_RULE_DATASETS``), counted per split in the
+    manifest's ``caption_rule``."""
     log = log or sys.stderr
     if not 0.0 <= val_from_train < 1.0:
         raise ValueError(f"--val-from-train must be a fraction in [0, 1), got {val_from_train}")
     fmt = FORMATS[dataset]
     file = os.path.join(root, fmt.annotation_file)
     phrases = read_attributes(attributes) if attributes else None
-    records, skipped = read_annotations(dataset, root, skip_bad=skip_bad)
+    records, skipped = read_annotations(dataset, root, skip_bad=skip_bad, caption_rule=caption_rule)
+    rule: dict = {}
+    if caption_rule != "as-is":  # counted in the annotation file's splits (before --val-from-train)
+        counts: dict = {split: {"cut": 0, "left_out": 0, "images_left_out": 0} for split in fmt.splits}
+        for rec in records:
+            c = counts[rec.split]
+            c["cut"] += rec.cut
+            c["left_out"] += rec.left_out
+            c["images_left_out"] += not rec.captions
+        rule = {"name": caption_rule, "splits": counts}
+        records = [r for r in records if r.captions]
+        names = {"cut": "caption(s) cut", "left_out": "pair(s) left out", "images_left_out": "image(s) left out"}
+        changed = "; ".join(f"{split}: " + (", ".join(f"{n} {names[what]}" for what, n in c.items() if n) or
+                                            "nothing changed") for split, c in counts.items())
+        print(f"caption rule {caption_rule} ({dataset}: IVT's loader {IVT_RULE_DATASETS[dataset]}): {changed}",
+              file=log)
 
     # Check every image before writing anything: a bad image found half-way would leave a partial dataset.
     def check(rec):
@@ -212,6 +232,7 @@ def convert(dataset: str, root: str, out: str, shard_size: int = 1000, min_shard
             "num_skipped": len(skipped),
             "skipped": [s.as_dict() for s in skipped],
             **({"val_from_train": carved} if carved else {}),
+            **({"caption_rule": rule} if rule else {}),
         })
 
 
@@ -250,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--group-ids", action="store_true",
                     help="write the train split by identity (shards never split an identity, per-identity counts "
                          "in the manifest), as data.sampler=identity (IVT's identity-sampled batches) needs")
+    ap.add_argument("--caption-rule", choices=CAPTION_RULES, default="as-is",
+                    help="ivt: treat long captions as IVT's loaders do, to reproduce IVT (icfg-pedes: a caption of "
+                         "more than 90 processed tokens is cut before its 91st; rstpreid: a pair whose caption has "
+                         "more than 90 words is left out of every split); the other methods read them as-is")
     ap.add_argument("--val-from-train", type=float, default=0.0, metavar="FRACTION",
                     help="carve a val split from this fraction of the train identities (identity-disjoint; for "
                          "datasets without a val split, e.g. ICFG-PEDES: 0.05)")
@@ -260,7 +285,8 @@ def main(argv=None) -> int:
 
     if args.dataset in KINDS:
         for flag, given in (("--attributes", args.attributes), ("--group-ids", args.group_ids),
-                            ("--val-from-train", args.val_from_train)):
+                            ("--val-from-train", args.val_from_train),
+                            ("--caption-rule", args.caption_rule != "as-is")):
             if given:
                 ap.error(f"{flag} applies to the raw datasets ({', '.join(sorted(FORMATS))}), not to a {args.dataset} "
                          "corpus (give records a split instead)")
@@ -277,7 +303,7 @@ def main(argv=None) -> int:
     def run() -> int:
         manifest = convert(args.dataset, args.root, args.out, args.shard_size, args.min_shards, args.skip_bad,
                            args.workers, seed=args.seed, attributes=args.attributes, group_ids=args.group_ids,
-                           val_from_train=args.val_from_train)
+                           val_from_train=args.val_from_train, caption_rule=args.caption_rule)
         print(summarize(manifest))
         print(f"published {args.out}")
         return 0

@@ -37,6 +37,63 @@ class RawRecord:
     pid: int  # the dataset's own person id
     path: str  # image path relative to <root>/imgs
     captions: list[str] = field(default_factory=list)
+    cut: int = 0  # captions the caption rule cut (``CAPTION_RULES``)
+    left_out: int = 0  # captions (image-caption pairs) the caption rule left out
+
+
+# ``shards.build --caption-rule``: what happens to a raw caption before it is stored
+CAPTION_RULES = ("as-is", "ivt")
+IVT_MAX_WORDS = 90  # IVT's datasets/icfg_pedes.py and rstp_reid.py: ``_process_dataset(..., max_tok=90)``
+IVT_RULE_DATASETS = {  # what IVT's dataset class does to a long caption (docs/methods.md, IVT: Other datasets)
+    "icfg-pedes": f"cuts a caption of more than {IVT_MAX_WORDS} processed tokens before its "
+                  f"{IVT_MAX_WORDS + 1}st token",
+    "rstpreid": f"leaves out a pair whose caption has more than {IVT_MAX_WORDS} words",
+}
+
+
+def ivt_words(caption: str) -> list[str]:
+    """A caption's words as IVT's RSTPReid reader counts them (``RSTPReID._split_word``): split on single spaces (two
+    spaces give an empty word, which counts); a piece holding "." is split on "." (empty parts dropped), else one
+    holding "," on ",", else one holding "?" on "?"."""
+    words: list[str] = []
+    for piece in caption.split(" "):
+        for sep in (".", ",", "?"):
+            if sep in piece:
+                words += [part for part in piece.split(sep) if part]
+                break
+        else:
+            words.append(piece)
+    return words
+
+
+def ivt_cut(caption: str, tokens: list[str]) -> str:
+    """IVT's ICFG-PEDES reader (``ICFG_PEDES._process_dataset``): a caption of more than 90 processed tokens ends
+    where the first occurrence of its 91st token begins, searched in the caption string (a substring search: the cut
+    can fall inside an earlier word). Raises ``ValueError`` when that token is not in the caption (IVT's
+    ``str.index`` fails there)."""
+    if len(tokens) <= IVT_MAX_WORDS:
+        return caption
+    token = tokens[IVT_MAX_WORDS]
+    at = caption.find(token)
+    if at < 0:
+        raise ValueError(f"its token {IVT_MAX_WORDS + 1}, {token!r}, is not in the caption text")
+    return caption[:at]
+
+
+def caption_rule_warning(method: str, manifest: dict, url: str) -> str | None:
+    """Pre-flight's word on a dataset's caption rule, or None: IVT's ICFG-PEDES and RSTPReid loaders treat long
+    captions their own way (``shards.build --caption-rule ivt``), which the other methods' official loaders do not."""
+    dataset = manifest.get("dataset", "")
+    rule = (manifest.get("caption_rule") or {}).get("name", "as-is")
+    if method == "ivt" and rule != "ivt" and dataset in IVT_RULE_DATASETS:
+        return (f"{url} ({dataset}) keeps every caption as written; IVT's {dataset} loader "
+                f"{IVT_RULE_DATASETS[dataset]}: build the shards with `python -m shards.build --caption-rule ivt` "
+                "to train and evaluate as IVT does (docs/methods.md)")
+    if method != "ivt" and rule == "ivt":
+        return (f"{url} was built with IVT's caption rule (shards.build --caption-rule ivt: {dataset}'s loader in IVT "
+                f"{IVT_RULE_DATASETS.get(dataset, 'changes long captions')}); {method} reads captions as written: "
+                "build the shards without --caption-rule for it")
+    return None
 
 
 class BadRecord(ValueError):
@@ -58,7 +115,8 @@ class BadRecord(ValueError):
         return {"file": self.file, "record": self.index, "path": self.path, "reason": self.reason}
 
 
-def _parse_record(fmt: RawFormat, file: str, index: int, raw) -> RawRecord:
+def _parse_record(fmt: RawFormat, file: str, index: int, raw, dataset: str = "", caption_rule: str = "as-is") \
+        -> RawRecord:
     if not isinstance(raw, dict):
         raise BadRecord(file, index, f"expected a JSON object, got {type(raw).__name__}")
     path = raw.get(fmt.path_field)
@@ -81,21 +139,52 @@ def _parse_record(fmt: RawFormat, file: str, index: int, raw) -> RawRecord:
     captions = raw["captions"]
     if not isinstance(captions, list) or not captions:
         raise BadRecord(file, index, "'captions' must be a non-empty list", path)
-    cleaned = []
     for j, cap in enumerate(captions):
         if not isinstance(cap, str):
             raise BadRecord(file, index, f"caption {j} is not a string ({type(cap).__name__})", path)
-        cap = " ".join(cap.split())
-        if not cap:
+        if not cap.split():
             raise BadRecord(file, index, f"caption {j} is empty", path)
-        cleaned.append(cap)
-    return RawRecord(index=index, split=split, pid=pid, path=path, captions=cleaned)
+    cut = left_out = 0
+    if caption_rule == "ivt" and dataset == "icfg-pedes":
+        tokens = raw.get("processed_tokens")
+        if not isinstance(tokens, list) or len(tokens) < len(captions) or \
+                not all(isinstance(t, list) and all(isinstance(w, str) for w in t) for t in tokens):
+            raise BadRecord(file, index, "--caption-rule ivt needs 'processed_tokens', one list of token strings per "
+                                         "caption (ICFG-PEDES.json has them): IVT cuts a caption of more than "
+                                         f"{IVT_MAX_WORDS} of them", path)
+        kept = []
+        for j, (cap, toks) in enumerate(zip(captions, tokens)):
+            try:
+                short = ivt_cut(cap, toks)
+            except ValueError as e:
+                raise BadRecord(file, index, f"--caption-rule ivt: caption {j} has {len(toks)} processed tokens and "
+                                             f"{e} (IVT's reader fails here too)", path) from None
+            if not short.split():
+                raise BadRecord(file, index, f"--caption-rule ivt: caption {j} is empty after IVT's cut at its token "
+                                             f"{IVT_MAX_WORDS + 1}, {toks[IVT_MAX_WORDS]!r}, found at its start", path)
+            cut += short != cap
+            kept.append(short)
+        captions = kept
+    elif caption_rule == "ivt" and dataset == "rstpreid":
+        kept = [cap for cap in captions if len(ivt_words(cap)) <= IVT_MAX_WORDS]
+        left_out = len(captions) - len(kept)
+        captions = kept
+    cleaned = [" ".join(cap.split()) for cap in captions]
+    return RawRecord(index=index, split=split, pid=pid, path=path, captions=cleaned, cut=cut, left_out=left_out)
 
 
-def read_annotations(dataset: str, root: str, skip_bad: bool = False) -> tuple[list[RawRecord], list[BadRecord]]:
-    """Parse and validate ``<root>/<annotation file>``. Returns (records, skipped)."""
+def read_annotations(dataset: str, root: str, skip_bad: bool = False, caption_rule: str = "as-is") \
+        -> tuple[list[RawRecord], list[BadRecord]]:
+    """Parse and validate ``<root>/<annotation file>``. Returns (records, skipped). ``caption_rule="ivt"`` applies
+    IVT's reader of the dataset to its captions (``IVT_RULE_DATASETS``; a record whose every caption it leaves out
+    is returned with none)."""
     if dataset not in FORMATS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(FORMATS)}")
+    if caption_rule not in CAPTION_RULES:
+        raise ValueError(f"unknown caption rule {caption_rule!r}; expected one of {', '.join(CAPTION_RULES)}")
+    if caption_rule == "ivt" and dataset not in IVT_RULE_DATASETS:
+        raise ValueError(f"--caption-rule ivt applies to {' and '.join(IVT_RULE_DATASETS)} (IVT's {dataset} loader "
+                         "keeps every caption whole): leave it out")
     fmt = FORMATS[dataset]
     file = os.path.join(root, fmt.annotation_file)
     if not os.path.isfile(file):
@@ -114,7 +203,7 @@ def read_annotations(dataset: str, root: str, skip_bad: bool = False) -> tuple[l
     records, skipped = [], []
     for index, raw in enumerate(data):
         try:
-            records.append(_parse_record(fmt, file, index, raw))
+            records.append(_parse_record(fmt, file, index, raw, dataset, caption_rule))
         except BadRecord as e:
             if not skip_bad:
                 raise

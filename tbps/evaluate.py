@@ -53,12 +53,16 @@ def evaluation_autocast(cfg, device: str):
 def evaluate_model(method, cfg, tok, split: str = "test", batch_size: int = 256, device: str = "cpu", cmc: int = 0,
                    embeddings_path: str | None = None, ap: str = "standard", precision: str | None = None) -> dict:
     """``precision`` (``--precision``): eval.precision for this evaluation (None: the model's config's)."""
+    from shards.readers import caption_rule_warning
     from tbps.data import build_eval_loader, load_manifest
     from tbps.eval import evaluate
 
     if precision:
         cfg.eval.precision = precision
     manifest = load_manifest(cfg.data.url)
+    note = caption_rule_warning(cfg.method.name, manifest, cfg.data.url)
+    if note:
+        print(f"[tbps] warning: {note}", file=sys.stderr)
     loader = build_eval_loader(cfg.data, tok, split, batch_size, manifest=manifest)
     out = evaluate(method, loader, device, cfg.eval.query_chunk, autocast_dtype=evaluation_autocast(cfg, device),
                    cmc=cmc, embeddings_path=embeddings_path, ap=ap, dataset=str(manifest.get("dataset", "")))

@@ -279,7 +279,7 @@ def test_bad_ivt_checkpoints_are_clear_errors(ref, vocab, synth_tiny, tmp_path):
         create_method(cfg, TextSpec(vocab + 5, 24, 0, 1, 2, 3), 10, log=None)
 
 
-def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path):
+def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path, capsys):
     """`tbps.evaluate --checkpoint <official IVT .pth>` (detected) evaluates it; the exported embeddings are the
     reference's."""
     from tbps.data import build_eval_loader
@@ -303,6 +303,9 @@ def test_official_ivt_model_evaluates_directly(ref, synth_tiny, tmp_path):
                  "16", "--ap", "trapezoid", *_overrides(icfg)]) == 0
     (icfg_row,) = json.loads((tmp_path / "icfg-eval" / "metrics.json").read_text()).values()
     assert icfg_row["ivt"]["gallery"] == icfg_row["queries"] == row["queries"]
+    # shards built without IVT's caption rule (shards.build --caption-rule ivt) are named, as in pre-flight
+    err = capsys.readouterr().err
+    assert f"warning: {icfg} (icfg-pedes) keeps every caption as written" in err and "--caption-rule ivt" in err
     emb = np.load(out / "embeddings.npz")
     cfg = load_config("ivt", _overrides(synth_tiny))  # what --checkpoint builds an official model from
     assert cfg.data.mean == [0.5, 0.5, 0.5]

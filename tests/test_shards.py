@@ -377,3 +377,152 @@ def test_shard_members_carry_no_pax_headers(synth_tiny):
     from conftest import assert_plain_tar_members
 
     assert assert_plain_tar_members(synth_tiny) >= 2 * 120  # jpg + json per sample, every split
+
+
+def _official_word_count(caption: str) -> int:
+    """A reference written from IVT's ``RSTPReID._split_word`` (datasets/rstp_reid.py): split on " ", then a piece
+    with "." is split on "." (non-empty parts), elif with "," on ",", elif with "?" on "?", else kept as it is."""
+    count = 0
+    for piece in caption.split(" "):
+        if "." in piece:
+            count += len([p for p in piece.split(".") if len(p) > 0])
+        elif "," in piece:
+            count += len([p for p in piece.split(",") if len(p) > 0])
+        elif "?" in piece:
+            count += len([p for p in piece.split("?") if len(p) > 0])
+        else:
+            count += 1
+    return count
+
+
+def test_ivt_word_count_is_the_rstpreid_reader_s():
+    from shards.readers import ivt_words
+
+    for caption in ("a man in a red coat.", "a man,  wearing a.b,c shirt? yes", "x..y ,, ?? . , ?", "", " lead",
+                    "trail ", "one,two,three.four", "why?not,this", "end.", "tab\tinside word"):
+        assert len(ivt_words(caption)) == _official_word_count(caption), caption
+    assert ivt_words("a man,  wearing a.b,c shirt? yes") == ["a", "man", "", "wearing", "a", "b,c", "shirt", "yes"]
+
+
+def test_caption_rule_ivt_on_rstpreid_leaves_out_pairs_over_90_words_in_every_split(tmp_path, capsys):
+    """IVT's RSTPReid reader leaves a pair whose caption has more than 90 words out of train, val and test; an
+    image whose every caption goes leaves the gallery too. Without --caption-rule every caption is kept."""
+    root = str(tmp_path / "raw")
+    records = make_records("rstpreid")
+    long = " ".join(["word"] * 90) + " end."  # 91 words
+    records[0]["captions"][0] = long
+    records[2]["captions"][0] = " ".join(["word"] * 89) + " last, one."  # 91 words: "one." -> "one"
+    edge = " ".join(["word"] * 89) + " end."  # 90 words: kept
+    records[3]["captions"][0] = edge
+    test = [r for r in records if r["split"] == "test"]
+    test[0]["captions"] = [long, long + " more"]  # every caption over: the image is left out
+    write_raw(root, "rstpreid", records)
+    assert build_main(["--dataset", "rstpreid", "--root", root, "--out", str(tmp_path / "as-is"),
+                       "--min-shards", "1"]) == 0
+    assert "caption_rule" not in json.load(open(tmp_path / "as-is" / "manifest.json"))
+    assert any(long in s["captions"] for s in read_split(str(tmp_path / "as-is"), "train"))
+    out = str(tmp_path / "ivt")
+    assert build_main(["--dataset", "rstpreid", "--root", root, "--out", out, "--min-shards", "1",
+                       "--caption-rule", "ivt"]) == 0
+    assert "train: 2 pair(s) left out; val: nothing changed; test: 2 pair(s) left out, 1 image(s) left out" in \
+        capsys.readouterr().err
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["caption_rule"] == {"name": "ivt", "splits": {
+        "train": {"cut": 0, "left_out": 2, "images_left_out": 0}, "val": {"cut": 0, "left_out": 0,
+                                                                        "images_left_out": 0},
+        "test": {"cut": 0, "left_out": 2, "images_left_out": 1}}}
+    for split in ("train", "val", "test"):
+        expected = {r["img_path"]: [c for c in r["captions"] if _official_word_count(c) <= 90]
+                    for r in records if r["split"] == split}
+        expected = {path: caps for path, caps in expected.items() if caps}
+        back = {s["path"]: s["captions"] for s in read_split(out, split)}
+        assert back == expected, split
+        assert manifest["splits"][split]["captions"] == sum(map(len, expected.values()))
+    assert edge in {c for s in read_split(out, "train") for c in s["captions"]}
+
+
+def test_caption_rule_ivt_on_icfg_pedes_cuts_before_the_91st_processed_token(tmp_path, capsys):
+    """IVT's ICFG-PEDES reader cuts a caption of more than 90 processed tokens where the first occurrence of its 91st
+    token begins in the caption string -- a substring search, so the cut can fall inside an earlier word."""
+    root, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    records = make_records("icfg-pedes")
+    filler = ["tall"] * 89
+
+    def caption(words):
+        return "The man wears " + " ".join(words) + "."
+
+    def tokens(words):  # ICFG-PEDES.json's processed_tokens: lower case, no punctuation
+        return ["the", "man", "wears"] + [w.lower() for w in words]
+
+    for r in records:
+        r["processed_tokens"] = [c.lower().rstrip(".").split() for c in r["captions"]]
+    inside = filler[:87] + ["an", "zebra", "coat"]  # token 91 is "an": first found inside "man"
+    proper = filler[:87] + ["zebra", "red", "coat"]  # token 91 is "zebra": found where it stands
+    exact = filler[:87]  # 90 tokens: whole
+    records[0]["captions"], records[0]["processed_tokens"] = [caption(inside)], [tokens(inside)]
+    records[1]["captions"], records[1]["processed_tokens"] = [caption(proper)], [tokens(proper)]
+    records[2]["captions"], records[2]["processed_tokens"] = [caption(exact)], [tokens(exact)]
+    test = next(i for i, r in enumerate(records) if r["split"] == "test")
+    records[test]["captions"], records[test]["processed_tokens"] = [caption(proper)], [tokens(proper)]
+    assert len(tokens(inside)) == 93 and tokens(inside)[90] == "an" and len(tokens(exact)) == 90
+    write_raw(root, "icfg-pedes", records)
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", out, "--min-shards", "1",
+                       "--caption-rule", "ivt"]) == 0
+    assert "train: 2 caption(s) cut; test: 1 caption(s) cut" in capsys.readouterr().err
+    train = {s["path"]: s["captions"] for s in read_split(out, "train")}
+    assert train[records[0]["file_path"]] == ["The m"]
+    assert train[records[1]["file_path"]] == ["The man wears " + " ".join(filler[:87])]
+    assert train[records[2]["file_path"]] == [caption(exact)]
+    assert {s["path"]: s["captions"] for s in read_split(out, "test")}[records[test]["file_path"]] == \
+        ["The man wears " + " ".join(filler[:87])]
+    assert json.load(open(os.path.join(out, "manifest.json")))["caption_rule"]["splits"]["train"]["cut"] == 2
+
+    # a 91st token not in the caption (IVT's str.index fails), or no processed_tokens: the record is named
+    missing = [dict(r) for r in records]
+    missing[1]["processed_tokens"] = [tokens(filler[:87] + ["giraffe", "red", "coat"])]
+    write_raw(root, "icfg-pedes", missing)
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", str(tmp_path / "o2"),
+                       "--caption-rule", "ivt"]) == 2
+    assert "record #1 (train/p0/img1.jpg): --caption-rule ivt: caption 0 has 93 processed tokens and its token " \
+           "91, 'giraffe', is not in the caption text" in capsys.readouterr().err
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", str(tmp_path / "o3"),
+                       "--caption-rule", "ivt", "--skip-bad", "--min-shards", "1"]) == 0
+    assert json.load(open(tmp_path / "o3" / "manifest.json"))["skipped"][0]["record"] == 1
+    del missing[1]["processed_tokens"]
+    write_raw(root, "icfg-pedes", missing)
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", str(tmp_path / "o4"),
+                       "--caption-rule", "ivt"]) == 2
+    assert "record #1 (train/p0/img1.jpg): --caption-rule ivt needs 'processed_tokens'" in capsys.readouterr().err
+    assert build_main(["--dataset", "icfg-pedes", "--root", root, "--out", str(tmp_path / "o5"),
+                       "--min-shards", "1"]) == 0  # as-is: processed_tokens are not read
+    # CUHK-PEDES (IVT keeps its captions whole) and corpora refuse the rule
+    write_raw(str(tmp_path / "cuhk"), "cuhk-pedes")
+    assert build_main(["--dataset", "cuhk-pedes", "--root", str(tmp_path / "cuhk"), "--out", str(tmp_path / "o6"),
+                       "--caption-rule", "ivt"]) == 2
+    assert "--caption-rule ivt applies to icfg-pedes and rstpreid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_main(["--dataset", "jsonl", "--root", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o7"),
+                    "--caption-rule", "ivt"])
+
+
+def test_preflight_warns_when_the_shards_caption_rule_is_not_the_method_s(synth_tiny, tmp_path, capsys):
+    """IVT on ICFG-PEDES or RSTPReid shards built as-is, and another method on shards built with IVT's rule: a
+    warning naming the shards and the fix; the matching pairs say nothing. tbps.evaluate warns the same."""
+    from conftest import renamed_dataset
+    from tbps.config import load_config
+    from tbps.engine.launcher import preflight
+
+    icfg = renamed_dataset(synth_tiny, tmp_path / "icfg", "icfg-pedes")
+    ruled = renamed_dataset(icfg, tmp_path / "ruled", "icfg-pedes")
+    manifest = json.loads((tmp_path / "ruled" / "manifest.json").read_text())
+    (tmp_path / "ruled" / "manifest.json").write_text(json.dumps({**manifest, "caption_rule": {"name": "ivt"}}))
+    cuhk = renamed_dataset(synth_tiny, tmp_path / "cuhk", "cuhk-pedes")
+    base = ["data.loader_workers=1"]
+    for preset, url, expected in (("ivt_tiny", icfg, "keeps every caption as written; IVT's icfg-pedes loader cuts"),
+                                  ("irra_tiny", ruled, "was built with IVT's caption rule"),
+                                  ("ivt_tiny", ruled, None), ("irra_tiny", icfg, None), ("ivt_tiny", cuhk, None)):
+        capsys.readouterr()
+        preflight(load_config(preset, base + [f"data.url={url}"]))
+        err = capsys.readouterr().err
+        assert (expected in err and url in err and "--caption-rule" in err) if expected else "caption" not in err, \
+            (preset, url, err)

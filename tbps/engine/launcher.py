@@ -27,6 +27,7 @@ def preflight(cfg: Config) -> dict:
     """Fail before any worker starts, naming the key or path: data, tokenizer, weights, method, sizes."""
     check_values(cfg)  # again: a config changed in code since it loaded
     resolve_worker_settings(cfg)
+    from shards.readers import caption_rule_warning
     from shards.storage import filesystem
     from tbps.data import load_manifest
     from tbps.data.identity import check_identity_config, check_identity_layout
@@ -107,12 +108,18 @@ def preflight(cfg: Config) -> dict:
     workers = max(1, cfg.data.loader_workers)
     weight = sampling_weight(cfg.data.sampling)
     # every mixture member's train split; the batch check below on the mixture's first epoch
+    manifests = {cfg.data.url: manifest}
     for i, member in enumerate(cfg.data.mix or []):
         try:
-            if cfg.data.train_split not in load_manifest(member.url)["splits"]:
+            manifests[member.url] = load_manifest(member.url)
+            if cfg.data.train_split not in manifests[member.url]["splits"]:
                 raise ValueError(f"split {cfg.data.train_split!r} not in {member.url}")
         except (FileNotFoundError, OSError, ValueError) as e:
             raise ConfigError(f"data.url[{i}]: {e}") from None
+    for url, member_manifest in manifests.items():  # IVT's loaders' long captions (shards.build --caption-rule)
+        note = caption_rule_warning(cfg.method.name, member_manifest, url)
+        if note:
+            print(f"[tbps] warning: {note}", file=sys.stderr)
     shards = first_epoch_shards(cfg.data, manifest)
     if weight == "captions":
         try:
