@@ -442,3 +442,62 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
     # (ray/tune/execution/class_cache.py); tune.sweep keeps them out (tune.sweep.keep_credentials_out_of_runtime_envs)
     assert files_holding(SECRET, *sessions) == []
     assert files_holding("Reporting training result", sessions[-1]), "a worker log file lost a line"
+
+
+def test_a_method_reads_its_own_copy_of_the_dataset(synth_tiny, tmp_path, capsys):
+    """IVT's identity sampler needs the train split written by identity, which the other methods' random batches do
+    not want: a paper sweep could not hold IVT next to them (its trials were refused by pre-flight, and a data.url
+    in a method's overrides was replaced by the sweep's, silently). ``methods.<name>.data_url`` gives one method the
+    same dataset converted for it; copies of different datasets are an error, val splits that differ are named."""
+    from conftest import renamed_dataset
+    from shards.synth import generate
+    from tune.sweep import SPEC_FILE, check_resumed_spec, prepare, record_spec
+
+    grouped = str(tmp_path / "grouped")
+    generate(out=grouped, size="tiny", seed=0, min_shards=4, group_ids=True, progress=False)
+    tree = yaml.safe_load(open(os.path.join(ROOT, "tune", "configs", "smoke.yaml")))
+    tree["methods"]["ivt"] = {"config": "ivt_tiny", "overrides": {"data.sampler": "identity",
+                                                                  "data.tokenizer": f"{synth_tiny}/tokenizer"}}
+    path = _write(tmp_path, tree)
+    base = [f"data_url={synth_tiny}", "train.num_workers=1", f"storage_path={tmp_path / 'sweeps'}", "name=s"]
+    with pytest.raises(ConfigError, match=r"^methods\.ivt: data\.sampler=identity needs the 'train' split of "):
+        prepare(load_sweep(path, base))
+    spec = prepare(load_sweep(path, base + [f"methods.ivt.data_url={grouped}", "methods.ivt.optim.lr=0.002"]))
+    assert spec.base_config("ivt").data.url == grouped and spec.base_config("ivt").optim.lr == 0.002
+    assert spec.base_config("irra").data.url == spec.base_config("pcc").data.url == synth_tiny
+    assert spec.base_config("irra").optim.lr != 0.002
+    assert "val splits differ" not in capsys.readouterr().err  # the same ToyPEDES, its train split regrouped
+    # the --check plan shows each method's train split
+    from tune.sweep import main
+
+    assert main(["--config", path, *base, f"methods.ivt.data_url={grouped}", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"train split 'train' of {grouped}" in out and f"train split 'train' of {synth_tiny}" in out
+    # a resumed sweep: a method's moved copy is named; a sweep recorded before the field existed resumes
+    record_spec(load_sweep(path, base))
+    started = json.load(open(tmp_path / "sweeps" / "s" / SPEC_FILE))
+    for m in started["methods"].values():
+        del m["data_url"]
+    (tmp_path / "sweeps" / "s" / SPEC_FILE).write_text(json.dumps(started))
+    check_resumed_spec(load_sweep(path, base))
+    assert "resuming" not in capsys.readouterr().err
+    check_resumed_spec(load_sweep(path, base + [f"methods.ivt.data_url={grouped}"]))
+    assert f"[sweep] resuming 's' with methods.ivt.data_url: (not set) -> '{grouped}'" in capsys.readouterr().err
+
+    # another dataset, a val split of other pairs, a data.url among a method's overrides, an unlisted method
+    other = renamed_dataset(grouped, tmp_path / "icfg", "icfg-pedes")
+    with pytest.raises(ConfigError, match="compare on one dataset, and their data URLs hold different ones: irra: "
+                                          "toypedes"):
+        prepare(load_sweep(path, base + [f"methods.ivt.data_url={other}"]))
+    fewer = str(tmp_path / "fewer")
+    generate(out=fewer, size="tiny", seed=0, val=4, min_shards=4, group_ids=True, progress=False)
+    prepare(load_sweep(path, base + [f"methods.ivt.data_url={fewer}"]))
+    assert "the methods' val splits differ" in capsys.readouterr().err
+    tree["methods"]["ivt"]["overrides"]["data.url"] = grouped
+    with pytest.raises(ConfigError, match=r"methods\.ivt\.overrides: data\.url: a method's copy of the dataset is "
+                                          r"its data_url field"):
+        load_sweep(_write(tmp_path, tree), base)
+    with pytest.raises(ConfigError, match=r"'clip' is not a method of .* \(it lists irra, pcc\)"):
+        load_sweep("smoke", ["methods.clip.data_url=x"])
+    with pytest.raises(ConfigError, match="is not a tbps config key"):
+        load_sweep("smoke", ["methods.irra.nothing=1"])

@@ -16,6 +16,8 @@ space over tbps config keys. No Ray here: the sampling function is plain Optuna 
     methods:
       irra:
         config: irra_tiny           # tbps preset or YAML file
+        data_url: ""                # this method's copy of the dataset ("" = data_url), e.g. IVT's, written by
+                                    # identity (shards.build --group-ids ...)
         overrides: {}               # this method only
         space:                      # this method only; a parameter it does not have is an error
           method.mask_ratio: {uniform: [0.1, 0.3]}
@@ -64,6 +66,7 @@ class ResourcesFields:
 @dataclass
 class MethodFields:
     config: str = ""
+    data_url: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +96,9 @@ class MethodSpace:
     config: str  # tbps preset name or YAML path
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)  # key -> distribution, only this method's parameters
+    # this method's copy of the sweep's dataset ("" = the sweep's data_url): the same dataset converted as its
+    # preset needs (IVT's identity sampler: shards.build --group-ids; its ICFG-PEDES/RSTPReid caption rule)
+    data_url: str = ""
 
 
 @dataclass
@@ -120,8 +126,8 @@ class SweepSpec:
         """The tbps Config of one trial: method preset <- sweep overrides <- method overrides <- sampled params."""
         m = self.methods[method]
         overrides = {"train.eval_every": 1, **self.overrides, **m.overrides}  # ASHA compares val every epoch
-        if self.data_url:
-            overrides["data.url"] = self.data_url
+        if m.data_url or self.data_url:
+            overrides["data.url"] = m.data_url or self.data_url
         overrides["train.select_metric"] = self.metric
         losses = {}
         for key, value in (params or {}).items():
@@ -249,7 +255,8 @@ def _check_key(where: str, key: str) -> None:
 def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
     """Read and validate a sweep YAML (a path or a preset name in tune/configs), applying ``key=value`` overrides:
     sweep fields (``num_samples=8``, ``data_url=...``) or, for any other dotted key, tbps config overrides for every
-    trial (``train.num_workers=4``)."""
+    trial (``train.num_workers=4``); ``methods.<name>.data_url=URL`` and ``methods.<name>.<tbps key>=value`` set one
+    listed method's dataset copy and overrides."""
     path = preset_path(path_or_name, PRESET_DIR, "sweep")
     tree = read_yaml_mapping(path)
     simple = {f.name for f in dataclasses.fields(SweepSpec)} - {"overrides", "methods", "source"}
@@ -257,6 +264,22 @@ def load_sweep(path_or_name: str, cli: list[str] | None = None) -> SweepSpec:
         key, value = parse_override(text)
         if key == "data.url":  # the sweep's dataset is its data_url field; as a trial override the demo would win
             key = "data_url"
+        if key.startswith("methods."):
+            _, name, leaf = (key.split(".", 2) + [""])[:3]
+            methods = tree.get("methods") or {}
+            if name not in methods:
+                raise ConfigError(f"override {text!r}: {name!r} is not a method of {path} (it lists "
+                                  f"{', '.join(methods) or 'none'}); give methods.<method>.data_url=URL or "
+                                  "methods.<method>.<section.key>=value")
+            if not isinstance(methods[name] or {}, dict):
+                raise ConfigError(f"{path}: methods.{name} must be a mapping (config, data_url, overrides, space)")
+            body = methods[name] = dict(methods[name] or {})
+            if leaf in ("data_url", "data.url"):
+                body["data_url"] = value
+            else:
+                _check_key(f"override {text!r}", leaf)
+                body["overrides"] = {**(body.get("overrides") or {}), leaf: value}
+            continue
         if key in simple or key in ("scheduler.grace_period", "scheduler.reduction_factor", "resources.cpus",
                                     "resources.gpus"):
             section, _, leaf = key.rpartition(".")
@@ -318,9 +341,12 @@ def _build(tree: dict, source: str) -> SweepSpec:
                                      for k, v in _mapping(body, where).items()}, source, f"methods.{name}.")
         config = body.config or name
         preset_path(config)  # raises naming the preset
-        ms = MethodSpace(name, config, dict(body.overrides), dict(body.space))
+        ms = MethodSpace(name, config, dict(body.overrides), dict(body.space), body.data_url)
         for key in ms.overrides:
             _check_key(where + ".overrides", key)
+        if "data.url" in ms.overrides:  # base_config would replace it with data_url, silently
+            raise ConfigError(f"{where}.overrides: data.url: a method's copy of the dataset is its data_url field "
+                              f"(methods.{name}.data_url: URL)")
         spec.methods[name] = ms
         cfg = spec.base_config(name)  # validates the preset + overrides
         for key, dist in ms.space.items():

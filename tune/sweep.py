@@ -169,8 +169,11 @@ def check_resumed_spec(spec: SweepSpec) -> None:
     new = flatten(json.loads(json.dumps(spec.to_dict())))
     changed = sorted(k for k in old.keys() | new.keys()
                      if k.split(".")[0] not in SPEC_MAY_CHANGE and old.get(k) != new.get(k))
-    named = [k for k in changed if k in SPEC_NAMED]
-    changed = [k for k in changed if k not in SPEC_NAMED]
+    def moved_data(key: str) -> bool:  # the data_url of the sweep or of one method
+        return key in SPEC_NAMED or (key.startswith("methods.") and key.endswith(".data_url"))
+
+    named = [k for k in changed if moved_data(k) and (old.get(k) or new.get(k))]  # (not a field added since, empty)
+    changed = [k for k in changed if not moved_data(k)]
     if changed:
         diffs = "; ".join(f"{k}: {_absent(old, k)} -> {_absent(new, k)}" for k in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -179,7 +182,7 @@ def check_resumed_spec(spec: SweepSpec) -> None:
                           "search and schedule it started with; give these fields their old values, or choose a new "
                           "name=... for a new sweep")
     if named:
-        print(f"[sweep] resuming {spec.name!r} with " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        print(f"[sweep] resuming {spec.name!r} with " + "; ".join(f"{k}: {_absent(old, k)} -> {_absent(new, k)}"
                                                                 for k in named), file=sys.stderr)
 
 
@@ -234,13 +237,43 @@ def prepare(spec: SweepSpec) -> SweepSpec:
 
         spec.data_url = demo_dataset()
     spec.storage_path = absolute_storage(spec.storage_path)
-    for m in spec.methods:
+    manifests = {}
+    for m, ms in spec.methods.items():
         cfg = spec.base_config(m)
         if cfg.train.eval_every != 1:
             raise ConfigError(f"{spec.source}: methods.{m}: a sweep evaluates val every epoch (ASHA compares trials "
                               f"per epoch); remove train.eval_every={cfg.train.eval_every}")
-        preflight(cfg)
+        try:
+            manifests[m] = (cfg.data.url, cfg.data.val_split, preflight(cfg))
+        except ConfigError as e:
+            where = f"methods.{m}" + (" (its data_url)" if ms.data_url else "")
+            raise ConfigError(f"{where}: {e}") from None
+    check_same_dataset(manifests)
     return spec
+
+
+def check_same_dataset(manifests: dict[str, tuple[str, str, dict]]) -> None:
+    """The methods of a sweep compare on one dataset, which a method may read from its own copy (``methods.<name>.
+    data_url``: the dataset converted as its preset needs). Copies of different datasets are an error; val splits
+    that differ (IVT's caption rule leaves RSTPReid pairs out, another seed of --val-from-train) are named, as the
+    methods' val metrics -- what the search and ASHA compare -- are then measured on different pairs."""
+    urls = {url for url, _, _ in manifests.values()}
+    if len(urls) < 2:
+        return
+    names = {m: manifest.get("dataset", "?") for m, (_, _, manifest) in manifests.items()}
+    if len(set(names.values())) > 1:
+        raise ConfigError("the methods of a sweep compare on one dataset, and their data URLs hold different ones: " +
+                          ", ".join(f"{m}: {names[m]} ({manifests[m][0]})" for m in manifests) +
+                          "; a method's data_url is the same dataset converted as its preset needs")
+    vals = {}
+    for m, (url, split, manifest) in manifests.items():
+        info = manifest["splits"][split]
+        vals[m] = (split, info.get("images"), info.get("captions"), info.get("ids"))
+    if len(set(vals.values())) > 1:
+        print("[sweep] warning: the methods' val splits differ, so their val metrics (what the search and ASHA "
+              "compare) are measured on different pairs: " +
+              "; ".join(f"{m}: {split!r} of {manifests[m][0]}, {images} images, {captions} captions, {ids} ids"
+                        for m, (split, images, captions, ids) in vals.items()), file=sys.stderr)
 
 
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
