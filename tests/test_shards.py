@@ -510,7 +510,7 @@ def test_preflight_warns_when_the_shards_caption_rule_is_not_the_method_s(synth_
     warning naming the shards and the fix; the matching pairs say nothing. tbps.evaluate warns the same."""
     from conftest import renamed_dataset
     from tbps.config import load_config
-    from tbps.engine.launcher import preflight
+    from tbps.engine.launcher import preflight, run_plan
 
     icfg = renamed_dataset(synth_tiny, tmp_path / "icfg", "icfg-pedes")
     ruled = renamed_dataset(icfg, tmp_path / "ruled", "icfg-pedes")
@@ -526,3 +526,6 @@ def test_preflight_warns_when_the_shards_caption_rule_is_not_the_method_s(synth_
         err = capsys.readouterr().err
         assert (expected in err and url in err and "--caption-rule" in err) if expected else "caption" not in err, \
             (preset, url, err)
+    cfg = load_config("ivt_tiny", base + [f"data.url={ruled}"])  # --check's plan says so
+    assert f"train split 'train' of {ruled} (icfg-pedes, built with IVT's caption rule): " in \
+        run_plan(cfg, preflight(cfg))[1]

@@ -194,10 +194,12 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
     shards = first_epoch_shards(data, manifest)
     total = sum(s[weight] for s in shards)
     losses = ", ".join(f"{loss.name} x{loss.weight:g}" for loss in getattr(cfg.method, "losses", []) or [])
+    about = [manifest["dataset"]] if manifest.get("dataset") else []
+    if (manifest.get("caption_rule") or {}).get("name") == "ivt":
+        about.append("built with IVT's caption rule")
     lines = [f"method {cfg.method.name}" + (f" ({losses})" if losses else "") + f", precision "
              f"{resolve_precision(cfg)}, ZeRO-{train.zero_stage}, compile {'on' if train.compile else 'off'}",
-             f"train split {data.train_split!r} of {data.url}" + (f" ({manifest['dataset']})" if manifest.get("dataset")
-                                                                else "") +
+             f"train split {data.train_split!r} of {data.url}" + (f" ({', '.join(about)})" if about else "") +
              f": {total:,} {units} in {len(shards)} shards" + (" (the mixture's first epoch)" if data.mix else "") +
              f", data.sampling={data.sampling}, data.sampler={data.sampler}"]
     loaders = max(1, data.loader_workers)
