@@ -169,6 +169,7 @@ def check_resumed_spec(spec: SweepSpec) -> None:
     new = flatten(json.loads(json.dumps(spec.to_dict())))
     changed = sorted(k for k in old.keys() | new.keys()
                      if k.split(".")[0] not in SPEC_MAY_CHANGE and old.get(k) != new.get(k))
+
     def moved_data(key: str) -> bool:  # the data_url of the sweep or of one method
         return key in SPEC_NAMED or (key.startswith("methods.") and key.endswith(".data_url"))
 
@@ -238,16 +239,15 @@ def prepare(spec: SweepSpec) -> SweepSpec:
         spec.data_url = demo_dataset()
     spec.storage_path = absolute_storage(spec.storage_path)
     manifests = {}
-    for m, ms in spec.methods.items():
+    for m in spec.methods:
         cfg = spec.base_config(m)
         if cfg.train.eval_every != 1:
             raise ConfigError(f"{spec.source}: methods.{m}: a sweep evaluates val every epoch (ASHA compares trials "
                               f"per epoch); remove train.eval_every={cfg.train.eval_every}")
         try:
             manifests[m] = (cfg.data.url, cfg.data.val_split, preflight(cfg))
-        except ConfigError as e:
-            where = f"methods.{m}" + (" (its data_url)" if ms.data_url else "")
-            raise ConfigError(f"{where}: {e}") from None
+        except ConfigError as e:  # (a method's own data_url is named in the message as data.url)
+            raise ConfigError(f"methods.{m}: {e}") from None
     check_same_dataset(manifests)
     return spec
 
