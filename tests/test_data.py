@@ -616,16 +616,16 @@ def _official_sample_list(groups: dict, k: int, picks: int, rng) -> list:
 def test_identity_blocks_deal_batches_as_the_official_ddp_sampler(length):
     """identity_blocks=4, batch 28: each virtual rank's batches are the official 4-GPU run's batches of that rank
     (4 blocks of 7), and the count formula agrees with the batches made."""
-    from tbps.data.identity import batches_from_length, block_batches
+    from tbps.data.identity import block_batches, leftover_samples
 
     seq = list(range(length))
     ours = block_batches(seq, 28, 4)
     official = [_official_ddp_rank_batches(seq, 28, 4, r) for r in range(4)]
     assert sorted(map(tuple, ours)) == sorted(tuple(b) for r in official for b in r)
-    assert len(ours) == batches_from_length(length, 28, 4)
+    # with the leftover blocks joined (the loader's), a sequence gives its whole blocks over 4 (identity_rank_batches)
+    assert len(ours) + len(leftover_samples(seq, 28, 4)) // 28 == length // 7 // 4
     # blocks=1: consecutive batches (the official single-GPU sampler's DataLoader)
     assert block_batches(seq, 28, 1) == [seq[i:i + 28] for i in range(0, length - 27, 28)]
-    assert batches_from_length(length, 28, 1) == length // 28
 
 
 def test_identity_sequence_is_the_official_chunk_sequence():
@@ -704,6 +704,62 @@ def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_t
     assert compositions[: len(compositions) // 2] != compositions[len(compositions) // 2:]
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_identity_sampler_joins_the_loader_workers_leftovers(grouped, synth_tiny, blocks):
+    """Each loader worker runs the identity sampler over its shards' identities; what its full batches leave (whole
+    blocks of batch / blocks samples) is joined with the other workers' into full batches, as for random batches:
+    one rank over 3 loader workers then leaves out one remainder below a batch, not one per worker. A joined batch
+    has the composition of the others (whole K-groups; blocks of one identity each here, where block = K), and a
+    resumed epoch yields the same joined batches."""
+    from tbps.data.identity import block_batches, leftover_samples, sequence_length_bound
+
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    cfg = DataConfig(url=grouped, image_size=[48, 16], batch_size=12 if blocks == 1 else 8, loader_workers=3,
+                     text_length=24, sampler="identity", instances_per_id=4, identity_blocks=blocks)
+    truth = {s["__key__"]: json.loads(s["json"]) for s in _train_samples(grouped)}
+    loader = build_train_loader(cfg, tok)
+    workers = loader.stream.assignment()[0]
+    # 40 identities x 10 pairs: 2 chunks of 4 each, 80 chunks; each worker's sequence is at least its chunks less the
+    # P - 1 identities' a sequence can end with unused (P = 3 with batch 12 at blocks 1; 1 at blocks 2)
+    lengths = [sequence_length_bound(w, cfg.batch_size, 4, blocks, True) for w in workers]
+    assert sorted(lengths) == ([64, 104, 104] if blocks == 1 else [80, 120, 120])
+    separate = sum(len(block_batches(range(n), cfg.batch_size, blocks)) for n in lengths)  # each worker's own
+    joined_count = sum(lengths) // cfg.batch_size
+    assert (separate, joined_count) == ((21, 22) if blocks == 1 else (38, 40))
+    assert len(loader) == joined_count
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == len(loader) and all(len(b["keys"]) == cfg.batch_size for b in batches)
+    pairs = [(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])]
+    assert len(set(pairs)) == len(pairs) == len(batches) * cfg.batch_size
+    for b in batches:
+        pids = b["pids"].tolist()
+        assert pids == [truth[k]["pid"] for k in b["keys"]]
+        groups = [pids[i:i + 4] for i in range(0, len(pids), 4)]
+        assert all(len(set(g)) == 1 for g in groups)  # whole chunks of one identity
+    joined = batches[separate:]  # blocks 1: 8 + 8 + 4 pairs left by the workers; blocks 2: 2 + 2 blocks
+    assert len(joined) == (1 if blocks == 1 else 2)
+    assert blocks == 2 or len(set(joined[0]["shards"])) > 1  # several workers' leftovers
+    # a resumed epoch from inside the joined batches yields the same last batch
+    resumed = build_train_loader(cfg, tok)
+    resumed.set_epoch(1)
+    it = iter(resumed)
+    for _ in range(len(batches) - 1):
+        next(it)
+    position = resumed.position()
+    again = build_train_loader(cfg, tok)
+    again.set_epoch(1, position)
+    (last,) = list(again)
+    assert last["keys"] == batches[-1]["keys"] and torch.equal(last["images"], batches[-1]["images"])
+    # leftover_samples: what block_batches leaves, in whole blocks
+    for n in (0, 7, 28, 57, 112, 150):
+        seq = list(range(n))
+        used = {x for b in block_batches(seq, 28, 4) for x in b}
+        rest = leftover_samples(seq, 28, 4)
+        assert not used & set(rest) and len(rest) % 7 == 0 and len(used) + len(rest) == n // 7 * 7
+        assert leftover_samples(seq, 28, 1) == seq[n // 28 * 28:]
+
+
 def test_preflight_says_how_much_of_the_split_an_epoch_leaves_out(uneven, synth_tiny, capsys):
     """Shards go whole to ranks, every rank stops at the smallest rank's share, and each rank yields only full
     batches: with few shards per rank an epoch trains on a part of the split (RSTPReid's 19 default shards on
@@ -766,8 +822,9 @@ def test_identity_sampler_needs_the_grouped_layout(synth_tiny, grouped, capsys):
     assert "written by identity (shards.build --group-ids) and data.sampler=random" in capsys.readouterr().err
     cfg.data.sampler, cfg.data.loader_workers = "identity", 2  # K * floor(10 / K) = 8 of each identity's 10 pairs
     preflight(cfg)
-    assert ("as the identity sampler's remainders, per loader worker, below a full batch of 8 or "
-            "data.instances_per_id (fewer data.loader_workers") in capsys.readouterr().err
+    assert ("as the identity sampler's remainders: each identity's pairs past a multiple of "
+            "data.instances_per_id=4, as IVT's sampler leaves them, and the ranks' remainders below a full batch of "
+            "8") in capsys.readouterr().err
     # one loader worker (the whole rank's shards in one pool)
     assert len(build_train_loader(DataConfig(url=grouped, sampler="identity", batch_size=8, loader_workers=1,
                                              image_size=[48, 16], text_length=24), tok)) > 0

@@ -12,8 +12,11 @@ The official sampler, over the train list of (image, caption) pairs:
    reproduces that (the ``ivt`` preset: 4); 1 gives whole groups (the official single-GPU sampler).
 
 Ours runs this per (rank, loader worker) over the identities of the shards it streams, so the train split must keep
-identities whole within shards (``shards.build --group-ids``). Every rank still yields the same number of batches:
-the count is a lower bound computed from the manifest's per-identity counts, and the stream is cut to it.
+identities whole within shards (``shards.build --group-ids``). Each loader worker yields its full batches, then what
+they leave of its sequence (``leftover_samples``: whole blocks); the rank's loader joins those into full batches, as
+for random batches, so a rank leaves out one remainder below a batch, not one per loader worker (the official
+sampler's one sequence leaves out one). Every rank still yields the same number of batches: the count is a lower
+bound computed from the manifest's per-identity counts (``identity_rank_batches``), and the stream is cut to it.
 """
 
 from __future__ import annotations
@@ -56,13 +59,6 @@ def picks_per_step(batch_size: int, blocks: int, k: int) -> int:
     return max(1, (batch_size // blocks) // k)
 
 
-def batches_from_length(length: int, batch_size: int, blocks: int) -> int:
-    """Full batches :func:`block_batches` makes from a sequence of ``length`` samples."""
-    if blocks == 1:
-        return length // batch_size
-    return sum(len(rank) // blocks for rank in _rank_blocks(length, batch_size // blocks, blocks))
-
-
 def _rank_blocks(length: int, block: int, blocks: int) -> list[range]:
     """The full blocks each of ``blocks`` ranks takes from a sequence of ``length``: rank v takes blocks v, v + W,
     ... for the first ceil(length / W) // block of its turns (the official __fetch_current_node_idxs)."""
@@ -71,13 +67,23 @@ def _rank_blocks(length: int, block: int, blocks: int) -> list[range]:
     return [range(v, min(full, v + blocks * turns), blocks) for v in range(blocks)]
 
 
-def identity_batch_bound(shards: list[dict], batch_size: int, k: int, blocks: int, pairs: bool) -> int:
-    """The batches one loader worker's identity stream over ``shards`` always yields (a lower bound: with P > 1 the
+def sequence_length_bound(shards: list[dict], batch_size: int, k: int, blocks: int, pairs: bool) -> int:
+    """The length one loader worker's chunk sequence over ``shards`` always reaches (a lower bound: with P > 1 the
     sequence can end with up to P - 1 identities' chunks unused)."""
     unit = 1 if pairs else 0  # id_counts: [images, captions] per identity
     chunks = sorted((chunks_of(c[unit], k) for s in shards for c in s["id_counts"]), reverse=True)
     lost = sum(chunks[: picks_per_step(batch_size, blocks, k) - 1])
-    return batches_from_length((sum(chunks) - lost) * k, batch_size, blocks)
+    return (sum(chunks) - lost) * k
+
+
+def identity_rank_batches(workers: list[list[dict]], batch_size: int, k: int, blocks: int, pairs: bool) -> int:
+    """The batches a rank whose loader workers stream ``workers`` (each a list of shards) always yields: each
+    worker's full batches, then the workers' leftovers joined. In whole blocks of batch / blocks samples (one sample
+    with blocks = 1) a worker's sequence gives full batches of ``blocks`` blocks and leftover blocks, so the rank's
+    count is its workers' blocks over ``blocks``."""
+    block = batch_size // blocks if blocks > 1 else 1
+    units = sum(sequence_length_bound(shards, batch_size, k, blocks, pairs) // block for shards in workers)
+    return units // (blocks if blocks > 1 else batch_size)
 
 
 def identity_sequence(groups: dict[Hashable, list], k: int, picks: int, rng: random.Random) -> list:
@@ -99,6 +105,21 @@ def identity_sequence(groups: dict[Hashable, list], k: int, picks: int, rng: ran
             if len(pool) < k:
                 available.remove(pid)
     return out
+
+
+def leftover_samples(sequence: Sequence, batch_size: int, blocks: int) -> list:
+    """What :func:`block_batches` leaves of ``sequence``, in sequence order, for the rank's loader to join with its
+    other loader workers' (``merge_partials``): with blocks = 1 the tail past the last full batch; with blocks > 1
+    the whole blocks no virtual rank's batch takes (each rank's last turns, fewer than ``blocks``, and the blocks past
+    the official turns), so that a joined batch is ``blocks`` whole blocks too. A last block below batch / blocks
+    samples is left out."""
+    if blocks == 1:
+        return list(sequence[len(sequence) // batch_size * batch_size:])
+    block = batch_size // blocks
+    taken = set()
+    for turns in _rank_blocks(len(sequence), block, blocks):
+        taken.update(list(turns)[:len(turns) // blocks * blocks])
+    return [x for b in range(len(sequence) // block) if b not in taken for x in sequence[b * block:(b + 1) * block]]
 
 
 def block_batches(sequence: Sequence, batch_size: int, blocks: int) -> list[list]:

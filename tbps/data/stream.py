@@ -46,8 +46,8 @@ from tbps.config import OnBadShard
 
 from .batch import EvalBatch, TrainBatch
 from .needs import DataNeeds
-from .identity import block_batches, check_identity_config, check_identity_layout, identity_batch_bound, \
-    identity_sequence, picks_per_step
+from .identity import block_batches, check_identity_config, check_identity_layout, identity_rank_batches, \
+    identity_sequence, leftover_samples, picks_per_step
 from .text import mask_tokens, mla_texts, mla_word_rule, mlm_rows, tokenize
 from .transforms import BatchAugment, batch_tensor, resize_mode, resize_uint8
 
@@ -142,8 +142,8 @@ def train_batches(shards: list[dict], cfg, world_size: int, num_workers: int, ep
     if cfg.sampler != "identity":
         full = batches_per_epoch(assignment, cfg.batch_size, weight)
         return full + (keep_last and world_size == 1 and sum(s[weight] for s in shards) % cfg.batch_size > 0)
-    return min(sum(identity_batch_bound(worker, cfg.batch_size, cfg.instances_per_id, cfg.identity_blocks,
-                                        weight == "captions") for worker in rank) for rank in assignment)
+    return min(identity_rank_batches(rank, cfg.batch_size, cfg.instances_per_id, cfg.identity_blocks,
+                                     weight == "captions") for rank in assignment)
 
 
 def first_epoch_shards(cfg, manifest: dict) -> list[dict]:
@@ -159,8 +159,8 @@ def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, e
     """How much of the train split an epoch trains on, in pairs (``data.sampling=pairs``) or images (``images``):
     ``used``, ``total``, and what the rest is: ``shares`` -- whole shards go to ranks and every rank stops at the
     smallest rank's share, so a shard count that does not divide evenly leaves part out (another part each epoch) --
-    and ``remainders``, the part of each rank's share below a full batch (the identity sampler's: each loader
-    worker's, and the chunks it cannot fill), none where the last, partial batch is kept (``keep_last``: one rank,
+    and ``remainders``, the part of each rank's share below a full batch (the identity sampler's also the pairs its
+    chunks of K leave and, with identity_blocks > 1, each loader worker's last block below batch / blocks), none where the last, partial batch is kept (``keep_last``: one rank,
     :func:`keeps_last_batch`)."""
     weight = sampling_weight(cfg.sampling)
     batches = train_batches(shards, cfg, world_size, num_workers, epoch)
@@ -654,10 +654,16 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         sequence = identity_sequence(groups, cfg.instances_per_id,
                                      picks_per_step(cfg.batch_size, cfg.identity_blocks, cfg.instances_per_id), rng)
-        for index, units in enumerate(block_batches(sequence, cfg.batch_size, cfg.identity_blocks)):
+        batches = block_batches(sequence, cfg.batch_size, cfg.identity_blocks)
+        # then what they leave, whole blocks, for TrainLoader to join with the other loader workers' leftovers
+        rest = leftover_samples(sequence, cfg.batch_size, cfg.identity_blocks)
+        for index, units in enumerate(batches + ([rest] if rest else [])):
             chosen = [samples[i] if c is None else {**samples[i], "__caption__": c} for i, c in units]
             made = [self._sample(s, rng, decode=index >= skip) for s in chosen]
-            yield None if index < skip else self._collate(made, self._batch_generator(worker, index))
+            batch = None if index < skip else self._collate(made, self._batch_generator(worker, index))
+            if batch is not None and index == len(batches):
+                batch["partial"] = True
+            yield batch
 
 
 class TrainLoader:

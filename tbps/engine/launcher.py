@@ -153,9 +153,9 @@ def preflight(cfg: Config) -> dict:
                        f"{-(-len(shards) // slots) * slots})")
         if cover["remainders"]:
             if cfg.data.sampler == "identity":
-                why.append(f"{cover['remainders']} as the identity sampler's remainders, per loader worker, below a "
-                           f"full batch of {cfg.data.batch_size} or data.instances_per_id (fewer data.loader_workers "
-                           "or a smaller data.batch_size leave less)")
+                why.append(f"{cover['remainders']} as the identity sampler's remainders: each identity's pairs past a "
+                           f"multiple of data.instances_per_id={cfg.data.instances_per_id}, as IVT's sampler leaves "
+                           f"them, and the ranks' remainders below a full batch of {cfg.data.batch_size}")
             else:
                 why.append(f"{cover['remainders']} as the ranks' remainders below a full batch of "
                            f"{cfg.data.batch_size}")
