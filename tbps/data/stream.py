@@ -160,8 +160,8 @@ def epoch_coverage(shards: list[dict], cfg, world_size: int, num_workers: int, e
     ``used``, ``total``, and what the rest is: ``shares`` -- whole shards go to ranks and every rank stops at the
     smallest rank's share, so a shard count that does not divide evenly leaves part out (another part each epoch) --
     and ``remainders``, the part of each rank's share below a full batch (the identity sampler's also the pairs its
-    chunks of K leave and, with identity_blocks > 1, each loader worker's last block below batch / blocks), none where the last, partial batch is kept (``keep_last``: one rank,
-    :func:`keeps_last_batch`)."""
+    chunks of K leave and, with identity_blocks > 1, each loader worker's last block below batch / blocks), none
+    where the last, partial batch is kept (``keep_last``: one rank, :func:`keeps_last_batch`)."""
     weight = sampling_weight(cfg.sampling)
     batches = train_batches(shards, cfg, world_size, num_workers, epoch)
     assignment = assign_shards(shards, world_size, num_workers, epoch, cfg.seed, weight)
