@@ -303,6 +303,9 @@ class IvtMethodConfig(MethodConfig):
     bmm_max_drop: float = field(default=0.2, metadata=sweepable(within="[0, 1)"))
     # BMM: per batch drop k ~ U{0..floor(this x N)}
     # of the N token positions
+    linear_init: Literal["trunc_normal", "torch"] = "trunc_normal"  # the shared tower's Linear layers before any
+    # weights load: trunc_normal (the official _init_weights: N(0, 0.02) weights, zero biases) | torch (PyTorch's
+    # defaults, which train the tiny from-scratch preset much faster)
 
 
 @dataclass

@@ -379,3 +379,27 @@ def test_rstpreid_preset_is_train_rstp_s_recipe():
     cfg = load_config("ivt_rstpreid")
     assert (cfg.model.patch_stride, cfg.data.batch_size, cfg.data.identity_blocks) == (16, 48, 4)
     assert cfg.data.batch_size % (cfg.data.identity_blocks * cfg.data.instances_per_id) == 0  # blocks of 3 ids x 4
+
+
+def test_linear_init_is_the_official_one_unless_set_to_torch(synth_tiny):
+    """vit_vl.py's ``_init_weights``: every Linear of the tower N(0, 0.02) truncated at +-2, biases zero (the `ivt`
+    preset, ``method.linear_init: trunc_normal``); ``torch`` keeps PyTorch's defaults (the tiny preset, which trains
+    from scratch much faster with them). Embeddings and LayerNorms are the same either way."""
+    tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
+    assert load_config("ivt").method.linear_init == "trunc_normal" and \
+        load_config("ivt_tiny").method.linear_init == "torch"
+    towers = {}
+    for init in ("trunc_normal", "torch"):
+        torch.manual_seed(0)
+        cfg = load_config("ivt_tiny", _overrides(synth_tiny, "model.shared_width=96", "model.shared_layers=2",
+                                                 f"method.linear_init={init}"))
+        towers[init] = create_method(cfg, TextSpec.from_tokenizer(tok, cfg.data.text_length), 10).tower
+    linears = {init: [m for m in t.modules() if isinstance(m, nn.Linear)] for init, t in towers.items()}
+    assert len(linears["torch"]) == 2 * 2 + 2 * 2 * 2  # per block: qkv, proj, and two FFNs of fc1, fc2
+    weights = torch.cat([m.weight.flatten() for m in linears["trunc_normal"]])
+    assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears["trunc_normal"])
+    fc1 = linears["torch"][2]  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases too
+    assert fc1.weight.abs().max() <= 96 ** -0.5 and torch.count_nonzero(fc1.bias) > 0
+    assert fc1.weight.std().item() > 0.04
+    assert torch.equal(towers["torch"].word_embeddings.weight, towers["trunc_normal"].word_embeddings.weight)

@@ -38,6 +38,8 @@ class IVT(Method):
         self.tower = SharedTower(text.vocab_size, text.length, self.image_size, model.shared_width,
                                  model.shared_layers, model.shared_heads, patch=patch, stride=model.patch_stride,
                                  pad_id=text.pad_id, drop_path=model.drop_path, text_dropout=model.text_dropout)
+        if config.linear_init == "trunc_normal":
+            self.tower.init_linear_official()
         if self.wants("id"):
             self.classifier = nn.Linear(model.shared_width, num_classes)
 

@@ -92,12 +92,22 @@ class SharedTower(BlockStack):
     def _init_weights(self) -> None:
         """CLS / position / type embeddings: truncated normal(0.02), as the official model. The type embedding is the
         one table every official run keeps from initialisation (ImageNet ViT + BERT overwrite the rest). Layers keep
-        PyTorch's / timm's defaults and text embeddings BERT's N(0, 0.02): the official truncated-normal Linear init
-        is always overwritten there, and from scratch (the tiny presets) the defaults train much faster."""
+        PyTorch's / timm's defaults and text embeddings BERT's N(0, 0.02); the official truncated-normal Linear init
+        is :meth:`init_linear_official` (``method.linear_init``; always overwritten when the weights load)."""
         for p in (self.cls_token, self.pos_embed, self.type_embed):
             nn.init.trunc_normal_(p, std=0.02)
         for emb in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
             nn.init.normal_(emb.weight, std=0.02)
+
+    def init_linear_official(self) -> None:
+        """The official ``_init_weights`` of the Linear layers (``method.linear_init: trunc_normal``): weights from a
+        normal of std 0.02 truncated at +-2 (timm's ``trunc_normal_``), biases zero. (Its LayerNorm init, ones and
+        zeros, is PyTorch's default.) ImageNet ViT and BERT weights overwrite all of them when they load."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward_image(self, images: torch.Tensor, bmm_max_drop: float = 0.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
