@@ -403,3 +403,13 @@ def test_linear_init_is_the_official_one_unless_set_to_torch(synth_tiny):
     assert fc1.weight.abs().max() <= 96 ** -0.5 and torch.count_nonzero(fc1.bias) > 0
     assert fc1.weight.std().item() > 0.04
     assert torch.equal(towers["torch"].word_embeddings.weight, towers["trunc_normal"].word_embeddings.weight)
+    # a run started before the key existed (its config.yaml without it) resumes: its weights come from its checkpoint
+    import copy
+
+    from tbps.config import to_dict
+    from tbps.engine.launcher import training_changes
+    from tbps.engine.loop import as_saved
+
+    saved = to_dict(as_saved(copy.deepcopy(cfg)))
+    del saved["method"]["linear_init"]
+    assert training_changes(saved, cfg) == ({}, {})

@@ -309,7 +309,8 @@ RESUME_MAY_CHANGE = {
     "train.gpus_per_worker", "train.max_failures", "train.log_every", "train.ray_address", "train.ray_num_cpus",
     "train.worker_niceness", "train.num_to_keep", "train.checkpoint_every_steps", "train.compile",
     "train.activation_checkpointing", "train.storage_path", "train.run_name", "data.loader_workers",
-    "data.on_bad_shard", "eval.batch_size", "eval.query_chunk", "eval.test_every_epoch", "eval.precision"}
+    "data.on_bad_shard", "eval.batch_size", "eval.query_chunk", "eval.test_every_epoch", "eval.precision",
+    "method.linear_init"}  # (a resumed run's weights come from its checkpoint, whatever they started from)
 # allowed and named in a line: the same data at another place; a run extended (or cut) to another number of epochs
 RESUME_NAMED = {"data.url": "", "data.mix": "", "data.tokenizer": "",
                 "train.epochs": " (the lr schedule follows the new number of epochs from the resumed step)"}
