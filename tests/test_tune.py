@@ -398,6 +398,7 @@ def test_smoke_sweep_end_to_end_with_resume(synth_tiny, tmp_path):
 
     # the table: 3 trials, both methods, ASHA stopped at least one early
     table = open(os.path.join(exp, "results.md")).read()
+    assert f"\nData: {synth_tiny}\n" in table  # both methods on the sweep's data_url
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     assert len(rows) == 3, table
     assert any("| irra |" in r for r in rows) and any("| pcc |" in r for r in rows), table
@@ -466,6 +467,9 @@ def test_a_method_reads_its_own_copy_of_the_dataset(synth_tiny, tmp_path, capsys
     assert spec.base_config("ivt").data.url == grouped and spec.base_config("ivt").optim.lr == 0.002
     assert spec.base_config("irra").data.url == spec.base_config("pcc").data.url == synth_tiny
     assert spec.base_config("irra").optim.lr != 0.002
+    from tune.results import data_line
+
+    assert data_line(spec) == f"Data: irra, pcc: {synth_tiny}; ivt: {grouped}"  # results.md says which data
     assert "val splits differ" not in capsys.readouterr().err  # the same ToyPEDES, its train split regrouped
     # the --check plan shows each method's train split
     from tune.sweep import main

@@ -278,6 +278,16 @@ def plot(spec: SweepSpec, trials: list[Trial], path: str, seeds: dict | None = N
     plt.close(fig)
 
 
+def data_line(spec: SweepSpec) -> str:
+    """Which data each method trained on: the sweep's data_url, or a method's own copy (``methods.<name>.data_url``)."""
+    by_url: dict[str, list[str]] = {}
+    for name, m in spec.methods.items():
+        by_url.setdefault(m.data_url or spec.data_url, []).append(name)
+    if len(by_url) == 1:
+        return f"Data: {next(iter(by_url))}"
+    return "Data: " + "; ".join(f"{', '.join(names)}: {url}" for url, names in by_url.items())
+
+
 def summarize(spec: SweepSpec, results, seeds: dict | None = None) -> Report:
     """Write results.md, results.csv, best.yaml and metric_vs_params.png under <storage>/<name>/. ``seeds``
     (``tune.sweep.confirm_with_seeds``): the seeds section, error bars, and best.yaml chosen by the seeds' mean."""
@@ -295,7 +305,7 @@ def summarize(spec: SweepSpec, results, seeds: dict | None = None) -> Report:
             best = ranked[0]["trial"]
     out = experiment_path(spec)
     fs, root = filesystem(out)
-    files = {"results.md": f"# Sweep {spec.name}\n\n{text}\n", "results.csv": csv_text(trials)}
+    files = {"results.md": f"# Sweep {spec.name}\n\n{data_line(spec)}\n\n{text}\n", "results.csv": csv_text(trials)}
     if best:
         files["best.yaml"] = best_config_yaml(spec, best, seeds)
     with tempfile.TemporaryDirectory() as tmp:
