@@ -706,40 +706,40 @@ def test_identity_sampler_over_two_ranks_and_two_loader_workers(grouped, synth_t
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_identity_sampler_joins_the_loader_workers_leftovers(grouped, synth_tiny, blocks):
-    """Each loader worker runs the identity sampler over its shards' identities; what its full batches leave (whole
-    blocks of batch / blocks samples) is joined with the other workers' into full batches, as for random batches:
-    one rank over 3 loader workers then leaves out one remainder below a batch, not one per worker. A joined batch
-    has the composition of the others (whole K-groups; blocks of one identity each here, where block = K), and a
-    resumed epoch yields the same joined batches."""
+    """Each loader worker runs the identity sampler over its shards' identities; what its full batches leave of its
+    sequence (whole blocks of batch / blocks samples; the tail with blocks = 1) is joined with the other workers'
+    into full batches, as for random batches: a rank then leaves out one remainder below a batch, not one per
+    loader worker. A joined batch has the composition of the others, and a resumed epoch yields the same joined
+    batches. (P = 1 identity per step in both settings, so every worker's sequence is exactly its chunks.)"""
     from tbps.data.identity import block_batches, leftover_samples, sequence_length_bound
 
     tok = load_tokenizer(os.path.join(synth_tiny, "tokenizer"))
-    cfg = DataConfig(url=grouped, image_size=[48, 16], batch_size=12 if blocks == 1 else 8, loader_workers=3,
-                     text_length=24, sampler="identity", instances_per_id=4, identity_blocks=blocks)
+    batch, workers_n = (7, 2) if blocks == 1 else (8, 3)
+    cfg = DataConfig(url=grouped, image_size=[48, 16], batch_size=batch, loader_workers=workers_n, text_length=24,
+                     sampler="identity", instances_per_id=4, identity_blocks=blocks)
     truth = {s["__key__"]: json.loads(s["json"]) for s in _train_samples(grouped)}
     loader = build_train_loader(cfg, tok)
-    workers = loader.stream.assignment()[0]
-    # 40 identities x 10 pairs: 2 chunks of 4 each, 80 chunks; each worker's sequence is at least its chunks less the
-    # P - 1 identities' a sequence can end with unused (P = 3 with batch 12 at blocks 1; 1 at blocks 2)
-    lengths = [sequence_length_bound(w, cfg.batch_size, 4, blocks, True) for w in workers]
-    assert sorted(lengths) == ([64, 104, 104] if blocks == 1 else [80, 120, 120])
-    separate = sum(len(block_batches(range(n), cfg.batch_size, blocks)) for n in lengths)  # each worker's own
-    joined_count = sum(lengths) // cfg.batch_size
-    assert (separate, joined_count) == ((21, 22) if blocks == 1 else (38, 40))
-    assert len(loader) == joined_count
     loader.set_epoch(1)
+    workers = loader.stream.assignment()[0]
+    # 40 identities x 10 pairs: 2 chunks of 4 each, 80 chunks = 320 pairs in the workers' sequences
+    lengths = [sequence_length_bound(w, batch, 4, blocks, True) for w in workers]
+    assert sorted(lengths) == ([160, 160] if blocks == 1 else [80, 120, 120])
+    separate = sum(len(block_batches(range(n), batch, blocks)) for n in lengths)  # each worker's own batches
+    assert (separate, len(loader)) == ((44, 45) if blocks == 1 else (38, 40))  # 6 + 6 left of 160 at 7; 2 + 2 blocks
     batches = list(loader)
-    assert len(batches) == len(loader) and all(len(b["keys"]) == cfg.batch_size for b in batches)
+    assert len(batches) == len(loader) and all(len(b["keys"]) == batch for b in batches)
     pairs = [(k, c) for b in batches for k, c in zip(b["keys"], b["caption_index"])]
-    assert len(set(pairs)) == len(pairs) == len(batches) * cfg.batch_size
+    assert len(set(pairs)) == len(pairs) == len(batches) * batch
     for b in batches:
         pids = b["pids"].tolist()
         assert pids == [truth[k]["pid"] for k in b["keys"]]
-        groups = [pids[i:i + 4] for i in range(0, len(pids), 4)]
-        assert all(len(set(g)) == 1 for g in groups)  # whole chunks of one identity
-    joined = batches[separate:]  # blocks 1: 8 + 8 + 4 pairs left by the workers; blocks 2: 2 + 2 blocks
+        if blocks == 2:  # blocks of 4 = whole chunks of one identity
+            assert all(len(set(pids[i:i + 4])) == 1 for i in range(0, batch, 4))
+    joined = batches[separate:]
     assert len(joined) == (1 if blocks == 1 else 2)
-    assert blocks == 2 or len(set(joined[0]["shards"])) > 1  # several workers' leftovers
+    if blocks == 1:  # the two workers' tails, 6 pairs of one and 1 of the other
+        names = [{s["name"] for s in w} for w in workers]
+        assert all(set(joined[0]["shards"]) & mine for mine in names)
     # a resumed epoch from inside the joined batches yields the same last batch
     resumed = build_train_loader(cfg, tok)
     resumed.set_epoch(1)
