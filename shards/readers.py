@@ -80,11 +80,16 @@ def ivt_cut(caption: str, tokens: list[str]) -> str:
     return caption[:at]
 
 
+def caption_rule_of(manifest: dict) -> str:
+    """The caption rule a dataset was built with (``shards.build --caption-rule``; as-is before the option)."""
+    return (manifest.get("caption_rule") or {}).get("name", "as-is")
+
+
 def caption_rule_warning(method: str, manifest: dict, url: str) -> str | None:
     """Pre-flight's word on a dataset's caption rule, or None: IVT's ICFG-PEDES and RSTPReid loaders treat long
     captions their own way (``shards.build --caption-rule ivt``), which the other methods' official loaders do not."""
     dataset = manifest.get("dataset", "")
-    rule = (manifest.get("caption_rule") or {}).get("name", "as-is")
+    rule = caption_rule_of(manifest)
     if method == "ivt" and rule != "ivt" and dataset in IVT_RULE_DATASETS:
         return (f"{url} ({dataset}) keeps every caption as written; IVT's {dataset} loader "
                 f"{IVT_RULE_DATASETS[dataset]}: build the shards with `python -m shards.build --caption-rule ivt` "

@@ -60,11 +60,17 @@ def picks_per_step(batch_size: int, blocks: int, k: int) -> int:
 
 
 def _rank_blocks(length: int, block: int, blocks: int) -> list[range]:
-    """The full blocks each of ``blocks`` ranks takes from a sequence of ``length``: rank v takes blocks v, v + W,
-    ... for the first ceil(length / W) // block of its turns (the official __fetch_current_node_idxs)."""
+    """The full blocks each of ``blocks`` ranks batches from a sequence of ``length``: rank v takes blocks v, v + W,
+    ... for the first ceil(length / W) // block of its turns (the official __fetch_current_node_idxs), and its batches
+    are its next ``blocks`` blocks each (BatchSampler's drop_last): the turns past its last whole batch are not
+    taken (:func:`leftover_samples` gives them to the loader to join)."""
     full = length // block
     turns = -(-length // blocks) // block
-    return [range(v, min(full, v + blocks * turns), blocks) for v in range(blocks)]
+    out = []
+    for v in range(blocks):
+        mine = range(v, min(full, v + blocks * turns), blocks)
+        out.append(mine[:len(mine) // blocks * blocks])
+    return out
 
 
 def sequence_length_bound(shards: list[dict], batch_size: int, k: int, blocks: int, pairs: bool) -> int:
@@ -116,9 +122,7 @@ def leftover_samples(sequence: Sequence, batch_size: int, blocks: int) -> list:
     if blocks == 1:
         return list(sequence[len(sequence) // batch_size * batch_size:])
     block = batch_size // blocks
-    taken = set()
-    for turns in _rank_blocks(len(sequence), block, blocks):
-        taken.update(list(turns)[:len(turns) // blocks * blocks])
+    taken = {b for turns in _rank_blocks(len(sequence), block, blocks) for b in turns}
     return [x for b in range(len(sequence) // block) if b not in taken for x in sequence[b * block:(b + 1) * block]]
 
 
@@ -130,7 +134,7 @@ def block_batches(sequence: Sequence, batch_size: int, blocks: int) -> list[list
     per_rank = []
     for turns in _rank_blocks(len(sequence), block, blocks):
         mine = [list(sequence[b * block:(b + 1) * block]) for b in turns]
-        per_rank.append([[x for b in mine[j:j + blocks] for x in b] for j in range(0, len(mine) - blocks + 1, blocks)])
+        per_rank.append([[x for b in mine[j:j + blocks] for x in b] for j in range(0, len(mine), blocks)])
     out = []
     for j in range(max((len(r) for r in per_rank), default=0)):
         out += [r[j] for r in per_rank if j < len(r)]

@@ -186,6 +186,7 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
     size the run may have, and evaluation."""
     from tbps.data.stream import epoch_coverage, first_epoch_shards, keeps_last_batch, sampling_weight, \
         train_batches
+    from shards.readers import caption_rule_of
     from tbps.engine.loop import epoch_steps, resolve_precision
 
     data, train = cfg.data, cfg.train
@@ -195,7 +196,7 @@ def run_plan(cfg: Config, manifest: dict) -> list[str]:
     total = sum(s[weight] for s in shards)
     losses = ", ".join(f"{loss.name} x{loss.weight:g}" for loss in getattr(cfg.method, "losses", []) or [])
     about = [manifest["dataset"]] if manifest.get("dataset") else []
-    if (manifest.get("caption_rule") or {}).get("name") == "ivt":
+    if caption_rule_of(manifest) == "ivt":
         about.append("built with IVT's caption rule")
     lines = [f"method {cfg.method.name}" + (f" ({losses})" if losses else "") + f", precision "
              f"{resolve_precision(cfg)}, ZeRO-{train.zero_stage}, compile {'on' if train.compile else 'off'}",
